@@ -1,0 +1,170 @@
+"""The artifact: one folder of model files plus `manifest.json`, passed between stages.
+
+The manifest records what the folder is (`kind`, `format`), the sha256 of every file,
+the manifest hash of the artifact it was made from, the exact settings, shrink's version
+and measured metrics. It carries a magic string and a schema version so that a folder
+from another tool or another shrink version is recognised and explained, not misread.
+
+Folders are written atomically: everything goes into a temporary sibling folder, the
+manifest is written last, and the folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shrink import __version__
+from shrink.errors import ArtifactError, ShrinkError
+
+MANIFEST = "manifest.json"
+MAGIC = "shrink-artifact"
+SCHEMA_VERSION = 1
+
+# kind: what stage made it.  format: how the model is stored (decides the runtime).
+KINDS = ("student", "export")
+FORMATS = ("hf", "gguf")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_hash(folder: Path) -> str | None:
+    """sha256 of a folder's manifest.json, the artifact's identity; None if it has none."""
+    path = Path(folder) / MANIFEST
+    return sha256_file(path) if path.is_file() else None
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `folder` except the manifest, by relative path."""
+    table = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            rel = path.relative_to(folder).as_posix()
+            table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return table
+
+
+def build_manifest(
+    folder: Path,
+    *,
+    kind: str,
+    format: str,
+    source: Path | None,
+    settings: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    files = file_table(folder)
+    metrics = {"size_bytes": sum(f["bytes"] for f in files.values()), **metrics}
+    return {
+        "magic": MAGIC,
+        "schema_version": SCHEMA_VERSION,
+        "shrink_version": __version__,
+        "kind": kind,
+        "format": format,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": None
+        if source is None
+        else {"path": str(source), "manifest_sha256": manifest_hash(source)},
+        "settings": settings,
+        "metrics": metrics,
+        "files": files,
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name beside `path`, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and check a folder's manifest; ArtifactError says what is wrong."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: not a shrink artifact (no {MANIFEST})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(data, dict) or data.get("magic") != MAGIC:
+        raise ArtifactError(f"{path}: not a shrink manifest (magic {MAGIC!r} missing)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: manifest schema version {data.get('schema_version')!r}, this shrink "
+            f"({__version__}) reads version {SCHEMA_VERSION}; rebuild the artifact with this version"
+        )
+    return data
+
+
+def check_output_free(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing output unless forced. Call before any work starts."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ShrinkError(f"output folder {out} already exists (use --force to replace it)")
+    if not out.parent.exists():
+        raise ShrinkError(f"--out: parent folder {out.parent} does not exist")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success move it to `out`, else delete it.
+
+    The caller writes the manifest last, inside the block. An existing `out` is replaced
+    only when `force` is set, and only after the new folder is complete.
+    """
+    out = Path(out)
+    check_output_free(out, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finish(
+    folder: Path,
+    *,
+    kind: str,
+    format: str,
+    source: Path | None,
+    settings: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Hash the folder's files and write its manifest (the last file written)."""
+    manifest = build_manifest(
+        folder, kind=kind, format=format, source=source, settings=settings, metrics=metrics
+    )
+    write_json_atomic(Path(folder) / MANIFEST, manifest)
+    return manifest

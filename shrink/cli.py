@@ -1,0 +1,204 @@
+"""The `shrink` command line: thin commands over the library.
+
+Every command parses its options, calls one library function and prints the result.
+Library errors (ShrinkError) become one line `Error: ...` on stderr with exit code 2;
+set SHRINK_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from shrink import __version__
+from shrink.errors import ShrinkError
+
+DEBUG_ENV = "SHRINK_DEBUG"
+
+
+class ShrinkGroup(click.Group):
+    """One error boundary for every command: typed errors and usage errors become a single
+    `Error: ...` line; anything else is a bug and keeps its traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ShrinkError as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.NoArgsIsHelpError as e:  # `shrink` alone: show the help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=ShrinkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shrink")
+def cli() -> None:
+    """Compile a large language model into a small, task-specific one.
+
+    \b
+    shrink distill --teacher ./teacher --data train.jsonl --out student --layers 4
+    shrink export student --target gguf --quant Q4_K_M --out student-q4
+    shrink eval student-q4 --data eval.jsonl --teacher ./teacher
+    shrink run student-q4 "Review: works great\\nSentiment:"
+    """
+
+
+@cli.command()
+@click.option("--teacher", required=True, type=Path, help="Teacher: a Hugging Face model folder.")
+@click.option("--data", required=True, type=Path, help="Training task data (JSONL).")
+@click.option("--eval", "eval_data", type=Path, help="Held-out task data; student and teacher accuracy go into the manifest.")
+@click.option("--out", required=True, type=Path, help="Student folder to write.")
+@click.option("--layers", required=True, type=int, help="Decoder layers the student keeps (evenly spaced).")
+@click.option("--steps", type=int, help="Optimizer steps (instead of --epochs).")
+@click.option("--epochs", type=float, help="Passes over the training data.  [default: 2]")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
+@click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (AdamW, warm-up then cosine).")
+@click.option("--temperature", default=2.0, show_default=True, help="Softens teacher and student distributions in the KL term.")
+@click.option("--alpha", default=0.9, show_default=True, help="Weight of the KL term; 1 - alpha weights cross-entropy on the reference.")
+@click.option("--max-length", default=512, show_default=True, help="Tokens per sequence; longer prompts are trimmed on the left.")
+@click.option("--save-every", default=200, show_default=True, help="Steps between checkpoints.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint an interrupted run left (OUT.checkpoint).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder or stale checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr, temperature, alpha,
+            max_length, save_every, device, seed, resume, force, as_json):
+    """Train a smaller student that imitates the teacher on a task.
+
+    The student is the teacher with LAYERS evenly spaced decoder layers kept. It learns
+    from the teacher's token distributions on the completion tokens (KL at TEMPERATURE)
+    mixed with cross-entropy on the reference completions.
+
+    \b
+    Example:
+      shrink distill --teacher ./teacher --data train.jsonl --eval eval.jsonl \\
+          --out student --layers 4 --epochs 3
+    """
+    from shrink.distill.train import DistillConfig, distill as run_distill
+
+    if steps is not None and epochs is not None:
+        raise click.UsageError("--steps and --epochs cannot be used together")
+    cfg = DistillConfig(
+        teacher=teacher, data=data, out=out, layers=layers, eval_data=eval_data, steps=steps,
+        epochs=2.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
+        temperature=temperature, alpha=alpha, max_length=max_length, save_every=save_every,
+        device=device, seed=seed, resume=resume, force=force,
+    )
+    manifest = run_distill(cfg)
+    _report_artifact(out, manifest, as_json)
+
+
+@cli.command()
+@click.argument("student", type=Path)
+@click.option("--target", required=True, type=click.Choice(["gguf"]), help="Output format.")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="GGUF type: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...")
+@click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
+@click.option("--out", required=True, type=Path, help="Artifact folder to write.")
+@click.option("--threads", type=int, help="CPU threads for quantizing and evaluating.  [default: all cores]")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+def export(student, target, quant, eval_data, out, threads, force, as_json):
+    """Quantize a student for deployment and package it as an artifact.
+
+    GGUF: llama.cpp's converter writes a 16-bit file, llama.cpp's quantizer makes
+    QUANT from it. With --eval the artifact is evaluated through llama.cpp.
+
+    \b
+    Example:
+      shrink export student --target gguf --quant Q4_K_M --eval eval.jsonl --out student-q4
+    """
+    from shrink.export.gguf_artifact import export_gguf
+
+    manifest = export_gguf(student, out, quant=quant, eval_data=eval_data, threads=threads, force=force)
+    _report_artifact(out, manifest, as_json)
+
+
+@cli.command("eval")
+@click.argument("artifact", type=Path)
+@click.option("--data", required=True, type=Path, help="Task data (JSONL).")
+@click.option("--teacher", type=Path, help="Teacher folder: also measure its accuracy and the retention.")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def eval_cmd(artifact, data, teacher, threads, device, as_json):
+    """Measure task accuracy through the artifact's own runtime.
+
+    A Hugging Face folder runs in torch, a GGUF artifact in llama.cpp. Examples with
+    choices are scored by log-probability; others by exact match of the greedy output.
+
+    \b
+    Example:
+      shrink eval student-q4 --data eval.jsonl --teacher ./teacher --json
+    """
+    from shrink.evaluate import evaluate_path
+
+    result = evaluate_path(artifact, data, teacher=teacher, threads=threads, device=device)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from shrink.tables import print_eval_table
+
+        print_eval_table(result)
+
+
+@cli.command()
+@click.argument("artifact", type=Path)
+@click.argument("prompt")
+@click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
+def run(artifact, prompt, max_tokens, threads, device):
+    """Generate a completion of PROMPT greedily with the artifact's runtime.
+
+    \b
+    Example:
+      shrink run student-q4 "Review: the battery died in a day\\nSentiment:" --max-tokens 4
+    """
+    from shrink.runtime import open_runtime
+
+    if max_tokens < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-tokens")
+    rt = open_runtime(artifact, device=device, threads=threads)
+    try:
+        click.echo(rt.generate(prompt, max_tokens))
+    finally:
+        rt.close()
+
+
+def _report_artifact(out: Path, manifest: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    from shrink.tables import print_artifact_summary
+
+    print_artifact_summary(out, manifest)
+
+
+def main() -> None:
+    cli(prog_name="shrink")
+
+
+if __name__ == "__main__":
+    main()

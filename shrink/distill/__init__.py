@@ -1,0 +1,1 @@
+"""Logit distillation of a task-specific student from a teacher."""

@@ -1,0 +1,131 @@
+"""Task accuracy measured through the runtime that serves the artifact.
+
+- Examples with `choices`: the choice with the highest total log-probability wins.
+- Examples without: greedy generation, stopped at EOS or at the first newline (unless the
+  reference has one), compared by normalized exact match (case, surrounding whitespace,
+  runs of whitespace and a final period do not count).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from shrink.console import progress
+from shrink.runtime.base import Runtime
+from shrink.tasks import Example
+
+EXTRA_GENERATED_TOKENS = 8  # beyond the reference's length, before generation is cut off
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    runtime: str
+    examples: int
+    correct: int
+    accuracy: float  # correct / examples
+    seconds: float
+    examples_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize(text: str) -> str:
+    text = re.sub(r"\s+", " ", text.strip().lower())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def split_ids(rt: Runtime, prompt: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Tokenize prompt+continuation as one text (as the model sees it), then split off the
+    continuation. The shared prefix of all encodings and the prompt's is the context, so a
+    merge across the boundary moves the split point left instead of breaking it."""
+    prompt_ids = rt.encode(prompt)
+    fulls = [rt.encode(prompt + c) for c in continuations]
+    n = len(prompt_ids)
+    for full in fulls:
+        n = min(n, _common_prefix(prompt_ids, full))
+    n = max(n, 1) if prompt_ids else 0
+    return prompt_ids[:n], [full[n:] for full in fulls]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def is_correct(rt: Runtime, ex: Example) -> bool:
+    if ex.choices:
+        context, conts = split_ids(rt, ex.prompt, list(ex.choices))
+        scores = rt.score_continuations(context, conts)
+        return ex.choices[scores.index(max(scores))] == ex.completion
+    budget = len(rt.encode(ex.completion)) + EXTRA_GENERATED_TOKENS
+    stop = () if "\n" in ex.completion else ("\n",)
+    return normalize(rt.generate(ex.prompt, budget, stop)) == normalize(ex.completion)
+
+
+def evaluate(rt: Runtime, examples: list[Example], label: str = "evaluating") -> EvalResult:
+    correct = 0
+    start = time.perf_counter()
+    with progress("ex") as bar:
+        task = bar.add_task(f"{label} ({rt.name})", total=len(examples))
+        for ex in examples:
+            correct += is_correct(rt, ex)
+            bar.advance(task)
+    seconds = time.perf_counter() - start
+    return EvalResult(
+        runtime=rt.name,
+        examples=len(examples),
+        correct=correct,
+        accuracy=correct / len(examples),
+        seconds=round(seconds, 3),
+        examples_per_s=round(len(examples) / seconds, 3) if seconds > 0 else float("inf"),
+    )
+
+
+def retention(student_accuracy: float, teacher_accuracy: float) -> float | None:
+    """Student accuracy as a fraction of the teacher's (None when the teacher scores 0)."""
+    return None if teacher_accuracy == 0 else round(student_accuracy / teacher_accuracy, 4)
+
+
+def artifact_size(path) -> int:
+    """Bytes of model weights: the .gguf file, or the safetensors of a Hugging Face folder."""
+    from pathlib import Path
+
+    from shrink.runtime.base import artifact_format
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    pattern = "*.gguf" if artifact_format(path) == "gguf" else "*.safetensors"
+    return sum(f.stat().st_size for f in path.glob(pattern))
+
+
+def evaluate_path(artifact, data, *, teacher=None, threads=None, device="auto") -> dict:
+    """`shrink eval`: the artifact (and optionally the teacher) on a task file."""
+    from pathlib import Path
+
+    from shrink.hf import check_model_dir
+    from shrink.runtime import open_runtime
+    from shrink.tasks import load_task
+
+    examples = load_task(data)
+    if teacher is not None:
+        check_model_dir(teacher, "teacher")
+    rows = []
+    for role, path in [("artifact", artifact)] + ([("teacher", teacher)] if teacher else []):
+        rt = open_runtime(path, device=device, threads=threads)
+        try:
+            res = evaluate(rt, examples, f"evaluating {role}")
+        finally:
+            rt.close()
+        rows.append({"role": role, "path": str(path), "size_bytes": artifact_size(Path(path)), **res.to_dict()})
+    out = {"data": str(data), "results": rows}
+    if teacher is not None:
+        out["retention"] = retention(rows[0]["accuracy"], rows[1]["accuracy"])
+    return out

@@ -1,0 +1,1 @@
+"""Exporting a student to deployment formats."""

@@ -1,0 +1,93 @@
+"""Student folder -> GGUF artifact: llama.cpp's converter, then llama.cpp's quantizer.
+
+The converter writes a 16-bit (or 32-bit) GGUF; every other type is quantized from it.
+The intermediate file lives in the staging folder and is removed before the manifest
+is written, so the artifact holds exactly one model file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shrink import artifact
+from shrink.errors import ShrinkError
+from shrink.hf import check_model_dir
+from shrink.tasks import load_task
+
+UNQUANTIZED = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # written by the converter itself
+
+
+def export_gguf(
+    student: Path,
+    out: Path,
+    quant: str = "Q4_K_M",
+    eval_data: Path | None = None,
+    threads: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Convert and quantize `student` into the artifact folder `out`; returns its manifest."""
+    from shrink.quantize.gguf_types import quant_type
+
+    check_model_dir(student, "student")
+    qtype = quant_type(quant)
+    examples = load_task(eval_data) if eval_data else None
+    artifact.check_output_free(out, force)
+    source_manifest = _source_manifest(student)
+
+    file_name = f"model-{qtype.name}.gguf"
+    with artifact.staged_folder(out, force) as tmp:
+        _build(student, tmp / file_name, qtype, threads)
+        metrics: dict[str, Any] = {}
+        if examples is not None:
+            metrics = evaluate_file(tmp / file_name, examples, Path(eval_data), source_manifest, threads)
+        settings = {"target": "gguf", "quant": qtype.name, "file": file_name, "threads": threads}
+        return artifact.finish(tmp, kind="export", format="gguf", source=Path(student), settings=settings, metrics=metrics)
+
+
+def _build(student: Path, dst: Path, qtype, threads: int | None) -> None:
+    from shrink.export.gguf_convert import convert_hf_to_gguf
+    from shrink.quantize.llama_quantize import quantize_gguf
+
+    if qtype.name in UNQUANTIZED:
+        convert_hf_to_gguf(student, dst, UNQUANTIZED[qtype.name])
+        return
+    intermediate = dst.with_name("intermediate-F16.gguf")
+    convert_hf_to_gguf(student, intermediate, "f16")
+    try:
+        quantize_gguf(intermediate, dst, qtype, threads)
+    finally:
+        intermediate.unlink(missing_ok=True)
+
+
+def evaluate_file(path: Path, examples, eval_path: Path, source_manifest: dict | None, threads) -> dict[str, Any]:
+    """Accuracy through llama.cpp, with the teacher's figure carried over from the student's
+    manifest when it was measured on the same evaluation file."""
+    from shrink.evaluate import evaluate, retention
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+
+    rt = LlamaCppRuntime(path, threads=threads)
+    try:
+        res = evaluate(rt, examples, "evaluating GGUF")
+    finally:
+        rt.close()
+    metrics = {
+        "accuracy": res.accuracy,
+        "examples_per_s": res.examples_per_s,
+        "eval_examples": res.examples,
+        "eval_data_sha256": artifact.sha256_file(eval_path),
+        "eval_runtime": res.runtime,
+    }
+    src = (source_manifest or {}).get("metrics", {})
+    if src.get("eval_data_sha256") == metrics["eval_data_sha256"] and src.get("teacher_accuracy") is not None:
+        metrics["teacher_accuracy"] = src["teacher_accuracy"]
+        metrics["retention"] = retention(res.accuracy, src["teacher_accuracy"])
+        metrics["student_accuracy"] = src.get("accuracy")
+    return metrics
+
+
+def _source_manifest(student: Path) -> dict | None:
+    try:
+        return artifact.read_manifest(student)
+    except ShrinkError:
+        return None

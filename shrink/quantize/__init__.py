@@ -1,0 +1,1 @@
+"""Quantization: llama.cpp's quantizer for GGUF."""

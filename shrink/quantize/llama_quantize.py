@@ -1,0 +1,98 @@
+"""Quantize a GGUF file with llama.cpp's own quantizer (`llama_model_quantize`).
+
+Using llama.cpp's code, not a re-implementation, means the file holds exactly the tensor
+mix that `llama-quantize` would write and that every llama.cpp build can load.
+
+The C call blocks for minutes on a big model and cannot report progress itself, so it
+runs on a worker thread (ctypes releases the GIL) while the main thread shows a rich
+progress line; the tensor count comes from llama.cpp's per-tensor log lines
+("[  12/ 291] blk.1.ffn_up.weight ...").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from pathlib import Path
+
+from shrink.errors import ShrinkError
+from shrink.quantize.gguf_types import QuantType
+
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
+def quantize_gguf(
+    src: Path, dst: Path, qtype: QuantType, threads: int | None = None, *, console=None
+) -> None:
+    """Write `dst`, the F16/F32/BF16 GGUF `src` quantized to `qtype`.
+
+    `console`: an optional rich Console for the progress line (default: stderr).
+    Raises ShrinkError, with llama.cpp's own reason when it gives one.
+    """
+    src, dst = Path(src), Path(dst)
+    if qtype.needs_imatrix:
+        raise ShrinkError(
+            f"{qtype.name} needs an importance matrix (imatrix), which shrink does not compute; "
+            "choose a type that does not, e.g. IQ4_XS, Q4_K_M or Q3_K_M"
+        )
+    if not src.is_file():
+        raise ShrinkError(f"{src}: no such GGUF file")
+
+    import llama_cpp
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from shrink.runtime import llama_log
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = qtype.ftype
+    params.nthread = threads or os.cpu_count() or 0  # <= 0: llama.cpp uses hardware_concurrency()
+
+    tensors = [0, 0]  # [done, total], written by the log callback
+
+    def on_log(level: int, text: str) -> None:
+        if m := _TENSOR_LINE.match(text):
+            tensors[0], tensors[1] = int(m[1]), int(m[2])
+
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = llama_cpp.llama_model_quantize(
+                os.fsencode(src), os.fsencode(dst), ctypes.byref(params)
+            )
+        except BaseException as e:  # noqa: BLE001 - reported on the main thread
+            outcome["error"] = e
+
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console or _stderr_console(), transient=True,
+    )
+    with llama_log.capture_errors() as errors, llama_log.listen(on_log), progress:
+        task = progress.add_task(f"Quantizing to {qtype.name} (llama.cpp)", total=None)
+        worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+            if tensors[1]:
+                progress.update(task, total=tensors[1], completed=tensors[0])
+
+    if "error" in outcome or outcome.get("rc") != 0:
+        dst.unlink(missing_ok=True)
+        reason = _reason(errors) or str(outcome.get("error") or f"return code {outcome.get('rc')}")
+        raise ShrinkError(f"llama.cpp could not quantize {src.name} to {qtype.name}: {reason}")
+
+
+def _reason(lines: list[str]) -> str:
+    """The most telling error line llama.cpp logged ("...failed to quantize: <why>")."""
+    for line in reversed(lines):
+        if "failed to quantize:" in line:
+            return line.split("failed to quantize:", 1)[1].strip()
+    return "; ".join(lines[-3:])
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,54 @@
+"""Rich tables for the terminal (stderr; stdout is kept for --json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from shrink.console import console
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_eval_table(result: dict) -> None:
+    table = Table(title=f"accuracy on {result['data']}")
+    for col in ("model", "runtime", "size", "accuracy", "examples/s"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for row in result["results"]:
+        table.add_row(
+            f"{row['role']}: {row['path']}", row["runtime"], human_bytes(row["size_bytes"]),
+            f"{pct(row['accuracy'])} ({row['correct']}/{row['examples']})", f"{row['examples_per_s']:.2f}",
+        )
+    console.print(table)
+    if "retention" in result:
+        console.print(f"retention (artifact / teacher accuracy): [bold]{pct(result['retention'])}[/bold]")
+
+
+def print_artifact_summary(out: Path, manifest: dict) -> None:
+    m = manifest["metrics"]
+    table = Table(title=f"{manifest['kind']} written to {out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("format", manifest["format"])
+    table.add_row("size", human_bytes(m.get("size_bytes")))
+    for key, label in [("accuracy", "accuracy"), ("teacher_accuracy", "teacher accuracy"), ("retention", "retention")]:
+        if m.get(key) is not None:
+            table.add_row(label, pct(m[key]))
+    if m.get("examples_per_s") is not None:
+        table.add_row("examples/s", f"{m['examples_per_s']:.2f} ({m.get('eval_runtime', '')})")
+    if m.get("final_loss") is not None:
+        table.add_row("final loss", f"{m['final_loss']:.4f}")
+    console.print(table)

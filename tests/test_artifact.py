@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from shrink import artifact
+from shrink.errors import ArtifactError, ShrinkError
+
+
+def test_staged_folder_writes_manifest_last_and_renames(tmp_path):
+    out = tmp_path / "out"
+    with artifact.staged_folder(out, force=False) as tmp:
+        assert not out.exists()
+        (tmp / "w.bin").write_bytes(b"abc")
+        m = artifact.finish(tmp, kind="student", format="hf", source=None, settings={"x": 1}, metrics={"accuracy": 0.5})
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "w.bin"]
+    assert m["files"]["w.bin"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert m["metrics"] == {"size_bytes": 3, "accuracy": 0.5}
+    assert artifact.read_manifest(out)["settings"] == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_failure_inside_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with artifact.staged_folder(out, force=False) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_unless_forced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("keep")
+    with pytest.raises(ShrinkError, match="already exists"):
+        with artifact.staged_folder(out, force=False):
+            pass
+    assert (out / "old").exists()
+    with artifact.staged_folder(out, force=True) as tmp:
+        (tmp / "new").write_text("n")
+    assert [p.name for p in out.iterdir()] == ["new"]
+
+
+def test_source_hash_and_bad_manifests(tmp_path):
+    src = tmp_path / "src"
+    with artifact.staged_folder(src, False) as tmp:
+        artifact.finish(tmp, kind="student", format="hf", source=None, settings={}, metrics={})
+    dst = tmp_path / "dst"
+    with artifact.staged_folder(dst, False) as tmp:
+        m = artifact.finish(tmp, kind="export", format="gguf", source=src, settings={}, metrics={})
+    assert m["source"]["manifest_sha256"] == artifact.manifest_hash(src)
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ArtifactError, match="not a shrink manifest"):
+        artifact.read_manifest(tmp_path / "other")
+    data = json.loads((dst / "manifest.json").read_text())
+    data["schema_version"] = 99
+    (dst / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="schema version 99"):
+        artifact.read_manifest(dst)
+    (dst / "manifest.json").write_text("{broken")
+    with pytest.raises(ArtifactError, match="corrupt manifest"):
+        artifact.read_manifest(dst)
