@@ -70,8 +70,15 @@ def is_correct(rt: Runtime, ex: Example) -> bool:
 
 
 def evaluate(rt: Runtime, examples: list[Example], label: str = "evaluating") -> EvalResult:
+    """Accuracy and examples/s (the clock includes tokenization and any prefix set-up)."""
     correct = 0
     start = time.perf_counter()
+    if hasattr(rt, "share_prefix"):
+        from shrink.distill.prefix import common_prefix
+
+        prompts = [rt.encode(ex.prompt) for ex in examples]
+        # Keep one token before each prompt's end out of the prefix: it must be computed.
+        rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
     with progress("ex") as bar:
         task = bar.add_task(f"{label} ({rt.name})", total=len(examples))
         for ex in examples:
@@ -106,7 +113,7 @@ def artifact_size(path) -> int:
     return sum(f.stat().st_size for f in path.glob(pattern))
 
 
-def evaluate_path(artifact, data, *, teacher=None, threads=None, device="auto") -> dict:
+def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, threads=None, device="auto") -> dict:
     """`shrink eval`: the artifact (and optionally the teacher) on a task file."""
     from pathlib import Path
 
@@ -116,12 +123,26 @@ def evaluate_path(artifact, data, *, teacher=None, threads=None, device="auto") 
 
     examples = load_task(data)
     if teacher is not None:
-        check_model_dir(teacher, "teacher")
+        from shrink.teacher_gguf import resolve_teacher
+
+        if not Path(teacher).is_file():
+            check_model_dir(teacher, "teacher")
+        teacher = resolve_teacher(Path(teacher))
+    teacher_examples = examples
+    if teacher_prefix is not None:
+        import dataclasses
+
+        from shrink.errors import ShrinkError
+
+        if not Path(teacher_prefix).is_file():
+            raise ShrinkError(f"--teacher-prefix: no such file {teacher_prefix}")
+        text = Path(teacher_prefix).read_text(encoding="utf-8")
+        teacher_examples = [dataclasses.replace(ex, prompt=text + ex.prompt) for ex in examples]
     rows = []
     for role, path in [("artifact", artifact)] + ([("teacher", teacher)] if teacher else []):
         rt = open_runtime(path, device=device, threads=threads)
         try:
-            res = evaluate(rt, examples, f"evaluating {role}")
+            res = evaluate(rt, teacher_examples if role == "teacher" else examples, f"evaluating {role}")
         finally:
             rt.close()
         rows.append({"role": role, "path": str(path), "size_bytes": artifact_size(Path(path)), **res.to_dict()})

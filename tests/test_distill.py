@@ -98,3 +98,68 @@ def test_resume_continues_to_the_same_weights(teacher, task_files, tmp_path, mon
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     log = artifact.read_manifest(tmp_path / "resumed")
     assert log["settings"]["steps"] == 12
+
+
+def test_selected_logits_match_the_full_forward(teacher, task_files):
+    from shrink.distill.logits import selected_logits
+
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    ids, attn, mask = collate(encode_examples(tok, load_task(task_files["eval"])[:6], 512), tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attn).logits[mask]
+        part = selected_logits(model, ids, attn, mask)
+        rows = torch.tensor([5, 2, 40])
+        some = selected_logits(model, ids, attn, mask, rows=rows)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(some, full[:, rows], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_terms():
+    from shrink.distill.loss import distill_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 11), torch.randn(5, 11)
+    targets = torch.randint(0, 11, (5,))
+    loss, kl, ce = distill_loss(s, s.clone(), targets, temperature=2.0, alpha=1.0)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss, kl, ce = distill_loss(s, t, targets, temperature=1.0, alpha=0.0)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(s, targets).item(), rel=1e-6)
+    _, kl3, _ = distill_loss(s, t, targets, temperature=3.0, alpha=0.5)
+    p3 = (t / 3).softmax(-1)
+    assert kl3.item() == pytest.approx(((p3 * (p3.log() - (s / 3).log_softmax(-1))).sum(-1).mean() * 9).item(), rel=1e-5)
+
+
+def test_shared_prefix_cache_gives_the_full_forward(teacher):
+    """The teacher's prefix run once (training) and in the torch runtime (evaluation)
+    give the same numbers as running every token."""
+    from shrink.distill.batches import Sequence
+    from shrink.distill.logits import selected_logits
+    from shrink.distill.prefix import PrefixCache, common_prefix, usable_prefix
+    from shrink.runtime.torch_runtime import TorchRuntime
+
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    head = "Review: the phone was great\nSentiment: positive\n\nReview: the coffee was awful\nSentiment: negative\n\n"
+    texts = [head + f"Review: {t}\nSentiment: {lab}" for t, lab in
+             [("our dinner was lovely", "positive"), ("this book was dreadful honestly", "negative"), ("perfect", "positive")]]
+    seqs = []
+    for t in texts:
+        ids = tok(t).input_ids
+        seqs.append(Sequence(ids=ids, start=len(ids) - 1))
+    shared = usable_prefix([s.ids for s in seqs], min(s.start for s in seqs) - 1)
+    assert len(shared) >= 15 and shared == common_prefix([s.ids for s in seqs])
+    ids, attn, mask = collate(seqs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        full = selected_logits(model, ids, attn, mask)
+        cached = selected_logits(model, ids, attn, mask, prefix=PrefixCache(model, shared, "cpu"))
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+    rt = TorchRuntime(teacher, device="cpu")
+    prompt = rt.encode(head + "Review: the service was poor\nSentiment:")
+    conts = [[rt.encode(head + "Review: the service was poor\nSentiment: positive")[-1]], [5]]
+    two_tokens = [[7, 9], [11, 13]]
+    plain = rt.score_continuations(prompt, conts), rt.score_continuations(prompt, two_tokens)
+    rt.share_prefix(shared)
+    assert rt.prefix is not None
+    cached = rt.score_continuations(prompt, conts), rt.score_continuations(prompt, two_tokens)
+    for a, b in zip(plain, cached):
+        assert a == pytest.approx(b, abs=1e-3)

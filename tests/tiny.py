@@ -76,17 +76,25 @@ def build_tokenizer(folder: Path, corpus: list[str], vocab_size: int = 512):
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # Train the merges first, then lay the vocabulary out as Llama 2 does: specials,
+    # then the 256 byte tokens as ordinary entries (not added tokens), then the pieces.
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # Split on '▁' only while training, so that no merge crosses a word boundary (as
     # SentencePiece does); llama.cpp's SPM tokenizer has no such split at run time.
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     alphabet = sorted(set("".join(corpus).replace(" ", "▁")) | set("▁"))
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials + byte_tokens,
-        initial_alphabet=alphabet, show_progress=False,
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer)
+    trainer_tok.train_from_iterator(corpus, trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    pieces = [t for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate(specials + byte_tokens + [p for p in pieces if p not in byte_tokens])}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = trainer_tok.normalizer
+    tok.add_special_tokens(specials)
     tok.pre_tokenizer = None
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]

@@ -9,13 +9,13 @@ KL at temperature T is scaled by T^2 so its gradients keep their size as T chang
 from __future__ import annotations
 
 
-def distill_loss(student_logits, teacher_logits, ids, loss_mask, temperature: float, alpha: float):
-    """Returns (loss, kl, ce) as tensors; logits are (batch, seq, vocab), ids (batch, seq)."""
+def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float):
+    """Returns (loss, kl, ce) as tensors. Logits are (n, vocab) at the n completion
+    positions; targets (n,) are the reference tokens there."""
     import torch.nn.functional as F
 
-    s = student_logits[loss_mask].float()  # (n, vocab)
-    t = teacher_logits[loss_mask].float()  # (n, vocab)
-    targets = ids[:, 1:][loss_mask[:, :-1]]  # (n,) the token each selected position predicts
+    s = student_logits.float()  # (n, vocab)
+    t = teacher_logits.float()  # (n, vocab)
     s_logp = F.log_softmax(s / temperature, dim=-1)
     t_logp = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temperature**2

@@ -1,9 +1,11 @@
 """The distillation recipe, written out in full.
 
-teacher folder + task data  ->  student folder (Hugging Face model + manifest.json)
+teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + manifest.json)
 
 1. Check every input before anything is loaded or written.
-2. Load the teacher; cut the student (evenly spaced layers, weights copied).
+2. Load the teacher (a GGUF file is converted once into a cached folder); cut the student
+   (evenly spaced layers, weights copied); optionally prune its vocabulary to the task's
+   tokens (shrink.distill.prune_vocab), the teacher then being read on those tokens only.
 3. Train the student on completion tokens: KL to the teacher at temperature T mixed
    with cross-entropy on the reference (shrink.distill.loss). bf16 autocast on CUDA.
 4. Save an atomic checkpoint every `save_every` steps; `resume` continues from it.
@@ -18,6 +20,7 @@ import dataclasses
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,10 @@ from shrink import artifact
 from shrink.console import console, progress, spinner
 from shrink.distill.batches import batch_order, collate, encode_examples
 from shrink.distill.checkpoint import load_checkpoint, read_state, save_checkpoint
+from shrink.distill.logits import selected_logits
+from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.loss import distill_loss
+from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.student import cut_student, even_layers
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
@@ -40,7 +46,7 @@ GRAD_CLIP = 1.0  # max global gradient norm
 
 @dataclass(frozen=True)
 class DistillConfig:
-    teacher: Path  # Hugging Face model folder
+    teacher: Path  # Hugging Face model folder or GGUF file
     data: Path  # task JSONL used for training
     out: Path  # student folder to write
     layers: int  # decoder layers the student keeps
@@ -55,6 +61,8 @@ class DistillConfig:
     save_every: int = 200  # steps between checkpoints
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
+    prune_vocab: bool = False  # keep only the tokens the task data needs
+    teacher_prefix: Path | None = None  # text file put before every prompt for the teacher only
     resume: bool = False
     force: bool = False
 
@@ -71,13 +79,13 @@ def checkpoint_dir(out: Path) -> Path:
 
 
 def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
-    """Every user error, before any model is loaded or anything written."""
-    check_model_dir(cfg.teacher, "teacher")
-    config = json.loads((Path(cfg.teacher) / "config.json").read_text(encoding="utf-8"))
-    total = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
-    if not isinstance(total, int):
-        raise ShrinkError(f"{cfg.teacher}/config.json has no num_hidden_layers")
-    even_layers(total, cfg.layers)  # raises on an out-of-range --layers
+    """Every user error, before any model is loaded or anything written. Returns the
+    examples, the teacher's folder (a GGUF teacher converted into the cache) and its layers."""
+    teacher_path = Path(cfg.teacher)
+    if teacher_path.is_file() and teacher_path.suffix != ".gguf":
+        raise ShrinkError(f"teacher {teacher_path} is a file but not .gguf (expected a model folder or a GGUF file)")
+    if not teacher_path.is_file():
+        check_model_dir(teacher_path, "teacher")
     if cfg.steps is not None and cfg.steps < 1:
         raise ShrinkError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.epochs <= 0:
@@ -90,6 +98,8 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         raise ShrinkError("--temperature and --lr must be positive")
     train = load_task(cfg.data)
     evals = load_task(cfg.eval_data) if cfg.eval_data else None
+    if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
+        raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
 
     ckpt = checkpoint_dir(cfg.out)
     if Path(cfg.out).exists() and not cfg.force:
@@ -102,7 +112,16 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         raise ShrinkError(f"an interrupted run left {ckpt}; pass --resume to continue it or --force to start over")
     if cfg.resume and read_state(ckpt).get("settings") != cfg.settings():
         raise ShrinkError(f"--resume: {ckpt} was made with other settings; use the same options or --force")
-    return train, evals, total
+
+    from shrink.teacher_gguf import resolve_teacher
+
+    folder = resolve_teacher(teacher_path)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    total = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    if not isinstance(total, int):
+        raise ShrinkError(f"{folder}/config.json has no num_hidden_layers")
+    even_layers(total, cfg.layers)  # raises on an out-of-range --layers
+    return train, evals, folder, total
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -117,7 +136,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Run the recipe; returns the student's manifest."""
     import torch
 
-    train_examples, eval_examples, teacher_layers = validate(cfg)
+    train_examples, eval_examples, teacher_dir, teacher_layers = validate(cfg)
     device = resolve_device(cfg.device)
     ckpt = checkpoint_dir(cfg.out)
     if cfg.force and not cfg.resume:
@@ -127,17 +146,35 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     with spinner() as sp:
         sp.add_task(f"loading teacher {cfg.teacher}", total=None)
         teacher_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        teacher = load_causal_lm(Path(cfg.teacher), device, teacher_dtype)
-        tokenizer = load_tokenizer(Path(cfg.teacher))
+        teacher = load_causal_lm(teacher_dir, device, teacher_dtype)
+        tokenizer = load_tokenizer(teacher_dir)
     keep = even_layers(teacher_layers, cfg.layers)
-    student = cut_student(teacher, keep).to(device)
+    student = cut_student(teacher, keep)
+    student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
+    if cfg.prune_vocab:
+        plan = plan_pruning(tokenizer, task_texts(train_examples + (eval_examples or [])))
+        prune_model(student, plan)
+        student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
+        console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
+    student = student.to(device)
     student.train()
+    kept_rows = torch.tensor(plan.kept, device=device) if plan else None  # teacher columns the student has
+    id_map = plan.id_map().to(device) if plan else None  # teacher id -> student id
     console.print(
         f"student: {len(keep)} of {teacher_layers} layers {keep}, "
         f"{_params(student) / 1e6:.1f}M parameters (teacher {_params(teacher) / 1e6:.1f}M)"
     )
 
-    seqs = encode_examples(tokenizer, train_examples, cfg.max_length)
+    seqs = encode_examples(tokenizer, train_examples, cfg.max_length)  # what the student reads
+    t_seqs = seqs
+    if cfg.teacher_prefix:
+        prefix_text = Path(cfg.teacher_prefix).read_text(encoding="utf-8")
+        t_seqs = encode_examples(tokenizer, with_prefix(train_examples, prefix_text), cfg.max_length)
+        check_aligned(seqs, t_seqs, cfg.data)
+    shared = usable_prefix([s.ids for s in t_seqs], min(s.start for s in t_seqs) - 1)
+    t_cache = PrefixCache(teacher, shared, device) if shared else None
+    if t_cache:
+        console.print(f"shared prompt prefix: {len(shared)} tokens, run once through the teacher")
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total_steps = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -155,13 +192,16 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         task = bar.add_task("distilling", total=total_steps, completed=step, loss="", tok_s="")
         while step < total_steps:
             epoch, index = divmod(step, per_epoch)
-            batch = [seqs[i] for i in batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]]
-            ids, attn, mask = collate(batch, pad, device)
+            rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
+            ids, attn, mask = collate([seqs[i] for i in rows], pad, device)  # teacher-vocabulary ids
+            t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
+            s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
+            targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=attn).logits  # (batch, seq, vocab)
+                t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
             with autocast:
-                s_logits = student(input_ids=ids, attention_mask=attn).logits  # (batch, seq, vocab)
-            loss, kl, ce = distill_loss(s_logits, t_logits, ids, mask, cfg.temperature, cfg.alpha)
+                s_logits = selected_logits(student, s_ids, attn, mask)  # (n, student vocab)
+            loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
@@ -186,7 +226,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     }
     student.eval()
     if eval_examples:
-        metrics.update(_evaluate_pair(student, teacher, tokenizer, device, eval_examples, cfg.eval_data))
+        teacher_examples = eval_examples
+        if cfg.teacher_prefix:
+            teacher_examples = with_prefix(eval_examples, Path(cfg.teacher_prefix).read_text(encoding="utf-8"))
+        metrics.update(_evaluate_pair(student, student_tokenizer, teacher, tokenizer, device,
+                                      eval_examples, teacher_examples, cfg.eval_data))
 
     settings = {
         **cfg.settings(),
@@ -195,24 +239,71 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         "steps": total_steps,
         "data_sha256": artifact.sha256_file(Path(cfg.data)),
         "device": device,
+        "teacher_folder": str(teacher_dir),
+        "teacher_prefix_sha256": artifact.sha256_file(Path(cfg.teacher_prefix)) if cfg.teacher_prefix else None,
     }
+    if plan is not None:
+        settings.update(vocab_kept=len(plan.kept), teacher_vocab=plan.teacher_vocab_size,
+                        tokenizer_pre=teacher_pre_tokenizer(tokenizer))
     with artifact.staged_folder(cfg.out, cfg.force) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        student_tokenizer.save_pretrained(tmp)
         (tmp / "training_log.json").write_text(json.dumps(history))
         manifest = artifact.finish(
             tmp, kind="student", format="hf", source=Path(cfg.teacher), settings=settings, metrics=metrics
         )
     shutil.rmtree(ckpt, ignore_errors=True)
+    scratch.cleanup()
     return manifest
 
 
-def _evaluate_pair(student, teacher, tokenizer, device, examples, eval_path) -> dict[str, Any]:
+def with_prefix(examples, prefix: str):
+    """The examples as the teacher reads them: `prefix` (few-shot examples, instructions)
+    before every prompt."""
+    return [dataclasses.replace(ex, prompt=prefix + ex.prompt) for ex in examples]
+
+
+def check_aligned(student_seqs, teacher_seqs, data: Path) -> None:
+    """The completion must be the same tokens whether or not the teacher prefix is there,
+    so that teacher and student distributions are compared position by position."""
+    for line, (s, t) in enumerate(zip(student_seqs, teacher_seqs), start=1):
+        if s.ids[s.start :] != t.ids[t.start :]:
+            raise ShrinkError(f"{data}:{line}: the completion tokenizes differently after --teacher-prefix")
+
+
+def task_texts(examples) -> list[str]:
+    """Every text the student will be shown: prompts alone, with their completions, and
+    with each choice (as evaluation scores them)."""
+    texts = []
+    for ex in examples:
+        texts += [ex.prompt, ex.prompt + ex.completion] + [ex.prompt + c for c in ex.choices or ()]
+    return texts
+
+
+def teacher_pre_tokenizer(tokenizer) -> str | None:
+    """The name llama.cpp's converter gives the teacher's BPE pre-tokenizer (it recognises
+    tokenizers by hashing their output, which a pruned vocabulary changes), so that the
+    pruned student can be converted with the same pre-tokenizer. None when not recognised
+    or not needed (SentencePiece-style tokenizers take another path)."""
+    import logging
+
+    logging.disable(logging.WARNING)  # the converter prints a banner for unknown hashes
+    try:
+        from conversion.base import TextModel
+
+        return TextModel.get_vocab_base_pre(None, tokenizer)
+    except Exception:  # NotImplementedError for unknown hashes
+        return None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _evaluate_pair(student, student_tokenizer, teacher, tokenizer, device, examples, teacher_examples, eval_path) -> dict[str, Any]:
     from shrink.evaluate import evaluate, retention
     from shrink.runtime.torch_runtime import TorchRuntime
 
-    s = evaluate(TorchRuntime.from_model(student, tokenizer, device), examples, "evaluating student")
-    t = evaluate(TorchRuntime.from_model(teacher, tokenizer, device), examples, "evaluating teacher")
+    s = evaluate(TorchRuntime.from_model(student, student_tokenizer, device), examples, "evaluating student")
+    t = evaluate(TorchRuntime.from_model(teacher, tokenizer, device), teacher_examples, "evaluating teacher")
     return {
         "accuracy": s.accuracy,
         "examples_per_s": s.examples_per_s,

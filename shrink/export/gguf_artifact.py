@@ -36,24 +36,28 @@ def export_gguf(
     source_manifest = _source_manifest(student)
 
     file_name = f"model-{qtype.name}.gguf"
+    # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
+    # check; distill recorded its name.
+    tokenizer_pre = ((source_manifest or {}).get("settings") or {}).get("tokenizer_pre")
     with artifact.staged_folder(out, force) as tmp:
-        _build(student, tmp / file_name, qtype, threads)
+        _build(student, tmp / file_name, qtype, threads, tokenizer_pre)
         metrics: dict[str, Any] = {}
         if examples is not None:
             metrics = evaluate_file(tmp / file_name, examples, Path(eval_data), source_manifest, threads)
-        settings = {"target": "gguf", "quant": qtype.name, "file": file_name, "threads": threads}
+        settings = {"target": "gguf", "quant": qtype.name, "file": file_name, "threads": threads,
+                    "tokenizer_pre": tokenizer_pre}
         return artifact.finish(tmp, kind="export", format="gguf", source=Path(student), settings=settings, metrics=metrics)
 
 
-def _build(student: Path, dst: Path, qtype, threads: int | None) -> None:
+def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None) -> None:
     from shrink.export.gguf_convert import convert_hf_to_gguf
     from shrink.quantize.llama_quantize import quantize_gguf
 
     if qtype.name in UNQUANTIZED:
-        convert_hf_to_gguf(student, dst, UNQUANTIZED[qtype.name])
+        convert_hf_to_gguf(student, dst, UNQUANTIZED[qtype.name], tokenizer_pre=tokenizer_pre)
         return
     intermediate = dst.with_name("intermediate-F16.gguf")
-    convert_hf_to_gguf(student, intermediate, "f16")
+    convert_hf_to_gguf(student, intermediate, "f16", tokenizer_pre=tokenizer_pre)
     try:
         quantize_gguf(intermediate, dst, qtype, threads)
     finally:

@@ -39,9 +39,13 @@ def quantize_gguf(
         )
     if not src.is_file():
         raise ShrinkError(f"{src}: no such GGUF file")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ShrinkError(f"{dst}: the output would overwrite the input")
 
     import llama_cpp
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    )
 
     from shrink.runtime import llama_log
 
@@ -65,18 +69,25 @@ def quantize_gguf(
         except BaseException as e:  # noqa: BLE001 - reported on the main thread
             outcome["error"] = e
 
+    console = console or _stderr_console()
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console or _stderr_console(), transient=True,
+        TimeElapsedColumn(), console=console, transient=True,
+        disable=not console.is_interactive,  # logs and pipes get no bar (rich would print blank lines)
     )
     with llama_log.capture_errors() as errors, llama_log.listen(on_log), progress:
         task = progress.add_task(f"Quantizing to {qtype.name} (llama.cpp)", total=None)
+        # daemon: on Ctrl-C the C call cannot be stopped, but it must not keep the process alive.
         worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
         worker.start()
-        while worker.is_alive():
-            worker.join(0.1)
-            if tensors[1]:
-                progress.update(task, total=tensors[1], completed=tensors[0])
+        try:
+            while worker.is_alive():
+                worker.join(0.1)
+                if tensors[1]:
+                    progress.update(task, total=tensors[1], completed=tensors[0])
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
 
     if "error" in outcome or outcome.get("rc") != 0:
         dst.unlink(missing_ok=True)

@@ -45,46 +45,74 @@ class TorchRuntime:
     def logits(self, ids: list[int]) -> np.ndarray:
         return self._forward(ids).cpu().numpy()
 
+    def share_prefix(self, ids: list[int]) -> None:
+        """Run a prefix every following prompt starts with once (few-shot examples,
+        instructions) and reuse its keys and values, as llama.cpp reuses its KV cache."""
+        from shrink.distill.prefix import PrefixCache
+
+        self.prefix = PrefixCache(self.model, ids, self.device) if len(ids) >= PrefixCache.MIN_TOKENS else None
+
+    def _last_hidden(self, ids, mask, first_needed: int):
+        """(batch, seq - skipped, d) hidden states and how many leading positions the
+        shared prefix skipped (only when no needed position lies inside it)."""
+        prefix = getattr(self, "prefix", None)
+        n = len(prefix) if prefix is not None else 0
+        if n and first_needed >= n and ids[0, :n].tolist() == prefix.ids:
+            return prefix.hidden(self.model, ids, mask), n
+        return self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, 0
+
+    def _head(self, h):
+        from shrink.distill.logits import head_logits
+
+        return head_logits(self.model, h)
+
     def score_continuations(self, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
-        """One padded batch for all continuations; right padding keeps positions intact."""
+        """Single-token choices need one forward pass of the prompt; longer ones are run
+        as one right-padded batch. Only the positions that are scored reach the head."""
         import torch
 
-        seqs = [prompt_ids + c for c in conts]
-        width = max(map(len, seqs))
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
         with torch.inference_mode():
-            logp = self.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        n = len(prompt_ids)
-        scores = []
-        for row, cont in enumerate(conts):
-            pos = torch.arange(n - 1, n - 1 + len(cont), device=self.device)
-            target = torch.tensor(cont, device=self.device)
-            scores.append(logp[row, pos, target].sum().item())  # logp: (batch, seq, vocab)
-        return scores
+            if all(len(c) == 1 for c in conts):
+                ids = torch.tensor([prompt_ids], device=self.device)
+                hidden, _ = self._last_hidden(ids, torch.ones_like(ids), len(prompt_ids) - 1)
+                logp = self._head(hidden[0, -1:]).float().log_softmax(-1)[0]  # (vocab,)
+                return [logp[c[0]].item() for c in conts]
+            seqs = [prompt_ids + c for c in conts]
+            width = max(map(len, seqs))
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs], device=self.device)
+            mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=self.device)
+            hidden, skipped = self._last_hidden(ids, mask, len(prompt_ids) - 1)
+            n = len(prompt_ids) - 1 - skipped  # first scored position, in `hidden`
+            scores = []
+            for row, cont in enumerate(conts):
+                logp = self._head(hidden[row, n : n + len(cont)]).float().log_softmax(-1)  # (len(cont), vocab)
+                scores.append(logp[torch.arange(len(cont)), torch.tensor(cont, device=self.device)].sum().item())
+            return scores
 
     def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
-        """Greedy decoding with a KV cache, checking stop strings as text grows."""
+        """Greedy decoding with a KV cache, checking stop strings as text grows. The text
+        is what decoding prompt + output adds to the prompt's own decoding, so a leading
+        space is kept (as llama.cpp returns it)."""
         import torch
 
         ids = self.encode(prompt)
+        base = self.decode(ids)
         out: list[int] = []
         past = None
         x = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             for _ in range(max_tokens):
-                res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+                res = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
                 past = res.past_key_values
                 nxt = int(res.logits[0, -1].argmax())
                 if nxt == self.eos_id:
                     break
                 out.append(nxt)
-                text = self.decode(out)
-                if any(s in text for s in stop):
+                if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
                     break
                 x = torch.tensor([[nxt]], device=self.device)
-        return _cut_at_stop(self.decode(out), stop)
+        return _cut_at_stop(self.decode(ids + out)[len(base):], stop)
 
     def close(self) -> None:
         self.model = None

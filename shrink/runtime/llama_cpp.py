@@ -1,0 +1,197 @@
+"""Serve a GGUF file with llama.cpp (through llama-cpp-python): the Runtime protocol.
+
+Token ids are llama.cpp's own (its tokenizer reads the vocabulary stored in the GGUF),
+since that is what a deployed model sees.
+
+All evaluation goes through `_eval`, which keeps llama.cpp's KV cache for the longest
+prefix shared with the previous call and decodes only the new tokens. So scoring N
+continuations evaluates the prompt once, and greedy generation decodes one token a step.
+`Llama.eval` drops the cache beyond `n_tokens` before decoding (`kv_cache_seq_rm`), which
+is what makes rewinding `n_tokens` a cache truncation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shrink.errors import ModelError, ShrinkError
+
+
+def find_gguf(path: str | Path) -> Path:
+    """The .gguf file at `path`, or the one in folder `path` (the manifest picks among several)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: not a .gguf file")
+        return path
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such file or folder")
+    files = sorted(path.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise ModelError(f"{path}: no .gguf file in this folder")
+    from shrink.artifact import read_manifest
+    from shrink.errors import ArtifactError
+
+    try:
+        named = read_manifest(path).get("settings", {}).get("file")
+    except ArtifactError:
+        named = None
+    if named and (path / named) in files:
+        return path / named
+    raise ModelError(
+        f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); pass one of them"
+    )
+
+
+class LlamaCppRuntime:
+    """A GGUF model in llama.cpp, with logits for every position (logits_all)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, threads: int | None = None, n_ctx: int = 2048):
+        self.path = find_gguf(path)
+        import llama_cpp
+
+        from shrink.runtime import llama_log
+
+        self._lib = llama_cpp
+        threads = threads or os.cpu_count() or 1
+        with llama_log.capture_errors() as errors:
+            try:
+                # logits_all: Llama.eval copies every position's logits into llm.scores,
+                # an (n_ctx, vocab) float32 buffer; rows are touched (paid for) only when used.
+                self._llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                    logits_all=True, verbose=llama_log.debug_enabled(),
+                )
+            except Exception as e:  # noqa: BLE001 - llama_cpp raises ValueError/RuntimeError
+                detail = "; ".join(errors[-3:]) or str(e)
+                raise ModelError(f"{self.path}: llama.cpp cannot load this file ({detail})") from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+        eos = self._llm.token_eos()
+        self.eos_id: int | None = eos if eos >= 0 else None
+        self.n_vocab = self._llm.n_vocab()
+        self.n_ctx = self._llm.n_ctx()
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        # special=False: "<s>" typed in the text is three characters, not the BOS token.
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` as the HF tokenizer's decode(skip_special_tokens=True) gives it.
+
+        A leading BOS is dropped first: llama.cpp strips the SentencePiece leading space
+        only when the ids do not start with BOS, as HF does after skipping specials.
+        Control tokens render as nothing (unparse_special=False).
+        """
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self._bos:
+            ids = ids[1:]
+        if not ids:
+            return ""
+        arr = (self._lib.llama_token * len(ids))(*ids)
+        size = 16 * len(ids) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_detokenize(self._vocab, arr, len(ids), buf, size, True, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n  # too small: llama.cpp says how much it needs
+        raise ShrinkError("llama.cpp could not detokenize")
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def _eval(self, ids: list[int]) -> np.ndarray:
+        """Logits after each prefix of `ids`: a (len(ids), vocab) view of llm.scores,
+        valid until the next call. Reuses the KV cache for the prefix shared with the
+        sequence evaluated last."""
+        llm = self._llm
+        if len(ids) > self.n_ctx:
+            raise ShrinkError(f"sequence of {len(ids)} tokens is longer than the context ({self.n_ctx})")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
+        cached = llm.input_ids[: llm.n_tokens]
+        same = 0
+        limit = min(len(cached), len(ids))
+        if limit:
+            diff = np.flatnonzero(cached[:limit] != np.asarray(ids[:limit], dtype=cached.dtype))
+            same = int(diff[0]) if diff.size else limit
+        llm.n_tokens = same  # rewind: eval() removes the cache from here on
+        if same < len(ids):
+            llm.eval(ids[same:])
+        return llm.scores[: len(ids)]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return np.array(self._eval(ids), dtype=np.float32)  # (len(ids), vocab), a copy
+
+    def score_continuations(self, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty: the first continuation token needs a context")
+        p = len(prompt)
+        scores = []
+        for cont in conts:
+            cont = [int(i) for i in cont]
+            if not cont:
+                scores.append(0.0)
+                continue
+            # Row t predicts token t+1: rows p-1 .. p+len(cont)-2 predict the continuation.
+            rows = self._eval(prompt + cont)[p - 1 : p - 1 + len(cont)]  # (len(cont), vocab)
+            scores.append(_sum_logprobs(rows, cont))
+        return scores
+
+    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+        """Greedy completion; the text is what follows the prompt's own decoding
+        (so a leading space of the first new token is kept)."""
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("empty prompt and no BOS token: nothing to condition on")
+        stops = [s for s in stop if s]
+        head = len(self.decode(prompt_ids))
+        seq = list(prompt_ids)
+        text = ""
+        for _ in range(max_tokens):
+            if len(seq) >= self.n_ctx:
+                break
+            nxt = int(np.argmax(self._eval(seq)[-1]))
+            if self._lib.llama_vocab_is_eog(self._vocab, nxt):
+                break
+            seq.append(nxt)
+            text = self.decode(seq)[head:]
+            cuts = [i for s in stops if (i := text.find(s)) >= 0]
+            if cuts:
+                return text[: min(cuts)]
+        return text
+
+    def close(self) -> None:
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is not None:
+            llm.close()
+
+    def __enter__(self) -> LlamaCppRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
+    """Sum over t of log_softmax(rows[t])[targets[t]], in float64. rows: (T, vocab)."""
+    rows = rows.astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)  # (T, 1)
+    lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))  # (T,)
+    return float((rows[np.arange(len(targets)), targets] - lse).sum())
