@@ -63,13 +63,14 @@ class DistillConfig:
     seed: int = 0
     prune_vocab: bool = False  # keep only the tokens the task data needs
     teacher_prefix: Path | None = None  # text file put before every prompt for the teacher only
+    teacher_memory_mb: int = 2048  # teacher outputs up to this size are computed once and kept
     resume: bool = False
     force: bool = False
 
     def settings(self) -> dict[str, Any]:
         """What decides the result (paths as given, not the run-control flags)."""
         d = dataclasses.asdict(self)
-        for k in ("resume", "force", "out", "device"):
+        for k in ("resume", "force", "out", "device", "teacher_memory_mb"):
             d.pop(k)
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
@@ -185,8 +186,16 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         step, history = state["step"], state["history"]
         console.print(f"resuming from {ckpt} at step {step}/{total_steps}")
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    # The teacher is frozen, so its outputs are the same every epoch: when they fit in
+    # memory they are computed once (float16) and training reads them from there.
+    vocab_out = len(plan.kept) if plan else student.get_output_embeddings().weight.shape[0]
+    positions = sum(len(q.ids) - q.start for q in seqs)
     pad = tokenizer.pad_token_id
+    teacher_outputs = None
+    if positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
+        teacher_outputs = precompute_teacher(teacher, t_seqs, cfg.batch_size, pad, device, kept_rows, t_cache)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tokens_seen, started = 0, time.perf_counter()
     with progress("step", "loss", "tok_s") as bar:
         task = bar.add_task("distilling", total=total_steps, completed=step, loss="", tok_s="")
@@ -197,8 +206,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
             s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
             targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
-            with torch.no_grad():
-                t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
+            if teacher_outputs is not None:
+                t_logits = torch.cat([teacher_outputs[i] for i in rows]).float()  # (n, student vocab)
+            else:
+                with torch.no_grad():
+                    t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
             with autocast:
                 s_logits = selected_logits(student, s_ids, attn, mask)  # (n, student vocab)
             loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
@@ -255,6 +267,24 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     shutil.rmtree(ckpt, ignore_errors=True)
     scratch.cleanup()
     return manifest
+
+
+def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, rows, cache) -> list:
+    """The teacher's logits at every loss position, per example: a list of (k_i, vocab)
+    float16 tensors on `device`, in the order of `seqs`."""
+    import torch
+
+    outputs = []
+    with progress("ex") as bar, torch.no_grad():
+        task = bar.add_task("teacher pass", total=len(seqs))
+        for i in range(0, len(seqs), batch_size):
+            part = seqs[i : i + batch_size]
+            ids, attn, mask = collate(part, pad, device)
+            logits = selected_logits(teacher, ids, attn, mask, rows=rows, prefix=cache)  # (n, vocab)
+            counts = [len(q.ids) - q.start for q in part]  # loss positions per example
+            outputs += [t.to(torch.float16) for t in logits.split(counts)]
+            bar.advance(task, len(part))
+    return outputs
 
 
 def with_prefix(examples, prefix: str):

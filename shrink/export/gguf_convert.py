@@ -33,6 +33,8 @@ _LOGGERS = ("hf-to-gguf", "gguf", "metadata")
 _BENIGN = (
     re.compile(r"^Unknown RoPE type: default$"),
     re.compile(r"^Unknown separator token .* TemplateProcessing<pair>$"),
+    # Gemma 3: the converter writes some hyperparameters twice, with the same values.
+    re.compile(r"^Duplicated key name '[\w.]+', overwriting it with new value"),
 )
 
 

@@ -1,0 +1,76 @@
+"""Benchmark for issue 3's goals, measured in one run of the demo pipeline.
+
+    python bench/demo_bench.py [--out DIR] [--layers N] [--epochs E]
+
+Prints each goal with the figure reached, as ratios taken in the same run (teacher and
+student on the same machine, same data), and writes bench/results/demo-<time>.json.
+Goals: demo wall time <= 600 s on the CPU; the Q4_K_M student >= 30x smaller than the
+teacher's bf16 weights; retention >= 95%; >= 10x the teacher's examples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/demo-run"))
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--epochs", type=float, default=None)
+    args = ap.parse_args()
+
+    from shrink.demo.pipeline import DemoConfig, run_demo
+    from shrink.demo.report import print_table
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    kwargs = {"epochs": args.epochs} if args.epochs is not None else {}
+    started = time.perf_counter()
+    result = run_demo(DemoConfig(out=args.out, layers=args.layers, **kwargs))
+    wall = time.perf_counter() - started
+    print_table(result)
+
+    teacher, q4 = result["rows"][0], next(r for r in result["rows"] if r["model"].endswith("Q4_K_M"))
+    goals = [
+        ("demo wall time (s)", round(wall, 1), "<= 600", wall <= 600),
+        ("Q4_K_M size vs teacher bf16 (x smaller)", q4["times_smaller"], ">= 30", q4["times_smaller"] >= 30),
+        ("Q4_K_M retention", q4["retention"], ">= 0.95", q4["retention"] >= 0.95),
+        ("Q4_K_M examples/s vs teacher (x)", q4["times_faster"], ">= 10", q4["times_faster"] >= 10),
+    ]
+    print("\n| goal | reached | target | met |\n|---|---|---|---|")
+    for name, value, target, met in goals:
+        print(f"| {name} | {value} | {target} | {'yes' if met else 'no'} |")
+    record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+              "wall_seconds": round(wall, 1), "result": result,
+              "goals": [{"goal": g, "reached": v, "target": t, "met": m} for g, v, t, m in goals]}
+    path = Path("bench/results") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    print(f"\nrecorded {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

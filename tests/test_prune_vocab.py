@@ -1,0 +1,142 @@
+"""Task-vocabulary pruning: same pieces on task text, byte fallback elsewhere, and a
+pruned student that converts to GGUF with llama.cpp's ids equal to Hugging Face's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from shrink import artifact
+from shrink.cli import cli
+from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
+from shrink.hf import load_causal_lm, load_tokenizer
+from shrink.tasks import load_task
+
+
+def texts_of(path):
+    return [t for ex in load_task(path) for t in (ex.prompt, ex.prompt + ex.completion)]
+
+
+def test_pruned_tokenizer_keeps_task_pieces_and_falls_back_elsewhere(teacher, task_files, tmp_path):
+    tok = load_tokenizer(teacher)
+    task = texts_of(task_files["train"])[:200]
+    plan = plan_pruning(tok, task)
+    assert len(plan.kept) < len(tok)
+    pruned = save_pruned_tokenizer(tok, plan, tmp_path)
+    new_id = plan.id_map()
+    for text in task:
+        before = tok(text, split_special_tokens=True).input_ids
+        assert pruned(text, split_special_tokens=True).input_ids == [int(new_id[i]) for i in before]
+    for text in tiny.PARITY_SUITE:
+        ids = pruned(text, split_special_tokens=True).input_ids
+        assert len(ids) >= len(tok(text, split_special_tokens=True).input_ids)
+        assert pruned.decode(ids, skip_special_tokens=True) == tok.decode(tok(text, split_special_tokens=True).input_ids, skip_special_tokens=True)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(pruned, name) == int(new_id[getattr(tok, name)])
+
+
+def test_pruned_model_rows_follow_the_kept_tokens(teacher, task_files):
+    import torch
+
+    tok, model = load_tokenizer(teacher), load_causal_lm(teacher)
+    plan = plan_pruning(tok, texts_of(task_files["eval"]))
+    original_emb = model.get_input_embeddings().weight.detach().clone()
+    original_head = model.get_output_embeddings().weight.detach().clone()
+    prune_model(model, plan)
+    rows = torch.tensor(plan.kept)
+    torch.testing.assert_close(model.get_input_embeddings().weight, original_emb[rows])
+    torch.testing.assert_close(model.get_output_embeddings().weight, original_head[rows])
+    assert model.config.vocab_size == len(plan.kept)
+    assert model.config.eos_token_id == plan.kept.index(tok.eos_token_id)
+
+
+def test_byte_level_bpe_is_pruned_too(tmp_path):
+    """GPT-2 style byte-level BPE (Llama 3, Qwen): the 256 byte characters are the fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [r["prompt"] + r["completion"] for r in tiny.toy_examples(200, seed=3)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    plan = plan_pruning(hf, corpus[:50])
+    pruned = save_pruned_tokenizer(hf, plan, tmp_path)
+    new_id = plan.id_map()
+    assert len(plan.kept) < len(hf)
+    for text in corpus[:50]:
+        assert pruned(text).input_ids == [int(new_id[i]) for i in hf(text).input_ids]
+    for text in tiny.PARITY_SUITE:
+        assert pruned.decode(pruned(text).input_ids) == text
+
+
+@pytest.fixture(scope="module")
+def pruned_student(tmp_path_factory, teacher, task_files):
+    d = tmp_path_factory.mktemp("pruned")
+    prefix = d / "prefix.txt"
+    prefix.write_text("Review: the phone was great\nSentiment: positive\n\n")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", teacher, "--data", task_files["train"], "--eval", task_files["eval"],
+        "--out", d / "student", "--layers", "2", "--steps", "60", "--batch-size", "16", "--lr", "1e-3",
+        "--prune-vocab", "--teacher-prefix", prefix, "--device", "cpu", "--json")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return d, json.loads(r.stdout)
+
+
+def test_pruned_student_distills_and_records_its_vocabulary(pruned_student, teacher):
+    d, m = pruned_student
+    s = m["settings"]
+    assert s["prune_vocab"] and s["vocab_kept"] < s["teacher_vocab"] == len(load_tokenizer(teacher))
+    assert s["teacher_prefix_sha256"] == artifact.sha256_file(d / "prefix.txt")
+    assert load_causal_lm(d / "student").config.vocab_size == s["vocab_kept"]
+    assert m["metrics"]["accuracy"] >= 0.9 and m["metrics"]["retention"] >= 0.9
+
+
+def test_pruned_student_gguf_has_tokenizer_parity(pruned_student, task_files):
+    from shrink.export.gguf_artifact import export_gguf
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+
+    d, _ = pruned_student
+    m = export_gguf(d / "student", d / "f16", quant="F16", eval_data=task_files["eval"])
+    assert m["metrics"]["accuracy"] >= 0.9
+    hf = load_tokenizer(d / "student")
+    rt = LlamaCppRuntime(d / "f16")
+    try:
+        for text in texts_of(task_files["eval"])[:60] + tiny.PARITY_SUITE:
+            assert rt.encode(text) == hf(text, split_special_tokens=True).input_ids, text
+    finally:
+        rt.close()
+
+
+def test_teacher_prefix_that_changes_the_completion_tokens_is_refused(teacher, task_files, tmp_path):
+    from shrink.distill.batches import encode_examples
+    from shrink.distill.train import check_aligned, with_prefix
+    from shrink.errors import ShrinkError
+
+    tok = load_tokenizer(teacher)
+    examples = load_task(task_files["eval"])[:3]
+    plain = encode_examples(tok, examples, 512)
+    check_aligned(plain, encode_examples(tok, with_prefix(examples, "Note:\n"), 512), task_files["eval"])
+    shifted = [type(q)(ids=q.ids + [5], start=q.start) for q in plain]
+    with pytest.raises(ShrinkError, match=r"eval.jsonl:1: the completion tokenizes differently"):
+        check_aligned(plain, shifted, task_files["eval"])
+
+
+def test_gguf_teacher_through_the_cli(teacher, task_files, tmp_path, monkeypatch):
+    from shrink.export.gguf_convert import convert_hf_to_gguf
+
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    convert_hf_to_gguf(teacher, tmp_path / "teacher.gguf", "f16")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", tmp_path / "teacher.gguf", "--data", task_files["train"], "--eval", task_files["eval"],
+        "--out", tmp_path / "s", "--layers", "2", "--steps", "40", "--batch-size", "16", "--lr", "1e-3", "--json")],
+        catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["metrics"]["teacher_accuracy"] >= 0.9
+    assert str(tmp_path / "cache") in m["settings"]["teacher_folder"]
