@@ -86,6 +86,7 @@ def convert_hf_to_gguf(
                     model.prepare_tensors()
                     model.prepare_metadata(vocab_only=False)  # vocabulary: may refuse the tokenizer
                     _fix_spm_scores(model, model_dir)
+                    _write_layer_pattern(model)
                     writer = model.gguf_writer
                     writing = True
                     writer.write_header_to_file(path=out_file)
@@ -104,6 +105,20 @@ def convert_hf_to_gguf(
 
     for msg in warnings:
         console.print(f"[yellow]GGUF converter:[/yellow] {escape(msg)}", highlight=False)
+
+
+def _write_layer_pattern(model) -> None:
+    """Which layers use sliding-window attention, layer by layer, when the converter did not
+    say. llama.cpp otherwise assumes the architecture's fixed pattern (Gemma 3: every
+    sixth layer global), which a student keeping other layers does not follow; Gemma 3's
+    sliding layers also use another RoPE base, so a wrong pattern changes every output."""
+    layer_types = model.hparams.get("layer_types")
+    writer = model.gguf_writer
+    key = f"{writer.arch}.attention.sliding_window_pattern"
+    if not layer_types or any(key in kv for kv in writer.kv_data):
+        return
+    if any(t == "sliding_attention" for t in layer_types):
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
 
 
 def _converter_error(e: NotImplementedError, model_dir: Path) -> ShrinkError:
