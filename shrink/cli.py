@@ -195,7 +195,7 @@ def run(artifact, prompt, max_tokens, threads, device):
 @click.option("--out", default="demo-out", show_default=True, type=Path, help="Folder for the data, models and results.")
 @click.option("--teacher", type=Path, help="Use another teacher (folder or GGUF).  [default: Gemma 3 270M from its PyPI package]")
 @click.option("--layers", default=3, show_default=True, help="Decoder layers the student keeps.")
-@click.option("--epochs", default=1.0, show_default=True, help="Passes over the 1,501 training reviews.")
+@click.option("--epochs", default=4.0, show_default=True, help="Passes over the 1,501 training reviews.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")

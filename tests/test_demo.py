@@ -67,8 +67,18 @@ def test_real_demo(tmp_path):
     """Gemma 3 270M: the student at Q4_K_M is 30x smaller and 10x faster than the teacher."""
     from shrink.demo.pipeline import DemoConfig, run_demo
 
-    result = run_demo(DemoConfig(out=tmp_path / "demo"))
+    import tiny
+    from shrink.hf import load_tokenizer
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+
+    out = tmp_path / "demo"
+    result = run_demo(DemoConfig(out=out))
     teacher, q4 = result["rows"][0], result["rows"][-1]
     assert teacher["accuracy"] >= 0.85
     assert q4["times_smaller"] >= 30 and q4["times_faster"] >= 10
-    assert q4["accuracy"] >= 0.7
+    assert q4["accuracy"] >= 0.8
+    # The pruned vocabulary tokenizes alike in llama.cpp and Hugging Face.
+    hf, rt = load_tokenizer(out / "student"), LlamaCppRuntime(out / "student-Q4_K_M")
+    texts = [ex.prompt + ex.completion for ex in load_task(out / "data" / "eval.jsonl")] + tiny.PARITY_SUITE
+    assert [t for t in texts if rt.encode(t) != hf(t, split_special_tokens=True).input_ids] == []
+    rt.close()
