@@ -186,13 +186,15 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         step, history = state["step"], state["history"]
         console.print(f"resuming from {ckpt} at step {step}/{total_steps}")
 
-    # The teacher is frozen, so its outputs are the same every epoch: when they fit in
-    # memory they are computed once (float16) and training reads them from there.
+    # The teacher is frozen, so its outputs are the same every epoch: when training reads
+    # every example at least once and the outputs fit in memory, they are computed once
+    # (float16) and training reads them from there.
     vocab_out = len(plan.kept) if plan else student.get_output_embeddings().weight.shape[0]
     positions = sum(len(q.ids) - q.start for q in seqs)
     pad = tokenizer.pad_token_id
     teacher_outputs = None
-    if positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
+    whole_epochs = (total_steps - step) >= per_epoch
+    if whole_epochs and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
         teacher_outputs = precompute_teacher(teacher, t_seqs, cfg.batch_size, pad, device, kept_rows, t_cache)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
