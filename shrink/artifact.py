@@ -66,6 +66,7 @@ def build_manifest(
     source: Path | None,
     settings: dict[str, Any],
     metrics: dict[str, Any],
+    valid: bool = True,
 ) -> dict[str, Any]:
     files = file_table(folder)
     metrics = {"size_bytes": sum(f["bytes"] for f in files.values()), **metrics}
@@ -81,6 +82,7 @@ def build_manifest(
         else {"path": str(source), "manifest_sha256": manifest_hash(source)},
         "settings": settings,
         "metrics": metrics,
+        "valid": valid,  # false when a check of the artifact (export parity) failed
         "files": files,
     }
 
@@ -161,10 +163,11 @@ def finish(
     source: Path | None,
     settings: dict[str, Any],
     metrics: dict[str, Any],
+    valid: bool = True,
 ) -> dict[str, Any]:
     """Hash the folder's files and write its manifest (the last file written)."""
     manifest = build_manifest(
-        folder, kind=kind, format=format, source=source, settings=settings, metrics=metrics
+        folder, kind=kind, format=format, source=source, settings=settings, metrics=metrics, valid=valid
     )
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest

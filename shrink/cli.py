@@ -120,13 +120,17 @@ def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
 @click.option("--out", required=True, type=Path, help="Artifact folder to write.")
 @click.option("--threads", type=int, help="CPU threads for quantizing and evaluating.  [default: all cores]")
+@click.option("--min-top1", type=float, help="Parity: least top-1 agreement with the student.  [default: per type]")
+@click.option("--max-kl", type=float, help="Parity: largest mean KL(student || export).  [default: per type]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, quant, eval_data, out, threads, force, as_json):
+def export(student, target, quant, eval_data, out, threads, min_top1, max_kl, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
     GGUF: llama.cpp's converter writes a 16-bit file, llama.cpp's quantizer makes
-    QUANT from it. With --eval the artifact is evaluated through llama.cpp.
+    QUANT from it. With --eval the artifact is evaluated through llama.cpp and checked
+    against the student (token ids, top-1 agreement, KL); an export that fails the
+    check is marked not valid and the command exits 1.
 
     \b
     Example:
@@ -134,7 +138,8 @@ def export(student, target, quant, eval_data, out, threads, force, as_json):
     """
     from shrink.export.gguf_artifact import export_gguf
 
-    manifest = export_gguf(student, out, quant=quant, eval_data=eval_data, threads=threads, force=force)
+    manifest = export_gguf(student, out, quant=quant, eval_data=eval_data, threads=threads, force=force,
+                           min_top1=min_top1, max_kl=max_kl)
     _report_artifact(out, manifest, as_json)
 
 

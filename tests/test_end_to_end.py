@@ -55,6 +55,8 @@ def test_exports_are_complete_artifacts(built):
         assert m["metrics"]["accuracy"] >= 0.85
         assert m["metrics"]["teacher_accuracy"] == student["metrics"]["teacher_accuracy"]
         assert m["metrics"]["retention"] is not None
+        assert m["valid"] is True and m["metrics"]["parity"]["passed"] is True
+        assert m["metrics"]["parity"]["token_id_match"] == 1.0
         sizes[quant] = f["bytes"]
     assert sizes["Q4_K_M"] < sizes["Q8_0"]
 

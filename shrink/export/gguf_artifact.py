@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
 from shrink import artifact
+from shrink.export.parity import GGUF_DEFAULT, GGUF_THRESHOLDS, ParityError, Thresholds, measure, verdict
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir
 from shrink.tasks import load_task
@@ -25,8 +28,14 @@ def export_gguf(
     eval_data: Path | None = None,
     threads: int | None = None,
     force: bool = False,
+    min_top1: float | None = None,
+    max_kl: float | None = None,
 ) -> dict[str, Any]:
-    """Convert and quantize `student` into the artifact folder `out`; returns its manifest."""
+    """Convert and quantize `student` into the artifact folder `out`; returns its manifest.
+
+    With `eval_data`, the export is evaluated through llama.cpp and checked against the
+    student (shrink.export.parity); one that fails the check is still written, marked
+    `valid: false`, and ParityError (exit 1) names the worst example."""
     from shrink.quantize.gguf_types import quant_type
 
     check_model_dir(student, "student")
@@ -35,6 +44,9 @@ def export_gguf(
     artifact.check_output_free(out, force)
     source_manifest = _source_manifest(student)
 
+    if min_top1 is not None or max_kl is not None:
+        if examples is None:
+            raise ShrinkError("--min-top1/--max-kl need --eval (parity is measured on the evaluation prompts)")
     file_name = f"model-{qtype.name}.gguf"
     # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
     # check; distill recorded its name.
@@ -42,11 +54,43 @@ def export_gguf(
     with artifact.staged_folder(out, force) as tmp:
         _build(student, tmp / file_name, qtype, threads, tokenizer_pre)
         metrics: dict[str, Any] = {}
+        failed: list[str] = []
         if examples is not None:
             metrics = evaluate_file(tmp / file_name, examples, Path(eval_data), source_manifest, threads)
+            thresholds = _thresholds(qtype.name, min_top1, max_kl)
+            metrics["parity"] = check_parity(student, tmp / file_name, examples, Path(eval_data), threads)
+            metrics["parity"]["thresholds"] = dataclasses.asdict(thresholds)
+            failed = verdict(metrics["parity"], thresholds)
+            metrics["parity"]["passed"] = not failed
         settings = {"target": "gguf", "quant": qtype.name, "file": file_name, "threads": threads,
                     "tokenizer_pre": tokenizer_pre}
-        return artifact.finish(tmp, kind="export", format="gguf", source=Path(student), settings=settings, metrics=metrics)
+        manifest = artifact.finish(tmp, kind="export", format="gguf", source=Path(student), settings=settings,
+                                   metrics=metrics, valid=not failed)
+    if failed:
+        worst = metrics["parity"]["worst_example"]
+        raise ParityError(f"{out}: parity with {student} failed ({'; '.join(failed)}); "
+                          f"worst example {worst['where']} (mean KL {worst['mean_kl']}); marked not valid")
+    return manifest
+
+
+def _thresholds(quant: str, min_top1: float | None, max_kl: float | None) -> Thresholds:
+    base = GGUF_THRESHOLDS.get(quant, GGUF_DEFAULT)
+    return Thresholds(base.min_top1 if min_top1 is None else min_top1, base.max_kl if max_kl is None else max_kl)
+
+
+def check_parity(student: Path, gguf_file: Path, examples, eval_path: Path, threads) -> dict[str, Any]:
+    """The GGUF against the Hugging Face student, on the evaluation prompts."""
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+    from shrink.runtime.torch_runtime import TorchRuntime
+
+    reference, candidate = TorchRuntime(student, device="cpu"), LlamaCppRuntime(gguf_file, threads=threads)
+    try:
+        prompts = [ex.prompt for ex in examples]
+        where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
+        return measure(reference, candidate, prompts, where)
+    finally:
+        candidate.close()
+        reference.close()
 
 
 def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None) -> None:
