@@ -155,19 +155,9 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def finish(
-    folder: Path,
-    *,
-    kind: str,
-    format: str,
-    source: Path | None,
-    settings: dict[str, Any],
-    metrics: dict[str, Any],
-    valid: bool = True,
-) -> dict[str, Any]:
-    """Hash the folder's files and write its manifest (the last file written)."""
-    manifest = build_manifest(
-        folder, kind=kind, format=format, source=source, settings=settings, metrics=metrics, valid=valid
-    )
+def finish(folder: Path, **fields: Any) -> dict[str, Any]:
+    """Hash the folder's files and write its manifest, the last file written. `fields`
+    are build_manifest's: kind, format, source, settings, metrics and valid."""
+    manifest = build_manifest(folder, **fields)
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
