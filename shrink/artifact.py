@@ -34,11 +34,26 @@ KINDS = ("student", "export")
 FORMATS = ("hf", "gguf")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+HASH_BAR_BYTES = 64 << 20  # files smaller than this are hashed without a progress bar
+
+
+def sha256_file(path: Path, label: str = "hashing", chunk: int = 8 << 20) -> str:
+    """Hex sha256 of a file, streamed; big files (model weights) show a progress bar."""
+    path = Path(path)
+    size = path.stat().st_size
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        if size < HASH_BAR_BYTES:
+            while block := f.read(chunk):
+                h.update(block)
+            return h.hexdigest()
+        from shrink.console import progress
+
+        with progress("MiB") as bar:
+            task = bar.add_task(f"{label} {path.name}", total=size / 2**20)
+            while block := f.read(chunk):
+                h.update(block)
+                bar.advance(task, len(block) / 2**20)
     return h.hexdigest()
 
 

@@ -45,7 +45,6 @@ SentencePiece-style vocabulary.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -54,13 +53,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from shrink.artifact import sha256_file
 from shrink.errors import MissingDependency, ModelError, ShrinkError
 
 MARKER = "shrink-teacher.json"
 CACHE_FORMAT = 1  # bump when the folder's contents change meaning; older caches are rebuilt
 GGUF_MAGIC = b"GGUF"
-_CHUNK = 1 << 20
-_HASH_BAR_BYTES = 64 << 20  # files smaller than this hash without a progress bar
 _STALE_TMP_SECONDS = 24 * 3600
 # What transformers' legacy GGUF loader imports from the `gguf` module.
 _GGUF_NAMES = ("GGUFReader", "dequantize", "MODEL_ARCH_NAMES", "get_tensor_name_map")
@@ -89,31 +87,12 @@ def resolve_teacher(path: Path, cache_dir: Path | None = None) -> Path:
     if not path.is_file():
         raise ModelError(f"teacher {path} is neither a folder nor a file")
     _check_magic(path)
-    digest = sha256_file(path)
+    digest = sha256_file(path, label="Hashing the GGUF")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / digest
     if read_marker(target, digest) is not None:
         return target
     return _convert_into_cache(path, digest, target)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed; a progress bar for big files."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size < _HASH_BAR_BYTES:
-            for block in iter(lambda: f.read(_CHUNK), b""):
-                h.update(block)
-            return h.hexdigest()
-        from shrink.console import progress
-
-        with progress("MiB") as bar:
-            task = bar.add_task("Hashing the GGUF", total=size / _CHUNK)
-            for block in iter(lambda: f.read(8 * _CHUNK), b""):
-                h.update(block)
-                bar.advance(task, len(block) / _CHUNK)
-    return h.hexdigest()
 
 
 def read_marker(folder: Path, digest: str) -> dict | None:
