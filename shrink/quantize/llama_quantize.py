@@ -69,7 +69,9 @@ def quantize_gguf(
         except BaseException as e:  # noqa: BLE001 - reported on the main thread
             outcome["error"] = e
 
-    console = console or _stderr_console()
+    from shrink.console import console as stderr_console
+
+    console = console or stderr_console
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=console, transient=True,
@@ -101,9 +103,3 @@ def _reason(lines: list[str]) -> str:
         if "failed to quantize:" in line:
             return line.split("failed to quantize:", 1)[1].strip()
     return "; ".join(lines[-3:])
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
