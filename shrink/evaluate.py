@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from shrink.console import progress
+from shrink.distill.prefix import common_prefix
 from shrink.runtime.base import Runtime
 from shrink.tasks import Example
 
@@ -43,20 +44,9 @@ def split_ids(rt: Runtime, prompt: str, continuations: list[str]) -> tuple[list[
     merge across the boundary moves the split point left instead of breaking it."""
     prompt_ids = rt.encode(prompt)
     fulls = [rt.encode(prompt + c) for c in continuations]
-    n = len(prompt_ids)
-    for full in fulls:
-        n = min(n, _common_prefix(prompt_ids, full))
+    n = len(common_prefix([prompt_ids, *fulls]))
     n = max(n, 1) if prompt_ids else 0
     return prompt_ids[:n], [full[n:] for full in fulls]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def is_correct(rt: Runtime, ex: Example) -> bool:
@@ -74,8 +64,6 @@ def evaluate(rt: Runtime, examples: list[Example], label: str = "evaluating") ->
     correct = 0
     start = time.perf_counter()
     if hasattr(rt, "share_prefix"):
-        from shrink.distill.prefix import common_prefix
-
         prompts = [rt.encode(ex.prompt) for ex in examples]
         # Keep one token before each prompt's end out of the prefix: it must be computed.
         rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])

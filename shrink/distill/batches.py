@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from shrink.distill.prefix import common_prefix
 from shrink.tasks import Example
 
 
@@ -23,12 +24,7 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int) -> list
     for ex in examples:
         prompt = tokenizer(ex.prompt, split_special_tokens=True).input_ids
         full = tokenizer(ex.prompt + ex.completion, split_special_tokens=True).input_ids
-        start = 0
-        for a, b in zip(prompt, full):
-            if a != b:
-                break
-            start += 1
-        start = max(start, 1)
+        start = max(len(common_prefix([prompt, full])), 1)
         ids = full + ([eos] if eos is not None else [])
         if len(ids) > max_length:
             cut = len(ids) - max_length

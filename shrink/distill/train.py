@@ -103,10 +103,7 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
 
     ckpt = checkpoint_dir(cfg.out)
-    if Path(cfg.out).exists() and not cfg.force:
-        raise ShrinkError(f"output folder {cfg.out} already exists (use --force to replace it)")
-    if not Path(cfg.out).parent.exists():
-        raise ShrinkError(f"--out: parent folder {Path(cfg.out).parent} does not exist")
+    artifact.check_output_free(Path(cfg.out), cfg.force)
     if cfg.resume and not ckpt.exists():
         raise ShrinkError(f"--resume: no checkpoint at {ckpt}")
     if ckpt.exists() and not cfg.resume and not cfg.force:
