@@ -314,17 +314,15 @@ def teacher_pre_tokenizer(tokenizer) -> str | None:
     tokenizers by hashing their output, which a pruned vocabulary changes), so that the
     pruned student can be converted with the same pre-tokenizer. None when not recognised
     or not needed (SentencePiece-style tokenizers take another path)."""
-    import logging
+    from conversion.base import TextModel
 
-    logging.disable(logging.WARNING)  # the converter prints a banner for unknown hashes
-    try:
-        from conversion.base import TextModel
+    from shrink.export.gguf_convert import quiet_converter
 
-        return TextModel.get_vocab_base_pre(None, tokenizer)
-    except Exception:  # NotImplementedError for unknown hashes
-        return None
-    finally:
-        logging.disable(logging.NOTSET)
+    with quiet_converter():  # the converter logs a banner for unknown hashes
+        try:
+            return TextModel.get_vocab_base_pre(None, tokenizer)
+        except Exception:  # NotImplementedError for unknown hashes
+            return None
 
 
 def _evaluate_pair(student, student_tokenizer, teacher, tokenizer, device, examples, teacher_examples, eval_path) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def convert_hf_to_gguf(
 
     console = console or stderr_console
     writing = False  # set once out_file is ours to remove on failure
-    with _quiet_converter() as warnings:
+    with quiet_converter() as warnings:
         try:
             with torch.inference_mode(), _progress(console) as (progress, task):
                 hparams = ModelBase.load_hparams(model_dir, False)
@@ -200,7 +200,7 @@ class _Counted:
 
 
 @contextlib.contextmanager
-def _quiet_converter() -> Iterator[list[str]]:
+def quiet_converter() -> Iterator[list[str]]:
     """Raise the converter's loggers to WARNING and collect their warnings (not with SHRINK_DEBUG)."""
     from shrink.runtime.llama_log import debug_enabled
 
