@@ -115,31 +115,44 @@ def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr
 
 @cli.command()
 @click.argument("student", type=Path)
-@click.option("--target", required=True, type=click.Choice(["gguf"]), help="Output format.")
-@click.option("--quant", default="Q4_K_M", show_default=True, help="GGUF type: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, ...")
+@click.option("--target", required=True, type=click.Choice(["gguf", "onnx", "gptq"]), help="Output format.")
+@click.option("--quant", help="GGUF type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, ...; default Q4_K_M) or ONNX weights (fp32, int8, int4; default int8).")
+@click.option("--bits", type=click.Choice(["4", "8"]), help="GPTQ bits per weight.  [default: 4]")
+@click.option("--group-size", type=int, help="GPTQ: weights sharing one scale (-1: one per output channel).  [default: 128]")
+@click.option("--desc-act", is_flag=True, default=None, help="GPTQ: quantize columns by decreasing activation (more accurate, slower kernels).")
+@click.option("--calibration", type=Path, help="GPTQ: task data to calibrate on.  [default: the student's training data, else --eval]")
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
 @click.option("--out", required=True, type=Path, help="Artifact folder to write.")
 @click.option("--threads", type=int, help="CPU threads for quantizing and evaluating.  [default: all cores]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where GPTQ quantizes and runs.")
 @click.option("--min-top1", type=float, help="Parity: least top-1 agreement with the student.  [default: per type]")
 @click.option("--max-kl", type=float, help="Parity: largest mean KL(student || export).  [default: per type]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, quant, eval_data, out, threads, min_top1, max_kl, force, as_json):
+def export(student, target, quant, bits, group_size, desc_act, calibration, eval_data, out, threads, device,
+           min_top1, max_kl, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
-    GGUF: llama.cpp's converter writes a 16-bit file, llama.cpp's quantizer makes
-    QUANT from it. With --eval the artifact is evaluated through llama.cpp and checked
-    against the student (token ids, top-1 agreement, KL); an export that fails the
-    check is marked not valid and the command exits 1.
+    \b
+    gguf  llama.cpp's converter and quantizer (--quant Q4_K_M, ...); runs in llama.cpp.
+    onnx  an ONNX graph with past key/values (--quant fp32|int8|int4); runs in onnxruntime.
+    gptq  GPTQModel, calibrated on the task (--bits, --group-size); runs in transformers.
+
+    With --eval the artifact is evaluated through its runtime and checked against the
+    student (token ids, top-1 agreement, KL); an export that fails the check is marked
+    not valid and the command exits 1.
 
     \b
-    Example:
+    Examples:
       shrink export student --target gguf --quant Q4_K_M --eval eval.jsonl --out student-q4
+      shrink export student --target onnx --quant int8 --eval eval.jsonl --out student-onnx
+      shrink export student --target gptq --bits 4 --eval eval.jsonl --out student-gptq
     """
-    from shrink.export.gguf_artifact import export_gguf
+    from shrink.export.flow import ExportOptions, export as run_export
 
-    manifest = export_gguf(student, out, quant=quant, eval_data=eval_data, threads=threads, force=force,
-                           min_top1=min_top1, max_kl=max_kl)
+    opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
+                         desc_act=desc_act, calibration=calibration, threads=threads, device=device)
+    manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl)
     _report_artifact(out, manifest, as_json)
 
 
@@ -148,13 +161,14 @@ def export(student, target, quant, eval_data, out, threads, min_top1, max_kl, fo
 @click.option("--data", required=True, type=Path, help="Task data (JSONL).")
 @click.option("--teacher", type=Path, help="Teacher folder or GGUF file: also measure its accuracy and the retention.")
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (as in distill).")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 def eval_cmd(artifact, data, teacher, teacher_prefix, threads, device, as_json):
     """Measure task accuracy through the artifact's own runtime.
 
-    A Hugging Face folder runs in torch, a GGUF artifact in llama.cpp. Examples with
+    A Hugging Face folder runs in torch (a GPTQ one through GPTQModel's kernels), a GGUF
+    artifact in llama.cpp, an ONNX one in onnxruntime. Examples with
     choices are scored by log-probability; others by exact match of the greedy output.
 
     \b
@@ -176,7 +190,7 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, threads, device, as_json):
 @click.argument("artifact", type=Path)
 @click.argument("prompt")
 @click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 def run(artifact, prompt, max_tokens, threads, device):
     """Generate a completion of PROMPT greedily with the artifact's runtime.

@@ -89,16 +89,15 @@ def retention(student_accuracy: float, teacher_accuracy: float) -> float | None:
 
 
 def artifact_size(path) -> int:
-    """Bytes of model weights: the .gguf file, or the safetensors of a Hugging Face folder."""
+    """Bytes of model weights: the file itself, or the weight files of an artifact folder."""
     from pathlib import Path
 
-    from shrink.runtime.base import artifact_format
+    from shrink.runtime.base import WEIGHT_FILES, artifact_format
 
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    pattern = "*.gguf" if artifact_format(path) == "gguf" else "*.safetensors"
-    return sum(f.stat().st_size for f in path.glob(pattern))
+    return sum(f.stat().st_size for pattern in WEIGHT_FILES[artifact_format(path)] for f in path.glob(pattern))
 
 
 def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, threads=None, device="auto") -> dict:

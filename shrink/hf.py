@@ -29,10 +29,20 @@ def check_model_dir(path: str | Path, what: str = "model") -> Path:
     return path
 
 
+# Loggers of libraries imported along the way whose warnings are about their own
+# internals (torchao registering enums with torch, tokenicer fixing a pad token).
+NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension", "tokenicer", "tokenicer.tokenicer")
+
+
 def quiet_transformers() -> None:
-    """Keep transformers' own progress bars and warnings off the terminal (shrink shows its own)."""
+    """Keep transformers' (and its plug-ins') progress bars and warnings off the terminal
+    (shrink shows its own)."""
     if os.environ.get("SHRINK_DEBUG") == "1":
         return
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -49,13 +59,24 @@ def load_tokenizer(path: Path):
     return tok
 
 
+def quantization_method(path: Path) -> str | None:
+    """The `quant_method` of a pre-quantized folder's config.json ("gptq", ...), else None."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
 def load_causal_lm(path: Path, device: str = "cpu", dtype=None):
-    """Load weights from safetensors (never pickle) onto `device`, in eval mode."""
+    """Load weights from safetensors (never pickle) onto `device`, in eval mode.
+    A GPTQ folder is loaded through transformers' GPTQ integration (GPTQModel's kernels)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     check_model_dir(path)
+    if quantization_method(path) == "gptq":
+        from shrink.quantize.gptq import load_gptq
+
+        return load_gptq(path, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, use_safetensors=True, local_files_only=True

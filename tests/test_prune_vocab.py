@@ -98,11 +98,11 @@ def test_pruned_student_distills_and_records_its_vocabulary(pruned_student, teac
 
 
 def test_pruned_student_gguf_has_tokenizer_parity(pruned_student, task_files):
-    from shrink.export.gguf_artifact import export_gguf
+    from shrink.export.flow import ExportOptions, export
     from shrink.runtime.llama_cpp import LlamaCppRuntime
 
     d, _ = pruned_student
-    m = export_gguf(d / "student", d / "f16", quant="F16", eval_data=task_files["eval"])
+    m = export(d / "student", d / "f16", ExportOptions("gguf", quant="F16"), eval_data=task_files["eval"])
     assert m["metrics"]["accuracy"] >= 0.9
     hf = load_tokenizer(d / "student")
     rt = LlamaCppRuntime(d / "f16")

@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from shrink.demo.report import write_plot
     from shrink.demo.task import write_task_files
     from shrink.distill.train import DistillConfig, distill
-    from shrink.export.gguf_artifact import export_gguf
+    from shrink.export.flow import ExportOptions, export
 
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
@@ -67,7 +67,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
          "accuracy": sm["accuracy"], "examples_per_s": sm["examples_per_s"]},
     ]
     for quant in cfg.quants:
-        m = export_gguf(out / "student", out / f"student-{quant}", quant=quant, eval_data=evals, threads=cfg.threads)
+        m = export(out / "student", out / f"student-{quant}", ExportOptions("gguf", quant=quant, threads=cfg.threads),
+                   eval_data=evals)
         rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m["metrics"]["size_bytes"],
                      "accuracy": m["metrics"]["accuracy"], "examples_per_s": m["metrics"]["examples_per_s"]})
 

@@ -24,13 +24,6 @@ class Thresholds:
     min_token_match: float = 1.0  # fraction of prompts whose ids equal the student's
 
 
-# Defaults per GGUF type, from the tiny-model measurements in tests/test_gguf.py and the
-# demo (bench/RESULTS.md): 16/32-bit agree almost exactly, 8-bit nearly, 2-6-bit less.
-GGUF_THRESHOLDS = {"F32": Thresholds(0.99, 0.01), "F16": Thresholds(0.99, 0.01), "BF16": Thresholds(0.98, 0.02),
-                   "Q8_0": Thresholds(0.97, 0.02)}
-GGUF_DEFAULT = Thresholds(0.85, 0.15)  # other quantized types
-
-
 class ParityError(ShrinkError):
     """The export does not compute what its source computes. Exit code 1: a failed check,
     not a user error."""

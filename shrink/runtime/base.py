@@ -15,7 +15,7 @@ from shrink.errors import ModelError
 
 
 class Runtime(Protocol):
-    name: str  # "torch" | "llama.cpp"
+    name: str  # "torch" | "torch+gptqmodel" | "llama.cpp" | "onnxruntime"
     eos_id: int | None
 
     def encode(self, text: str) -> list[int]:
@@ -41,30 +41,47 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+# The files that hold an artifact's weights, per format (its size is theirs).
+WEIGHT_FILES = {"hf": ("*.safetensors",), "gptq": ("*.safetensors",), "gguf": ("*.gguf",),
+                "onnx": ("*.onnx", "*.onnx.data")}
+
+
 def artifact_format(path: Path) -> str:
-    """'hf' for a Hugging Face folder, 'gguf' for a GGUF file or a folder holding one."""
+    """'hf' for a Hugging Face folder, 'gptq' for a GPTQ checkpoint folder, 'gguf' for a
+    GGUF file or a folder holding one, 'onnx' for an ONNX file or a folder holding model.onnx."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix == ".gguf":
-            return "gguf"
-        raise ModelError(f"{path}: not a model (expected a Hugging Face folder or a .gguf file)")
+        if path.suffix in (".gguf", ".onnx"):
+            return path.suffix[1:]
+        raise ModelError(f"{path}: not a model (expected a Hugging Face folder, a .gguf or an .onnx file)")
+    if (path / "model.onnx").is_file():
+        return "onnx"
     if (path / "config.json").is_file():
-        return "hf"
+        from shrink.hf import quantization_method
+
+        try:
+            return "gptq" if quantization_method(path) == "gptq" else "hf"
+        except ValueError as e:
+            raise ModelError(f"{path / 'config.json'}: not valid JSON ({e})") from None
     if list(path.glob("*.gguf")):
         return "gguf"
-    raise ModelError(f"{path}: no config.json or .gguf file in this folder")
+    raise ModelError(f"{path}: no config.json, .gguf or model.onnx file in this folder")
 
 
 def open_runtime(path: str | Path, *, device: str = "auto", threads: int | None = None) -> Runtime:
     """Open an artifact in the runtime that serves its format."""
     path = Path(path)
     fmt = artifact_format(path)
-    if fmt == "hf":
+    if fmt in ("hf", "gptq"):
         from shrink.runtime.torch_runtime import TorchRuntime
 
         return TorchRuntime(path, device=device)
+    if fmt == "onnx":
+        from shrink.runtime.onnx_runtime import OnnxRuntime
+
+        return OnnxRuntime(path, threads=threads)
     from shrink.runtime.llama_cpp import LlamaCppRuntime
 
     return LlamaCppRuntime(path, threads=threads)

@@ -1,4 +1,5 @@
-"""PyTorch runtime for Hugging Face model folders (fp32 on the CPU, bf16 on CUDA)."""
+"""PyTorch runtime for Hugging Face model folders (fp32 on the CPU, bf16 on CUDA), GPTQ
+checkpoints included (transformers hands their layers to GPTQModel's kernels)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shrink.hf import load_causal_lm, load_tokenizer, resolve_device
+from shrink.hf import load_causal_lm, load_tokenizer, quantization_method, resolve_device
 
 
 class TorchRuntime:
@@ -18,6 +19,8 @@ class TorchRuntime:
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = load_causal_lm(Path(path), self.device, dtype)
+        if quantization_method(Path(path)) == "gptq":
+            self.name = "torch+gptqmodel"  # GPTQModel's kernels inside transformers
         self.tokenizer = load_tokenizer(Path(path))
         self.eos_id = self.tokenizer.eos_token_id
 

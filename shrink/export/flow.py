@@ -1,0 +1,155 @@
+"""`shrink export`: one flow for every format.
+
+A format module (gguf_artifact, onnx_artifact, gptq_artifact) knows how to build its
+files into a staging folder and which parity thresholds suit each of its quantizations.
+Everything else is shared: input checks before any work, evaluation through the runtime
+that serves the format, parity against the Hugging Face student, the manifest, and the
+atomic rename. An export that fails parity is still written, marked `valid: false`, and
+ParityError (exit 1) names the worst example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shrink import artifact
+from shrink.errors import ShrinkError
+from shrink.export.parity import ParityError, Thresholds, measure, verdict
+from shrink.hf import check_model_dir
+from shrink.tasks import load_task
+
+TARGETS = ("gguf", "onnx", "gptq")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str  # gguf | onnx | gptq
+    quant: str | None = None  # GGUF type or ONNX fp32/int8/int4; None: the format's default
+    bits: int | None = None  # GPTQ (None: 4)
+    group_size: int | None = None  # GPTQ (None: 128)
+    desc_act: bool | None = None  # GPTQ (None: off)
+    calibration: Path | None = None  # GPTQ: task data to calibrate on
+    threads: int | None = None
+    device: str = "auto"  # where GPTQ quantizes and torch-served artifacts are evaluated
+
+
+GPTQ_OPTIONS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act",
+                "calibration": "--calibration"}
+
+
+def refuse_gptq_options(opts: ExportOptions) -> None:
+    """GPTQ's options given with another target are a mistake worth saying, not ignoring."""
+    given = [flag for field, flag in GPTQ_OPTIONS.items() if getattr(opts, field) is not None]
+    if given:
+        raise ShrinkError(f"{', '.join(given)}: only for --target gptq, not {opts.target}")
+
+
+def format_module(target: str):
+    if target == "gguf":
+        from shrink.export import gguf_artifact as mod
+    elif target == "onnx":
+        from shrink.export import onnx_artifact as mod
+    elif target == "gptq":
+        from shrink.export import gptq_artifact as mod
+    else:
+        raise ShrinkError(f"--target {target}: not a format (choose from {', '.join(TARGETS)})")
+    return mod
+
+
+def export(
+    student: Path,
+    out: Path,
+    opts: ExportOptions,
+    eval_data: Path | None = None,
+    force: bool = False,
+    min_top1: float | None = None,
+    max_kl: float | None = None,
+) -> dict[str, Any]:
+    """Build the `opts.target` artifact of `student` in `out`; returns its manifest."""
+    student, out = Path(student), Path(out)
+    fmt = format_module(opts.target)
+    check_model_dir(student, "student")
+    examples = load_task(eval_data) if eval_data else None
+    if (min_top1 is not None or max_kl is not None) and examples is None:
+        raise ShrinkError("--min-top1/--max-kl need --eval (parity is measured on the evaluation prompts)")
+    source_manifest = read_source_manifest(student)
+    # Defaults filled in, bad options refused, before any work.
+    opts = fmt.check(opts, source_manifest, eval_data)
+    artifact.check_output_free(out, force)
+
+    with artifact.staged_folder(out, force) as tmp:
+        settings = {"target": opts.target, **fmt.build(student, tmp, opts, source_manifest)}
+        metrics: dict[str, Any] = {}
+        failed: list[str] = []
+        if examples is not None:
+            metrics = evaluate_artifact(tmp, examples, Path(eval_data), source_manifest, opts)
+            thresholds = _override(fmt.thresholds(opts), min_top1, max_kl)
+            metrics["parity"] = check_parity(student, tmp, examples, Path(eval_data), opts)
+            metrics["parity"]["thresholds"] = dataclasses.asdict(thresholds)
+            failed = verdict(metrics["parity"], thresholds)
+            metrics["parity"]["passed"] = not failed
+        manifest = artifact.finish(tmp, kind="export", format=opts.target, source=student, settings=settings,
+                                   metrics=metrics, valid=not failed)
+    if failed:
+        worst = metrics["parity"]["worst_example"]
+        raise ParityError(f"{out}: parity with {student} failed ({'; '.join(failed)}); "
+                          f"worst example {worst['where']} (mean KL {worst['mean_kl']}); marked not valid")
+    return manifest
+
+
+def _override(base: Thresholds, min_top1: float | None, max_kl: float | None) -> Thresholds:
+    return Thresholds(base.min_top1 if min_top1 is None else min_top1, base.max_kl if max_kl is None else max_kl)
+
+
+def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: ExportOptions) -> dict[str, Any]:
+    """The export against the Hugging Face student, on the evaluation prompts."""
+    from shrink.runtime import open_runtime
+    from shrink.runtime.torch_runtime import TorchRuntime
+
+    reference = TorchRuntime(student, device="cpu")
+    candidate = open_runtime(built, device=opts.device, threads=opts.threads)
+    try:
+        prompts = [ex.prompt for ex in examples]
+        where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
+        return measure(reference, candidate, prompts, where)
+    finally:
+        candidate.close()
+        reference.close()
+
+
+def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: dict | None,
+                      opts: ExportOptions) -> dict[str, Any]:
+    """Accuracy through the artifact's runtime, with the teacher's figure carried over
+    from the student's manifest when it was measured on the same evaluation file."""
+    from shrink.evaluate import evaluate, retention
+    from shrink.runtime import open_runtime
+
+    rt = open_runtime(path, device=opts.device, threads=opts.threads)
+    try:
+        res = evaluate(rt, examples, f"evaluating {opts.target}")
+    finally:
+        rt.close()
+    metrics = {
+        "accuracy": res.accuracy,
+        "examples_per_s": res.examples_per_s,
+        "eval_examples": res.examples,
+        "eval_data_sha256": artifact.sha256_file(eval_path),
+        "eval_runtime": res.runtime,
+    }
+    src = (source_manifest or {}).get("metrics", {})
+    if src.get("eval_data_sha256") == metrics["eval_data_sha256"] and src.get("teacher_accuracy") is not None:
+        metrics["teacher_accuracy"] = src["teacher_accuracy"]
+        metrics["retention"] = retention(res.accuracy, src["teacher_accuracy"])
+        metrics["student_accuracy"] = src.get("accuracy")
+    return metrics
+
+
+def read_source_manifest(student: Path) -> dict | None:
+    """The student's manifest when it was made by shrink (a plain Hugging Face folder has none)."""
+    try:
+        return artifact.read_manifest(student)
+    except ShrinkError:
+        return None
