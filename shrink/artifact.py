@@ -30,8 +30,8 @@ MAGIC = "shrink-artifact"
 SCHEMA_VERSION = 1
 
 # kind: what stage made it.  format: how the model is stored (decides the runtime).
-KINDS = ("student", "export")
-FORMATS = ("hf", "gguf")
+KINDS = ("student", "export", "bundle")
+FORMATS = ("hf", "gguf", "onnx", "gptq")
 
 
 HASH_BAR_BYTES = 64 << 20  # files smaller than this are hashed without a progress bar
@@ -65,12 +65,9 @@ def manifest_hash(folder: Path) -> str | None:
 
 def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under `folder` except the manifest, by relative path."""
-    table = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            rel = path.relative_to(folder).as_posix()
-            table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return table
+    folder = Path(folder)
+    return {rel: {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+            for rel in file_names(folder)}
 
 
 def build_manifest(
@@ -82,7 +79,9 @@ def build_manifest(
     settings: dict[str, Any],
     metrics: dict[str, Any],
     valid: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`extra`: more top-level sections (a bundle's `target` and `provenance`)."""
     files = file_table(folder)
     metrics = {"size_bytes": sum(f["bytes"] for f in files.values()), **metrics}
     return {
@@ -98,6 +97,7 @@ def build_manifest(
         "settings": settings,
         "metrics": metrics,
         "valid": valid,  # false when a check of the artifact (export parity) failed
+        **(extra or {}),
         "files": files,
     }
 
@@ -172,7 +172,40 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
 
 def finish(folder: Path, **fields: Any) -> dict[str, Any]:
     """Hash the folder's files and write its manifest, the last file written. `fields`
-    are build_manifest's: kind, format, source, settings, metrics and valid."""
+    are build_manifest's: kind, format, source, settings, metrics, valid and extra."""
     manifest = build_manifest(folder, **fields)
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
+
+
+class VerifyError(ArtifactError):
+    """Files differ from the manifest: a failed check, exit code 1."""
+
+    exit_code = 1
+
+
+def verify(folder: Path) -> list[str]:
+    """Re-hash every file the manifest lists; the problems found (empty: intact).
+    A changed, missing or unlisted file is each named."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    listed = manifest.get("files") or {}
+    problems = []
+    for rel, entry in listed.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{rel}: changed (size {path.stat().st_size:,} bytes, manifest says {entry['bytes']:,})")
+        elif sha256_file(path, "verifying") != entry["sha256"]:
+            problems.append(f"{rel}: changed (sha256 differs from the manifest)")
+    for rel in file_names(folder):
+        if rel not in listed:
+            problems.append(f"{rel}: not in the manifest")
+    return problems
+
+
+def file_names(folder: Path) -> list[str]:
+    """Relative paths of the files under `folder`, the manifest excepted."""
+    return [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != MANIFEST]

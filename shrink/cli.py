@@ -115,12 +115,14 @@ def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr
 
 @cli.command()
 @click.argument("student", type=Path)
-@click.option("--target", required=True, type=click.Choice(["gguf", "onnx", "gptq"]), help="Output format.")
+@click.option("--target", required=True, help="A format (gguf, onnx, gptq) or a device target from targets.toml (laptop, phone, cpu-server, gpu-server, ...).")
+@click.option("--targets", "targets_file", type=Path, help="Device targets file.  [default: the one shipped with shrink]")
 @click.option("--quant", help="GGUF type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, ...; default Q4_K_M) or ONNX weights (fp32, int8, int4; default int8).")
 @click.option("--bits", type=click.Choice(["4", "8"]), help="GPTQ bits per weight.  [default: 4]")
 @click.option("--group-size", type=int, help="GPTQ: weights sharing one scale (-1: one per output channel).  [default: 128]")
 @click.option("--desc-act", is_flag=True, default=None, help="GPTQ: quantize columns by decreasing activation (more accurate, slower kernels).")
-@click.option("--calibration", type=Path, help="GPTQ: task data to calibrate on.  [default: the student's training data, else --eval]")
+@click.option("--calibration", type=Path, help="GPTQ, GGUF --imatrix: task data to calibrate on.  [default: the student's training data, else --eval]")
+@click.option("--imatrix", is_flag=True, default=None, help="GGUF: quantize with an importance matrix computed from the task's data (needed by IQ1/IQ2/IQ3_XXS types).")
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
 @click.option("--out", required=True, type=Path, help="Artifact folder to write.")
 @click.option("--threads", type=int, help="CPU threads for quantizing and evaluating.  [default: all cores]")
@@ -129,8 +131,8 @@ def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr
 @click.option("--max-kl", type=float, help="Parity: largest mean KL(student || export).  [default: per type]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, quant, bits, group_size, desc_act, calibration, eval_data, out, threads, device,
-           min_top1, max_kl, force, as_json):
+def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, eval_data, out,
+           threads, device, min_top1, max_kl, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
     \b
@@ -142,16 +144,38 @@ def export(student, target, quant, bits, group_size, desc_act, calibration, eval
     student (token ids, top-1 agreement, KL); an export that fails the check is marked
     not valid and the command exits 1.
 
+    A device target (`shrink targets` lists them) builds every rung of its ladder,
+    measures size, peak RAM, examples/s and accuracy through the runtime, and writes a
+    bundle of the smallest artifact that meets every constraint (exit 1 when none does).
+
     \b
     Examples:
       shrink export student --target gguf --quant Q4_K_M --eval eval.jsonl --out student-q4
       shrink export student --target onnx --quant int8 --eval eval.jsonl --out student-onnx
       shrink export student --target gptq --bits 4 --eval eval.jsonl --out student-gptq
+      shrink export student --target phone --eval eval.jsonl --out phone-bundle
     """
-    from shrink.export.flow import ExportOptions, export as run_export
+    from shrink.export.flow import TARGETS, ExportOptions, export as run_export
 
+    if target not in TARGETS:
+        from shrink.export.device_target import export_for_target
+        from shrink.targets import DEFAULT_FILE, get_target
+
+        given = {"--quant": quant, "--bits": bits, "--group-size": group_size, "--desc-act": desc_act,
+                 "--calibration": calibration, "--imatrix": imatrix, "--threads": threads,
+                 "--min-top1": min_top1, "--max-kl": max_kl}
+        clash = [flag for flag, value in given.items() if value is not None]
+        device_target = get_target(target, targets_file)
+        if clash:
+            raise click.UsageError(f"{', '.join(clash)}: a device target's ladder and settings decide these "
+                                   f"(edit its entry in targets.toml)")
+        manifest = export_for_target(student, out, device_target, eval_data, targets_file or DEFAULT_FILE, force=force)
+        _report_artifact(out, manifest, as_json)
+        return
+    if targets_file is not None:
+        raise click.UsageError(f"--targets: --target {target} is a format, not a device target")
     opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
-                         desc_act=desc_act, calibration=calibration, threads=threads, device=device)
+                         desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device)
     manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl)
     _report_artifact(out, manifest, as_json)
 
@@ -240,6 +264,127 @@ def demo(out, teacher, layers, epochs, threads, force, as_json):
     print_table(result)
     console_note = f"results: {out / 'results.json'}, plot: {out / 'accuracy_vs_size.png'}"
     click.echo(console_note, err=True)
+
+
+@cli.command()
+@click.argument("build_dir", type=Path)
+@click.option("--baseline", required=True, type=Path, help="Baseline file (JSON, committed with the code).")
+@click.option("--accuracy-tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Largest accuracy drop allowed, absolute (0.01 = one percentage point).")
+@click.option("--retention-tolerance", type=click.FloatRange(min=0),
+              help="Largest retention drop allowed, absolute.  [default: the accuracy tolerance]")
+@click.option("--size-tolerance", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Largest size growth allowed, relative (0.05 = 5%).")
+@click.option("--speed-tolerance", type=click.FloatRange(min=0, max=1), default=0.2, show_default=True,
+              help="Largest examples/s slowdown allowed with --check-speed, relative.")
+@click.option("--check-speed", is_flag=True, help="Also fail on slower examples/s (off by default: CI machines are noisy).")
+@click.option("--update", is_flag=True, help="Write the baseline from this build instead of checking, and exit 0.")
+@click.option("--junit", type=Path, help="Also write the results as JUnit XML to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results (or, with --update, the baseline) as JSON on stdout.")
+def check(build_dir, baseline, accuracy_tolerance, retention_tolerance, size_tolerance, speed_tolerance,
+          check_speed, update, junit, as_json):
+    """Compare a build's artifacts with a committed baseline: the CI gate.
+
+    Reads the manifest of every artifact under BUILD_DIR and fails (exit code 1) when an
+    artifact's accuracy or retention fell, or its size grew, by more than the tolerance;
+    when an artifact that was valid is not, a device-target constraint that was met is
+    not, or an artifact of the baseline is missing. examples/s is compared only with
+    --check-speed. New artifacts and metrics measured on one side only are reported,
+    not failed, except an accuracy the build no longer measures. A table goes to
+    stderr; with $GITHUB_STEP_SUMMARY set, a Markdown summary is appended to it.
+
+    \b
+    Examples:
+      shrink check build --baseline ci/baseline.json --update
+      shrink check build --baseline ci/baseline.json --junit check.xml
+    """
+    from shrink import check as gate
+
+    if update:
+        if junit is not None or check_speed:
+            raise click.UsageError("--update writes the baseline and checks nothing: leave out --junit and --check-speed")
+        new, changes = gate.update_baseline(build_dir, baseline)
+        if as_json:
+            click.echo(json.dumps(new, indent=2))
+        for line in changes or ["no change"]:
+            click.echo(line, err=True)
+        click.echo(f"baseline {baseline} written: {len(new['artifacts'])} artifacts", err=True)
+        return
+    tol = gate.Tolerances(accuracy=accuracy_tolerance,
+                          retention=accuracy_tolerance if retention_tolerance is None else retention_tolerance,
+                          size=size_tolerance, speed=speed_tolerance, check_speed=check_speed)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    result = gate.check_build(build_dir, baseline, tol, junit=junit, step_summary=Path(summary) if summary else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    gate.print_rows(result)
+    if not result.passed:
+        raise gate.CheckFailed(gate.summary_line(result))
+
+
+@cli.command()
+@click.argument("build_dir", type=Path)
+@click.option("--out", type=Path, help="Folder for report.md and pareto.png.  [default: BUILD_DIR]")
+def report(build_dir, out):
+    """Write a Markdown report and an accuracy-against-size plot of a build.
+
+    report.md holds the plot and a table of every artifact under BUILD_DIR (and the
+    teacher, from a student's manifest). pareto.png plots accuracy against size (log
+    axis) with the Pareto front: the artifacts no smaller, more accurate one beats.
+    Needs matplotlib.
+
+    \b
+    Example:
+      shrink report build --out build-report
+    """
+    from shrink.report import write_report
+
+    res = write_report(build_dir, out)
+    click.echo(f"report: {res['report']}, plot: {res['plot']}", err=True)
+
+
+@cli.command()
+@click.option("--targets", "targets_file", type=Path, help="Device targets file.  [default: the one shipped with shrink]")
+@click.option("--json", "as_json", is_flag=True, help="Print the targets as JSON on stdout.")
+def targets(targets_file, as_json):
+    """List the device targets: runtime, ladder and constraints.
+
+    \b
+    Example:
+      shrink targets --targets my-targets.toml
+    """
+    from shrink.targets import load_targets
+
+    found = load_targets(targets_file)
+    if as_json:
+        click.echo(json.dumps({name: t.to_dict() for name, t in found.items()}, indent=2))
+        return
+    from shrink.tables import print_targets
+
+    print_targets(found)
+
+
+@cli.command()
+@click.argument("bundle", type=Path)
+@click.option("--json", "as_json", is_flag=True, help="Print the problems found as JSON on stdout.")
+def verify(bundle, as_json):
+    """Re-check every file of an artifact or bundle against its manifest's sha256.
+
+    Exits 1 naming each changed, missing or unlisted file.
+
+    \b
+    Example:
+      shrink verify phone-bundle
+    """
+    from shrink import artifact
+
+    problems = artifact.verify(bundle)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "intact": not problems, "problems": problems}, indent=2))
+    if problems:
+        raise artifact.VerifyError(f"{bundle}: {len(problems)} problem(s): " + "; ".join(problems))
+    if not as_json:
+        click.echo(f"{bundle}: all {len(artifact.read_manifest(bundle)['files'])} files match the manifest", err=True)
 
 
 def _report_artifact(out: Path, manifest: dict, as_json: bool) -> None:

@@ -49,6 +49,24 @@ def print_artifact_summary(out: Path, manifest: dict) -> None:
             table.add_row(label, pct(m[key]))
     if m.get("examples_per_s") is not None:
         table.add_row("examples/s", f"{m['examples_per_s']:.2f} ({m.get('eval_runtime', '')})")
+    if (p := m.get("parity")) is not None:
+        table.add_row("parity", f"top-1 {pct(p['top1_agreement'])}, mean KL {p['mean_kl']}, "
+                                f"{'passed' if p.get('passed') else 'FAILED'}")
+    if (t := manifest.get("target")) is not None:
+        table.add_row("target", f"{t['name']}: {'all constraints met' if t['met'] else 'NOT met'}")
+    if m.get("peak_ram_mb") is not None:
+        table.add_row("peak RAM", f"{m['peak_ram_mb']:,.0f} MB")
     if m.get("final_loss") is not None:
         table.add_row("final loss", f"{m['final_loss']:.4f}")
+    console.print(table)
+
+
+def print_targets(targets: dict) -> None:
+    table = Table(title="device targets")
+    for col in ("target", "description", "runtime", "ladder", "constraints", "threads"):
+        table.add_column(col)
+    for t in targets.values():
+        ladder = ", ".join(q for _, q in t.ladder())
+        constraints = "\n".join(f"{k} = {v:g}" for k, v in t.constraints.items())
+        table.add_row(t.name, t.description, t.runtime, ladder, constraints, str(t.threads or "all"))
     console.print(table)

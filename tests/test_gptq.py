@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import tiny
@@ -81,12 +80,7 @@ def test_planted_mismatch_is_caught(teacher, small_eval, task_files, tmp_path, m
     names the worst example and is marked not valid."""
     import shrink.quantize.gptq as gq
 
-    broken = tmp_path / "broken"
-    shutil.copytree(teacher, broken)
-    model = load_causal_lm(broken)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
-    model.save_pretrained(broken)
+    broken = tiny.corrupted_copy(teacher, tmp_path / "broken")
     real = gq.quantize_gptq
     monkeypatch.setattr(gq, "quantize_gptq", lambda student, *a: real(broken, *a))
 
@@ -122,7 +116,9 @@ def test_calibration_source_order(tmp_path, task_files):
     (["--target", "gptq", "--bits", "3"], "--bits"),
     (["--target", "gptq", "--group-size", "100"], "--group-size 100"),
     (["--target", "gguf", "--bits", "4"], "--bits: only for --target gptq, not gguf"),
-    (["--target", "gguf", "--calibration", "x.jsonl"], "--calibration: only for --target gptq"),
+    (["--target", "onnx", "--calibration", "x.jsonl"], "--calibration: only for --target gptq or gguf, not onnx"),
+    (["--target", "gguf", "--calibration", "x.jsonl"], "--calibration: for gguf only with --imatrix"),
+    (["--target", "gptq", "--imatrix"], "--imatrix: only for --target gguf, not gptq"),
     (["--target", "gptq"], "GPTQ needs calibration data"),
 ])
 def test_option_errors(teacher, tmp_path, args, message):

@@ -4,14 +4,13 @@ built from a corrupted copy of the student) fails with exit 1, naming the worst 
 from __future__ import annotations
 
 import json
-import shutil
 
-import torch
 from click.testing import CliRunner
+
+import tiny
 
 from shrink import artifact
 from shrink.cli import cli
-from shrink.hf import load_causal_lm
 
 
 def export(student, out, eval_file, *extra):
@@ -32,12 +31,7 @@ def test_faithful_export_passes(teacher, task_files, tmp_path):
 def test_planted_mismatch_is_caught(teacher, task_files, tmp_path, monkeypatch):
     import shrink.export.gguf_artifact as ga
 
-    broken = tmp_path / "broken"
-    shutil.copytree(teacher, broken)
-    model = load_causal_lm(broken)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)  # a corrupted weight
-    model.save_pretrained(broken)
+    broken = tiny.corrupted_copy(teacher, tmp_path / "broken")
     real_build = ga._build
     monkeypatch.setattr(ga, "_build", lambda student, dst, *a: real_build(broken, dst, *a))
 

@@ -152,3 +152,51 @@ def make_teacher(folder: Path, train_rows: list[dict], steps: int = 200, layers:
     train_lm(model, tokenizer, train_rows, steps=steps)
     model.save_pretrained(folder)
     return folder
+
+
+def build_qwen2(folder: Path, tokenizer, layers: int = 2, hidden: int = 128, seed: int = 0):
+    """A tiny Qwen2: biases on q/k/v and a tied embedding, as the small Qwen2 models."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_gemma3(folder: Path, tokenizer, layers: int = 2, hidden: int = 128, seed: int = 0,
+                 sliding_window: int = 16):
+    """A tiny Gemma 3 text model: sliding-window layers then one global layer (each with its
+    own RoPE base), a tied embedding, and a window short enough for tests to go past it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        query_pre_attn_scalar=32, sliding_window=sliding_window,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def corrupted_copy(model_dir: Path, dst: Path) -> Path:
+    """A copy of a Hugging Face folder with one weight corrupted (layer 1's MLP down
+    projection scaled by -3): the planted mismatch every export's parity check must catch."""
+    import shutil
+
+    from shrink.hf import load_causal_lm
+
+    shutil.copytree(model_dir, dst)
+    model = load_causal_lm(dst)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    model.save_pretrained(dst)
+    return dst

@@ -32,19 +32,24 @@ class ExportOptions:
     group_size: int | None = None  # GPTQ (None: 128)
     desc_act: bool | None = None  # GPTQ (None: off)
     calibration: Path | None = None  # GPTQ: task data to calibrate on
+    imatrix: bool | Path | None = None  # GGUF: True computes one from the calibration data; a Path reads one
     threads: int | None = None
     device: str = "auto"  # where GPTQ quantizes and torch-served artifacts are evaluated
 
 
-GPTQ_OPTIONS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act",
-                "calibration": "--calibration"}
+FLAGS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act", "calibration": "--calibration",
+         "imatrix": "--imatrix"}
+OWNERS = {"bits": ("gptq",), "group_size": ("gptq",), "desc_act": ("gptq",), "calibration": ("gptq", "gguf"),
+          "imatrix": ("gguf",)}
 
 
-def refuse_gptq_options(opts: ExportOptions) -> None:
-    """GPTQ's options given with another target are a mistake worth saying, not ignoring."""
-    given = [flag for field, flag in GPTQ_OPTIONS.items() if getattr(opts, field) is not None]
-    if given:
-        raise ShrinkError(f"{', '.join(given)}: only for --target gptq, not {opts.target}")
+def refuse_foreign_options(opts: ExportOptions) -> None:
+    """Options of another target are a mistake worth saying, not ignoring."""
+    for field, flag in FLAGS.items():
+        if getattr(opts, field) is not None and opts.target not in OWNERS[field]:
+            raise ShrinkError(f"{flag}: only for --target {' or '.join(OWNERS[field])}, not {opts.target}")
+    if opts.target == "gguf" and opts.calibration is not None and not opts.imatrix:
+        raise ShrinkError("--calibration: for gguf only with --imatrix (the importance matrix's data)")
 
 
 def format_module(target: str):
@@ -77,6 +82,7 @@ def export(
         raise ShrinkError("--min-top1/--max-kl need --eval (parity is measured on the evaluation prompts)")
     source_manifest = read_source_manifest(student)
     # Defaults filled in, bad options refused, before any work.
+    refuse_foreign_options(opts)
     opts = fmt.check(opts, source_manifest, eval_data)
     artifact.check_output_free(out, force)
 

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from shrink.export.flow import refuse_gptq_options
+from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
 
 DEFAULT_QUANT = "Q4_K_M"
@@ -29,8 +29,17 @@ def check(opts, source_manifest: dict | None, eval_data: Path | None):
     """The options with the default type filled in; an unknown type is refused here."""
     from shrink.quantize.gguf_types import quant_type
 
-    refuse_gptq_options(opts)
-    return dataclasses.replace(opts, quant=quant_type(opts.quant or DEFAULT_QUANT).name)
+    qtype = quant_type(opts.quant or DEFAULT_QUANT)
+    if qtype.needs_imatrix and not opts.imatrix:
+        raise ShrinkError(f"--quant {qtype.name} needs an importance matrix: add --imatrix "
+                          "(computed from the task's data) or choose IQ4_XS, Q4_K_M, Q3_K_M, ...")
+    if opts.imatrix and qtype.name in UNQUANTIZED:
+        raise ShrinkError(f"--imatrix: {qtype.name} is not quantized, there is nothing to weigh")
+    if opts.imatrix is True:  # compute it from the task's calibration data (as GPTQ chooses it)
+        from shrink.export.gptq_artifact import calibration_source
+
+        opts = dataclasses.replace(opts, calibration=calibration_source(opts, source_manifest, eval_data))
+    return dataclasses.replace(opts, quant=qtype.name)
 
 
 def thresholds(opts) -> Thresholds:
@@ -45,11 +54,31 @@ def build(student: Path, tmp: Path, opts, source_manifest: dict | None) -> dict[
     # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
     # check; distill recorded its name.
     tokenizer_pre = ((source_manifest or {}).get("settings") or {}).get("tokenizer_pre")
-    _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre)
-    return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre}
+    imatrix, settings = _importance(student, tmp, opts)
+    _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix)
+    return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre,
+            **settings}
 
 
-def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None) -> None:
+def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, Any]]:
+    """The importance matrix to quantize with: computed now from the calibration data
+    (opts.imatrix True), read from a file computed before (a device target's ladder
+    computes it once for every rung), or none."""
+    from shrink import artifact
+    from shrink.quantize.imatrix import compute_imatrix, load_imatrix
+    from shrink.tasks import load_task
+
+    if not opts.imatrix:
+        return None, {"imatrix": None}
+    if opts.imatrix is True:
+        texts = [ex.prompt + ex.completion for ex in load_task(opts.calibration)]
+        return compute_imatrix(student, texts), {
+            "imatrix": {"calibration": str(opts.calibration), "calibration_sha256": artifact.sha256_file(opts.calibration)}}
+    return load_imatrix(Path(opts.imatrix)), {"imatrix": {"file_sha256": artifact.sha256_file(Path(opts.imatrix))}}
+
+
+def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None,
+           imatrix: dict | None = None) -> None:
     from shrink.export.gguf_convert import convert_hf_to_gguf
     from shrink.quantize.llama_quantize import quantize_gguf
 
@@ -59,6 +88,6 @@ def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: 
     intermediate = dst.with_name("intermediate-F16.gguf")
     convert_hf_to_gguf(student, intermediate, "f16", tokenizer_pre=tokenizer_pre)
     try:
-        quantize_gguf(intermediate, dst, qtype, threads)
+        quantize_gguf(intermediate, dst, qtype, threads, imatrix=imatrix)
     finally:
         intermediate.unlink(missing_ok=True)

@@ -24,18 +24,21 @@ _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
 def quantize_gguf(
-    src: Path, dst: Path, qtype: QuantType, threads: int | None = None, *, console=None
+    src: Path, dst: Path, qtype: QuantType, threads: int | None = None, *, imatrix: dict | None = None,
+    console=None,
 ) -> None:
     """Write `dst`, the F16/F32/BF16 GGUF `src` quantized to `qtype`.
 
-    `console`: an optional rich Console for the progress line (default: stderr).
-    Raises ShrinkError, with llama.cpp's own reason when it gives one.
+    `imatrix`: per-tensor importance (shrink.quantize.imatrix), required by the IQ1/IQ2/
+    IQ3_XXS types and used by every type that can. `console`: an optional rich Console
+    for the progress line (default: stderr). Raises ShrinkError, with llama.cpp's own
+    reason when it gives one.
     """
     src, dst = Path(src), Path(dst)
-    if qtype.needs_imatrix:
+    if qtype.needs_imatrix and imatrix is None:
         raise ShrinkError(
-            f"{qtype.name} needs an importance matrix (imatrix), which shrink does not compute; "
-            "choose a type that does not, e.g. IQ4_XS, Q4_K_M or Q3_K_M"
+            f"{qtype.name} needs an importance matrix: add --imatrix (computed from the task's data), "
+            "or choose a type that does not, e.g. IQ4_XS, Q4_K_M or Q3_K_M"
         )
     if not src.is_file():
         raise ShrinkError(f"{src}: no such GGUF file")
@@ -52,6 +55,11 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype
     params.nthread = threads or os.cpu_count() or 0  # <= 0: llama.cpp uses hardware_concurrency()
+    if imatrix is not None:
+        from shrink.quantize.imatrix import imatrix_entries
+
+        entries, _buffers = imatrix_entries(imatrix)  # both alive until the call returns
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
 
     tensors = [0, 0]  # [done, total], written by the log callback
 

@@ -41,6 +41,14 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+def sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
+    """Sum over t of log_softmax(rows[t])[targets[t]], in float64. rows: (T, vocab)."""
+    rows = rows.astype(np.float64)
+    top = rows.max(axis=1, keepdims=True)  # (T, 1)
+    lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))  # (T,)
+    return float((rows[np.arange(len(targets)), targets] - lse).sum())
+
+
 # The files that hold an artifact's weights, per format (its size is theirs).
 WEIGHT_FILES = {"hf": ("*.safetensors",), "gptq": ("*.safetensors",), "gguf": ("*.gguf",),
                 "onnx": ("*.onnx", "*.onnx.data")}

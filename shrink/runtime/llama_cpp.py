@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
+from shrink.runtime.base import sum_logprobs
 
 
 def find_gguf(path: str | Path) -> Path:
@@ -151,7 +152,7 @@ class LlamaCppRuntime:
                 continue
             # Row t predicts token t+1: rows p-1 .. p+len(cont)-2 predict the continuation.
             rows = self._eval(prompt + cont)[p - 1 : p - 1 + len(cont)]  # (len(cont), vocab)
-            scores.append(_sum_logprobs(rows, cont))
+            scores.append(sum_logprobs(rows, cont))
         return scores
 
     def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
@@ -187,11 +188,3 @@ class LlamaCppRuntime:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
-    """Sum over t of log_softmax(rows[t])[targets[t]], in float64. rows: (T, vocab)."""
-    rows = rows.astype(np.float64)
-    top = rows.max(axis=1, keepdims=True)  # (T, 1)
-    lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))  # (T,)
-    return float((rows[np.arange(len(targets)), targets] - lse).sum())

@@ -1,0 +1,160 @@
+"""Serve an ONNX export (shrink.export.onnx_export) with onnxruntime: the Runtime protocol.
+
+The folder holds model.onnx and the student's tokenizer, so token ids are the student's
+(encode/decode are TorchRuntime's, call for call). The graph takes the past keys and
+values as inputs and returns the present ones, so the KV cache lives here as a list of
+numpy arrays: scoring N continuations runs the prompt once and each continuation on top
+of its cache (as LlamaCppRuntime reuses its KV prefix), and greedy generation decodes one
+token a step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shrink.errors import ModelError, requires
+from shrink.runtime.base import sum_logprobs
+from shrink.export.onnx_export import MODEL_FILE, io_names
+
+KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
+
+
+def find_onnx(path: str | Path) -> Path:
+    """The model.onnx at `path`, or in folder `path`."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise ModelError(f"{path}: not an .onnx file")
+        return path
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such file or folder")
+    if not (path / MODEL_FILE).is_file():
+        raise ModelError(f"{path}: no {MODEL_FILE} in this folder")
+    return path / MODEL_FILE
+
+
+class OnnxRuntime:
+    """An exported causal LM in onnxruntime (CPU), batch 1."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = find_onnx(path)
+        ort = requires("onnxruntime", "onnx")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 0 if os.environ.get("SHRINK_DEBUG") == "1" else 3
+        try:
+            self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{self.path}: onnxruntime cannot load this file ({detail})") from None
+        self._inputs, self._outputs = self._check_io()
+        past = next(i.shape for i in self._session.get_inputs() if i.name == self._inputs[3])
+        # (batch, kv_heads, past, head_dim)
+        if not all(isinstance(d, int) for d in (past[1], past[3])):
+            raise ModelError(f"{self.path}: past_key_values inputs have no fixed kv_heads/head_dim ({past})")
+        self._empty = np.zeros((1, past[1], 0, past[3]), dtype=np.float32)
+
+        from shrink.hf import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.path.parent)
+        self.eos_id: int | None = self.tokenizer.eos_token_id
+
+    def _check_io(self) -> tuple[list[str], list[str]]:
+        """The graph's input and output names, which must be the export's convention."""
+        got_in = [i.name for i in self._session.get_inputs()]
+        got_out = [o.name for o in self._session.get_outputs()]
+        layers = sum(name.startswith("past_key_values.") for name in got_in) // 2
+        inputs, outputs = io_names(layers)
+        if not layers or set(got_in) != set(inputs) or set(got_out) != set(outputs):
+            raise ModelError(
+                f"{self.path}: not a causal LM exported with past key/values "
+                f"(inputs: {', '.join(got_in[:4])}{', ...' if len(got_in) > 4 else ''})"
+            )
+        return inputs, outputs
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        # As TorchRuntime: special-token strings in user text stay text.
+        return list(self.tokenizer(text, split_special_tokens=True).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def _run(self, ids: list[int], past: KV | None) -> tuple[np.ndarray, KV]:
+        """Logits after each of `ids` following the cached `past`: (len(ids), vocab),
+        and the cache extended by `ids`."""
+        past = past or [self._empty] * (len(self._inputs) - 3)
+        start = past[0].shape[2]
+        n = len(ids)
+        feed = [
+            np.asarray([ids], dtype=np.int64),  # (1, n)
+            np.ones((1, start + n), dtype=np.int64),
+            np.arange(start, start + n, dtype=np.int64)[None],  # (1, n)
+            *past,
+        ]
+        logits, *present = self._session.run(self._outputs, dict(zip(self._inputs, feed)))
+        return logits[0], present
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return np.zeros((0, self._session.get_outputs()[0].shape[-1]), dtype=np.float32)
+        return self._run(ids, None)[0]
+
+    def score_continuations(self, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty: the first continuation token needs a context")
+        logits, past = self._run(prompt, None)
+        first = logits[-1:]  # (1, vocab): predicts each continuation's first token
+        scores = []
+        for cont in conts:
+            cont = [int(i) for i in cont]
+            if not cont:
+                scores.append(0.0)
+                continue
+            rows = first if len(cont) == 1 else np.concatenate([first, self._run(cont[:-1], past)[0]])
+            scores.append(sum_logprobs(rows, cont))  # rows: (len(cont), vocab)
+        return scores
+
+    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+        """Greedy decoding with the KV cache, checking stop strings as text grows; the
+        text is what decoding prompt + output adds to the prompt's own decoding (as
+        TorchRuntime.generate)."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("empty prompt and no BOS token: nothing to condition on")
+        base = self.decode(ids)
+        out: list[int] = []
+        x, past = ids, None
+        for _ in range(max_tokens):
+            logits, past = self._run(x, past)
+            nxt = int(logits[-1].argmax())
+            if nxt == self.eos_id:
+                break
+            out.append(nxt)
+            if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
+                break
+            x = [nxt]
+        text = self.decode(ids + out)[len(base):]
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        return text if cut < 0 else text[:cut]
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> OnnxRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,444 @@
+"""`shrink check`: the CI gate against a committed baseline.
+
+One test runs the real pipeline (distill, export a GGUF with --eval) and checks the build
+against a baseline written from it. The failure cases use artifact folders written by
+shrink.artifact itself, with realistic metrics and a device target in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from click.testing import CliRunner
+
+from shrink import artifact
+from shrink import check as gate
+from shrink.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def ok(*args):
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.output
+    return lines[-1]
+
+
+def target(retention: float, size_mb: float, max_size_mb: float = 600, min_retention: float = 0.90) -> dict:
+    """A device-target section as a manifest carries it (with some of the other keys a
+    target's section holds, which the baseline leaves out)."""
+    cons = {
+        "max_size_mb": {"limit": max_size_mb, "value": size_mb, "met": size_mb <= max_size_mb},
+        "min_retention": {"limit": min_retention, "value": retention, "met": retention >= min_retention},
+        "parity": {"limit": {"min_top1": 0.85, "max_kl": 0.15}, "value": 0.97, "met": True, "note": "passed"},
+    }
+    return {"name": "phone", "runtime": "llama.cpp", "file": "targets.toml", "constraints": cons,
+            "met": all(c["met"] for c in cons.values())}
+
+
+def write_artifact(folder, *, kind="export", fmt="gguf", quant="Q4_K_M", size=100_000, valid=True,
+                   target_record=None, **metrics):
+    """An artifact folder written by shrink.artifact (atomically, manifest last), with the
+    target record added to its manifest as target-aware exports do."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with artifact.staged_folder(folder, force=True) as tmp:
+        (tmp / f"model-{quant}.gguf").write_bytes(b"\0" * size)
+        m = artifact.finish(tmp, kind=kind, format=fmt, source=None,
+                            settings={"target": fmt, "quant": quant} if kind == "export" else {},
+                            metrics=metrics, valid=valid)
+        if target_record is not None:
+            m["target"] = target_record
+            artifact.write_json_atomic(tmp / artifact.MANIFEST, m)
+    return m
+
+
+STUDENT = dict(kind="student", fmt="hf", quant="fp32", size=400_000, accuracy=0.90, teacher_accuracy=0.94,
+               retention=0.9574, examples_per_s=55.0, teacher_parameters=1_000_000, eval_runtime="torch")
+Q8 = dict(quant="Q8_0", size=120_000, accuracy=0.89, retention=0.9468, examples_per_s=80.0, eval_runtime="llama.cpp")
+Q4 = dict(quant="Q4_K_M", size=70_000, accuracy=0.87, retention=0.9255, examples_per_s=95.0, eval_runtime="llama.cpp")
+
+
+def build(root, **changes):
+    """A build folder: a student and two GGUF exports (one in a subfolder), each with
+    its figures overridden by `changes[name]`; None leaves an artifact out."""
+    specs = {"student": STUDENT, "exports/q8": Q8, "exports/q4": {**Q4, "target_record": target(0.9255, 0.07)}}
+    for name, spec in specs.items():
+        over = changes.get(name, {})
+        if over is None:
+            continue
+        write_artifact(root / name, **{**spec, **over})
+    return root
+
+
+@pytest.fixture
+def baseline(tmp_path):
+    """A good build and the baseline written from it; returns (build folder, baseline)."""
+    b = build(tmp_path / "build")
+    path = tmp_path / "baseline.json"
+    ok("check", b, "--baseline", path, "--update")
+    return b, path
+
+
+def rebuild(tmp_path, **changes):
+    return build(tmp_path / "build2", **changes)
+
+
+def check_json(build_dir, base, *extra):
+    r = invoke("check", build_dir, "--baseline", base, "--json", *extra)
+    return r, json.loads(r.stdout)
+
+
+def failed(res) -> list[tuple[str, str]]:
+    return [(row["artifact"], row["metric"]) for row in res["rows"] if row["status"] == "fail"]
+
+
+# --- the real pipeline --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_build(tmp_path_factory, teacher, task_files):
+    d = tmp_path_factory.mktemp("ci") / "build"
+    d.mkdir()
+    ok("distill", "--teacher", teacher, "--data", task_files["train"], "--eval", task_files["eval"],
+       "--out", d / "student", "--layers", "2", "--steps", "40", "--batch-size", "16", "--lr", "1e-3",
+       "--device", "cpu")
+    ok("export", d / "student", "--target", "gguf", "--quant", "Q4_K_M", "--eval", task_files["eval"],
+       "--out", d / "student-q4")
+    return d
+
+
+def test_real_build_update_then_check_passes(real_build, tmp_path):
+    base = tmp_path / "ci" / "baseline.json"
+    base.parent.mkdir()
+    r = ok("check", real_build, "--baseline", base, "--update")
+    assert "+ student-q4: added (export gguf Q4_K_M" in r.stderr
+    data = json.loads(base.read_text())
+    assert data["kind"] == "shrink-baseline" and data["version"] == 1
+    assert sorted(data["artifacts"]) == ["student", "student-q4"]
+    q4 = artifact.read_manifest(real_build / "student-q4")
+    entry = data["artifacts"]["student-q4"]
+    assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "accuracy": q4["metrics"]["accuracy"],
+                     "retention": q4["metrics"]["retention"], "size_bytes": q4["metrics"]["size_bytes"],
+                     "examples_per_s": q4["metrics"]["examples_per_s"], "valid": True, "target": None}
+    r, res = check_json(real_build, base, "--check-speed", "--speed-tolerance", "1")
+    assert r.exit_code == 0, r.output
+    assert res["verdict"] == "pass" and res["counts"] == {"pass": 10}
+    assert "check passed" in r.stderr
+    assert [p.name for p in base.parent.iterdir()] == ["baseline.json"]  # no temporary file left
+
+
+# --- pass and fail ------------------------------------------------------------------------
+
+def test_unchanged_build_passes(baseline):
+    b, base = baseline
+    r, res = check_json(b, base)
+    assert r.exit_code == 0, r.output
+    assert res["verdict"] == "pass"
+    metrics = {(row["artifact"], row["metric"]): row["status"] for row in res["rows"]}
+    assert metrics[("exports/q4", "target phone: max_size_mb")] == "pass"
+    assert metrics[("exports/q4", "examples/s")] == "not checked"
+    assert set(metrics.values()) == {"pass", "not checked"}
+    assert "check passed against" in r.stderr
+
+
+def test_accuracy_drop_fails(baseline, tmp_path):
+    _, base = baseline
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.85}}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "accuracy")]
+    assert error_line(r).endswith(": 1 of 18 checks failed (exports/q8 accuracy)")
+    assert "FAIL exports/q8 accuracy: fell 4.0 pts (89.0% -> 85.0%), more than the 1.0 pts allowed" in r.stderr
+
+
+def test_accuracy_drop_within_tolerance_passes(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.88}})  # exactly the tolerance
+    assert invoke("check", b2, "--baseline", base).exit_code == 0
+    r = invoke("check", b2, "--baseline", base, "--accuracy-tolerance", "0.005")
+    assert r.exit_code == 1 and "(exports/q8 accuracy)" in error_line(r)
+
+
+def test_retention_drop_has_its_own_tolerance(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path, student={"retention": 0.94})  # -1.7 pts
+    r = invoke("check", b2, "--baseline", base)
+    assert r.exit_code == 1 and "(student retention)" in error_line(r)
+    assert "FAIL student retention: fell 1.7 pts (95.7% -> 94.0%)" in r.stderr
+    assert invoke("check", b2, "--baseline", base, "--retention-tolerance", "0.02").exit_code == 0
+
+
+def test_size_increase_fails(baseline, tmp_path):
+    _, base = baseline
+    r, res = check_json(rebuild(tmp_path, **{"exports/q4": {"size": 80_000}}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q4", "size")]
+    assert "(exports/q4 size)" in error_line(r)
+    assert "FAIL exports/q4 size: grew 14.3% (70.0 KB -> 80.0 KB), more than the 5% allowed" in r.stderr
+    # within the tolerance, and with a looser one
+    assert invoke("check", rebuild(tmp_path, **{"exports/q4": {"size": 73_000}}), "--baseline", base).exit_code == 0
+    r = invoke("check", tmp_path / "build2", "--baseline", base, "--size-tolerance", "0.01")
+    assert r.exit_code == 1
+
+
+def test_missing_artifact_fails(baseline, tmp_path):
+    _, base = baseline
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": None}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "artifact")]
+    assert "(exports/q8 artifact)" in error_line(r)
+    assert "FAIL exports/q8 artifact: missing from the build" in r.stderr
+
+
+def test_newly_invalid_artifact_fails(baseline, tmp_path):
+    _, base = baseline
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"valid": False}}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "valid")]
+    assert "(exports/q8 valid)" in error_line(r)
+    assert "FAIL exports/q8 valid: now marked not valid (a check of the export, such as parity, failed)" in r.stderr
+
+
+def test_invalid_in_baseline_and_now_is_known_not_failed(tmp_path):
+    b = build(tmp_path / "build", **{"exports/q8": {"valid": False}})
+    base = tmp_path / "baseline.json"
+    ok("check", b, "--baseline", base, "--update")
+    r, res = check_json(b, base)
+    assert r.exit_code == 0
+    assert [row["status"] for row in res["rows"] if row["metric"] == "valid"] == ["pass", "known", "pass"]
+
+
+def test_broken_target_constraint_fails(baseline, tmp_path):
+    _, base = baseline
+    # the target's record now has retention under the phone's 0.90 (the metric itself is unchanged)
+    b2 = rebuild(tmp_path, **{"exports/q4": {"target_record": target(0.895, 0.07)}})
+    r, res = check_json(b2, base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q4", "target phone: min_retention")]
+    assert "(exports/q4 target phone: min_retention)" in error_line(r)
+    assert ("FAIL exports/q4 target phone: min_retention: no longer met (0.895 against limit 0.9: not met)"
+            in r.stderr)
+
+
+def test_target_constraint_no_longer_reported_fails(baseline, tmp_path):
+    _, base = baseline
+    r, res = check_json(rebuild(tmp_path, **{"exports/q4": {"target_record": None}}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q4", "target phone: max_size_mb"), ("exports/q4", "target phone: min_retention"),
+                           ("exports/q4", "target phone: parity")]
+    assert error_line(r).endswith("(exports/q4 target phone: max_size_mb, exports/q4 target phone: min_retention, "
+                                  "exports/q4 target phone: parity)")
+    assert "FAIL exports/q4 target phone: max_size_mb: no longer reported (the artifact has no target now)" in r.stderr
+
+
+def test_speed_only_checked_with_check_speed(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path, **{"exports/q4": {"examples_per_s": 60.0}})  # 37% slower
+    r, res = check_json(b2, base)
+    assert r.exit_code == 0, r.output
+    row = next(x for x in res["rows"] if x["artifact"] == "exports/q4" and x["metric"] == "examples/s")
+    assert row["status"] == "not checked" and row["change"] == "-36.8%"
+    r, res = check_json(b2, base, "--check-speed")
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q4", "examples/s")]
+    assert "(exports/q4 examples/s)" in error_line(r)
+    assert "FAIL exports/q4 examples/s: fell 36.8% (95.0 -> 60.0), more than the 20% allowed" in r.stderr
+    assert invoke("check", b2, "--baseline", base, "--check-speed", "--speed-tolerance", "0.4").exit_code == 0
+
+
+def test_new_artifact_is_reported_not_failed(baseline, tmp_path):
+    b, base = baseline
+    write_artifact(b / "exports" / "q2", **{**Q4, "quant": "Q2_K", "accuracy": 0.5})
+    r, res = check_json(b, base)
+    assert r.exit_code == 0, r.output
+    new = [row for row in res["rows"] if row["status"] == "new"]
+    assert [(x["artifact"], x["metric"]) for x in new] == [("exports/q2", "artifact")]
+    assert "1 new" in r.stderr
+
+
+def test_not_measured_metrics(baseline, tmp_path):
+    _, base = baseline
+    # retention gone (another eval file): reported, not failed
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"retention": None}}), base)
+    assert r.exit_code == 0, r.output
+    assert [row["status"] for row in res["rows"] if row["metric"] == "retention" and row["artifact"] == "exports/q8"] \
+        == ["not measured"]
+    # accuracy gone (the export was not evaluated): the build stopped measuring it, a failure
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"accuracy": None, "retention": None}}), base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "accuracy")]
+    assert "FAIL exports/q8 accuracy: no longer measured (the baseline has it)" in r.stderr
+
+
+def test_not_in_baseline_is_not_measured(tmp_path):
+    b = build(tmp_path / "build", **{"exports/q8": {"accuracy": None, "retention": None}})
+    base = tmp_path / "baseline.json"
+    ok("check", b, "--baseline", base, "--update")
+    r, res = check_json(build(tmp_path / "build2"), base)
+    assert r.exit_code == 0, r.output
+    rows = {(x["artifact"], x["metric"]): x for x in res["rows"]}
+    assert rows[("exports/q8", "accuracy")]["status"] == "not measured"
+    assert rows[("exports/q8", "accuracy")]["message"] == "not measured in the baseline"
+
+
+# --- --update, outputs ------------------------------------------------------------------------
+
+def test_update_round_trip_prints_changes(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path, **{"exports/q8": None, "exports/q4": {"accuracy": 0.80}})
+    write_artifact(b2 / "exports" / "q5", **{**Q4, "quant": "Q5_K_M"})
+    assert invoke("check", b2, "--baseline", base).exit_code == 1
+    r = ok("check", b2, "--baseline", base, "--update")
+    assert "~ exports/q4: accuracy 87.0% -> 80.0%" in r.stderr
+    assert "- exports/q8: removed" in r.stderr
+    assert "+ exports/q5: added (export gguf Q5_K_M, 70.0 KB, 87.0%)" in r.stderr
+    assert f"baseline {base} written: 3 artifacts" in r.stderr
+    assert sorted(json.loads(base.read_text())["artifacts"]) == ["exports/q4", "exports/q5", "student"]
+    ok("check", b2, "--baseline", base)
+    r = ok("check", b2, "--baseline", base, "--update", "--json")
+    assert json.loads(r.stdout) == json.loads(base.read_text())
+    assert "no change" in r.stderr
+
+
+def test_update_refuses_check_options(baseline):
+    b, base = baseline
+    r = invoke("check", b, "--baseline", base, "--update", "--junit", base.parent / "x.xml")
+    assert r.exit_code == 2 and "--update writes the baseline" in error_line(r)
+
+
+def test_junit_xml(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.80, "size": 200_000}, "student": None})
+    xml = tmp_path / "check.xml"
+    r = invoke("check", b2, "--baseline", base, "--junit", xml)
+    assert r.exit_code == 1
+    root = ET.parse(xml).getroot()
+    suites = root.findall("testsuite")
+    assert len(suites) == 1 and suites[0].get("name") == "shrink check"
+    cases = suites[0].findall("testcase")
+    assert len(cases) == int(suites[0].get("tests")) == 1 + 2 * 5 + 3  # student missing; q8, q4 with 3 constraints
+    fails = [(c.get("classname"), c.get("name"), c.find("failure").get("message")) for c in cases
+             if c.find("failure") is not None]
+    assert int(suites[0].get("failures")) == len(fails) == 3
+    assert [f[:2] for f in fails] == [("exports/q8", "accuracy"), ("exports/q8", "size"), ("student", "artifact")]
+    assert fails[0][2] == "exports/q8 accuracy: fell 9.0 pts (89.0% -> 80.0%), more than the 1.0 pts allowed"
+    assert int(suites[0].get("skipped")) == 2  # examples/s not checked
+
+
+def test_github_step_summary(baseline, tmp_path, monkeypatch):
+    _, base = baseline
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    r = invoke("check", rebuild(tmp_path, **{"exports/q4": {"size": 90_000}}), "--baseline", base)
+    assert r.exit_code == 1
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## shrink check: failed\n")  # appended, not replaced
+    lines = text.splitlines()
+    assert "| artifact | metric | baseline | now | change | result |" in lines
+    assert "|---|---|---|---|---|---|" in lines
+    assert "| exports/q4 | size | 70.0 KB | 90.0 KB | +28.6% | **FAIL** |" in lines
+    assert "**Verdict: failed.** 1 of 18 checks failed." in lines
+    assert "- exports/q4 size: grew 28.6% (70.0 KB -> 90.0 KB), more than the 5% allowed" in lines
+
+
+def test_json_output(baseline):
+    b, base = baseline
+    r, res = check_json(b, base)
+    assert set(res) == {"verdict", "build_dir", "baseline", "tolerances", "counts", "rows"}
+    assert res["tolerances"] == {"accuracy": 0.01, "retention": 0.01, "size": 0.05, "speed": 0.2, "check_speed": False}
+    row = res["rows"][0]
+    assert set(row) == {"artifact", "metric", "baseline", "now", "change", "status", "message"}
+    assert sum(res["counts"].values()) == len(res["rows"]) == 3 * 5 + 3
+
+
+# --- bad input: exit 2, one line naming the file ------------------------------------------
+
+BAD_BASELINES = {
+    "not json": ("{oops", "not a JSON file"),
+    "not utf-8": (b"\xff\xfe{", "not a JSON file"),
+    "a list": ("[]", "not a shrink baseline"),
+    "wrong kind": ('{"kind": "other", "version": 1, "artifacts": {}}', "not a shrink baseline"),
+    "wrong version": ('{"kind": "shrink-baseline", "version": 7, "artifacts": {}}', "version 7, this shrink"),
+    "artifacts a list": ('{"kind": "shrink-baseline", "version": 1, "artifacts": []}', "must be an object"),
+    "no artifacts": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {}}', "lists no artifacts"),
+    "entry a number": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": 3}}', "artifacts['a'] must be"),
+    "accuracy a string": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"accuracy": "high"}}}',
+                          "artifacts['a'].accuracy must be a number or null"),
+    "unknown key": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"acuracy": 0.9}}}',
+                    "unknown key 'acuracy'"),
+    "bad target": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"target": {"name": "phone", '
+                   '"constraints": {"max_size_mb": {"met": "yes"}}}}}}', "must be an object with \"met\""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BASELINES))
+def test_bad_baseline_is_a_user_error(baseline, tmp_path, case):
+    b, _ = baseline
+    content, message = BAD_BASELINES[case]
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = invoke("check", b, "--baseline", bad)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [error_line(r)]
+    assert error_line(r).startswith(f"Error: baseline {bad}: ") and message in error_line(r)
+
+
+def test_missing_baseline_says_to_update(baseline, tmp_path):
+    b, _ = baseline
+    r = invoke("check", b, "--baseline", tmp_path / "none.json")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines() == [
+        f"Error: baseline {tmp_path / 'none.json'} does not exist; create it from a good build with "
+        f"`shrink check BUILD_DIR --baseline {tmp_path / 'none.json'} --update` first"]
+
+
+def test_build_without_artifacts_is_a_user_error(baseline, tmp_path):
+    _, base = baseline
+    empty = tmp_path / "empty"
+    (empty / ".q4.partial").mkdir(parents=True)  # an interrupted write is not an artifact
+    write_artifact(empty / ".q4.partial" / "x", **Q4)
+    (empty / "other").mkdir()
+    (empty / "other" / "manifest.json").write_text('{"name": "another tool"}')
+    for args in (("check", empty, "--baseline", base), ("check", empty, "--baseline", base, "--update"),
+                 ("check", tmp_path / "nope", "--baseline", base)):
+        r = invoke(*args)
+        assert r.exit_code == 2
+        assert r.stderr.strip().splitlines() == [error_line(r)]
+        assert "holds no shrink artifacts" in error_line(r) or "does not exist" in error_line(r)
+    assert json.loads(base.read_text())["artifacts"]  # the failed --update left the baseline alone
+
+
+def test_corrupt_manifest_in_build_is_a_user_error(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path)
+    (b2 / "student" / "manifest.json").write_text('{"magic": "shrink-artifact", "schema_version": 9}')
+    r = invoke("check", b2, "--baseline", base)
+    assert r.exit_code == 2 and "manifest schema version 9" in error_line(r)
+
+
+def test_compare_is_pure(tmp_path):
+    """compare() on dicts alone: the tolerance boundary, and a baseline constraint not met
+    that is still not met."""
+    manifests = {"q4": {"kind": "export", "format": "gguf", "settings": {"quant": "Q4_K_M"}, "valid": True,
+                        "metrics": {"size_bytes": 1050, "accuracy": 0.80, "retention": 0.85},
+                        "target": target(0.85, 0.001)}}
+    base = gate.build_baseline(manifests)
+    base["artifacts"]["q4"].update(size_bytes=1000, accuracy=0.81)
+    rows = gate.compare(base, manifests, gate.Tolerances())
+    status = {r.metric: r.status for r in rows}
+    assert status == {"accuracy": "pass", "retention": "pass", "size": "pass", "examples/s": "not measured",
+                      "valid": "pass", "target phone: max_size_mb": "pass", "target phone: min_retention": "known",
+                      "target phone: parity": "pass"}
+    assert base["artifacts"]["q4"]["target"] == {k: v for k, v in target(0.85, 0.001).items() if k in
+                                                 ("name", "constraints", "met")}
+    assert gate.fmt_value("target phone: parity", target(0.85, 0.001)["constraints"]["parity"]) == "0.97: met (passed)"
