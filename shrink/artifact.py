@@ -102,19 +102,50 @@ def build_manifest(
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary name beside `path`, then rename over it."""
+def default_mode(directory: bool = False) -> int:
+    """The permissions open()/mkdir() would give under the current umask. tempfile's
+    private 0600/0700 must not leak into what users hand to other users and services."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over it when the block succeeds (with the
+    usual permissions) and removed when it fails: readers never see half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name beside `path`, then rename over it."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give a staged folder and everything in it the usual permissions (mkdtemp made it
+    0700; some writers make 0600 files), keeping execute bits."""
+    os.chmod(folder, default_mode(directory=True))
+    for path in folder.rglob("*"):
+        if path.is_dir():
+            os.chmod(path, default_mode(directory=True))
+        elif path.is_file():
+            os.chmod(path, default_mode() | (path.stat().st_mode & 0o111))
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -157,6 +188,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
+        _usual_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

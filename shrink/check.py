@@ -23,11 +23,8 @@ and verdict of its manifest's `target` section: {"name": "phone", "constraints":
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -527,20 +524,6 @@ def _target_changes(key: str, a: Any, b: Any) -> list[str]:
 # The command's flow
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temporary name beside `path`, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _check_writable(path: Path, option: str) -> None:
     if not path.parent.is_dir():
         raise ShrinkError(f"{option}: folder {path.parent} does not exist")
@@ -556,7 +539,7 @@ def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Pa
     manifests = collect_artifacts(build_dir)
     result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol))
     if junit is not None:
-        write_text_atomic(junit, render_junit(result))
+        artifact.write_text_atomic(junit, render_junit(result))
     if step_summary is not None:
         try:
             with open(step_summary, "a", encoding="utf-8") as f:

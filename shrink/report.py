@@ -8,13 +8,12 @@ Exports marked not valid are plotted but left out of the front.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shrink.check import collect_artifacts, quant_label, write_text_atomic
+from shrink import artifact
+from shrink.check import collect_artifacts, quant_label
 from shrink.tables import human_bytes, pct
 
 REPORT = "report.md"
@@ -121,7 +120,7 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict[s
     candidates = [p for p in points if p.role != "invalid"]  # a failed export is no option
     front = [candidates[i] for i in pareto_front([(p.size_bytes, p.accuracy) for p in candidates])]
     write_pareto_plot(points, front, out / PLOT, title=f"shrink report: {build_dir.name or build_dir}")
-    write_text_atomic(out / REPORT, render_markdown(build_dir, rows, points, front))
+    artifact.write_text_atomic(out / REPORT, render_markdown(build_dir, rows, points, front))
     return {"report": str(out / REPORT), "plot": str(out / PLOT), "front": [p.label for p in front]}
 
 
@@ -185,14 +184,9 @@ def write_pareto_plot(points: list[Point], front: list[Point], path: Path, title
         place_labels(ax, list(zip(xs, ys)),
                      [f"{p.label}\n{p.size_bytes / 1e6:,.1f} MB, {100 * p.accuracy:.1f}%" for p in points])
         ax.legend(loc="best", fontsize=8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with artifact.atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
 

@@ -62,3 +62,23 @@ def test_source_hash_and_bad_manifests(tmp_path):
     (dst / "manifest.json").write_text("{broken")
     with pytest.raises(ArtifactError, match="corrupt manifest"):
         artifact.read_manifest(dst)
+
+
+def test_written_artifacts_get_the_usual_permissions(tmp_path):
+    """tempfile's private 0700/0600 must not leak into folders users hand to a server."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "art"
+        with artifact.staged_folder(out, force=False) as tmp:
+            (tmp / "model.bin").write_bytes(b"x")
+            os.chmod(tmp / "model.bin", 0o600)
+            artifact.finish(tmp, kind="export", format="gguf", source=None, settings={}, metrics={})
+        artifact.write_json_atomic(tmp_path / "baseline.json", {"a": 1})
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o755
+    assert mode(out / "model.bin") == mode(out / "manifest.json") == mode(tmp_path / "baseline.json") == 0o644
