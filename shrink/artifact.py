@@ -30,7 +30,7 @@ MAGIC = "shrink-artifact"
 SCHEMA_VERSION = 1
 
 # kind: what stage made it.  format: how the model is stored (decides the runtime).
-KINDS = ("student", "export", "bundle")
+KINDS = ("student", "export", "bundle", "teacher-cache")
 FORMATS = ("hf", "gguf", "onnx", "gptq")
 
 

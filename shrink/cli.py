@@ -69,35 +69,52 @@ def cli() -> None:
 @click.option("--data", required=True, type=Path, help="Training task data (JSONL).")
 @click.option("--eval", "eval_data", type=Path, help="Held-out task data; student and teacher accuracy go into the manifest.")
 @click.option("--out", required=True, type=Path, help="Student folder to write.")
-@click.option("--layers", required=True, type=int, help="Decoder layers the student keeps (evenly spaced).")
+@click.option("--layers", type=int, help="Decoder layers the student keeps (required unless --student).")
+@click.option("--layer-selection", type=click.Choice(["even", "importance"]), default="even", show_default=True,
+              help="Which teacher layers to keep: evenly spaced, or those that change the hidden state most on the task data (always the first and the last).")
+@click.option("--ffn-ratio", default=1.0, show_default=True, help="Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
+@click.option("--heads-ratio", default=1.0, show_default=True, help="Fraction of attention heads kept, in whole key/value groups, by activation on the task (1 = all).")
+@click.option("--student", "student_dir", type=Path, help="Start from this smaller model folder (it must share the teacher's tokenizer) instead of cutting the teacher.")
 @click.option("--steps", type=int, help="Optimizer steps (instead of --epochs).")
 @click.option("--epochs", type=float, help="Passes over the training data.  [default: 2]")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
 @click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (AdamW, warm-up then cosine).")
 @click.option("--temperature", default=2.0, show_default=True, help="Softens teacher and student distributions in the KL term.")
 @click.option("--alpha", default=0.9, show_default=True, help="Weight of the KL term; 1 - alpha weights cross-entropy on the reference.")
+@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "skl"]), default="fkl", show_default=True,
+              help="Divergence to the teacher: forward KL, reverse KL, generalized Jensen-Shannon, skew KL.")
+@click.option("--beta", default=0.5, show_default=True, help="jsd: the mixture's teacher weight; skl: the skew. Strictly between 0 and 1.")
+@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
 @click.option("--max-length", default=512, show_default=True, help="Tokens per sequence; longer prompts are trimmed on the left.")
 @click.option("--save-every", default=200, show_default=True, help="Steps between checkpoints.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (few-shot examples the student should not need).")
 @click.option("--prune-vocab", is_flag=True, help="Keep only the tokens the task data needs (plus special and byte tokens).")
+@click.option("--teacher-cache", type=Path, help="Train from a `shrink teacher-cache` folder instead of running the teacher (made from the same data, teacher, --teacher-prefix and --max-length).")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the student over the processes (FSDP2) instead of replicating it on each (DDP).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint an interrupted run left (OUT.checkpoint).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder or stale checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr, temperature, alpha,
-            max_length, save_every, device, seed, teacher_prefix, prune_vocab, resume, force, as_json):
+def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, heads_ratio, student_dir, steps, epochs,
+            batch_size, lr, temperature, alpha, loss, beta, hidden_weight,
+            max_length, save_every, device, seed, teacher_prefix, prune_vocab, teacher_cache, fsdp, resume, force, as_json):
     """Train a smaller student that imitates the teacher on a task.
 
-    The student is the teacher with LAYERS evenly spaced decoder layers kept. It learns
-    from the teacher's token distributions on the completion tokens (KL at TEMPERATURE)
-    mixed with cross-entropy on the reference completions. --prune-vocab shrinks the
-    vocabulary to the tokens the task needs.
+    The student is the teacher with LAYERS decoder layers kept (evenly spaced, or the
+    most important on the task), optionally narrowed (--ffn-ratio, --heads-ratio), or an
+    existing smaller model (--student). It learns from the teacher's token distributions
+    on the completion tokens (--loss at TEMPERATURE) mixed with cross-entropy on the
+    reference completions. --prune-vocab shrinks the vocabulary to the tokens the task needs.
 
     \b
-    Example:
+    Examples:
       shrink distill --teacher ./teacher --data train.jsonl --eval eval.jsonl \\
           --out student --layers 4 --epochs 3
+      shrink distill --teacher ./teacher --data train.jsonl --out student --layers 6 \\
+          --layer-selection importance --ffn-ratio 0.5 --loss jsd
+      torchrun --nproc_per_node 4 -m shrink distill --teacher ./teacher \\
+          --data train.jsonl --out student --layers 4 --batch-size 32
     """
     from shrink.distill.train import DistillConfig, distill as run_distill
 
@@ -108,8 +125,46 @@ def distill(teacher, data, eval_data, out, layers, steps, epochs, batch_size, lr
         epochs=2.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
         temperature=temperature, alpha=alpha, max_length=max_length, save_every=save_every,
         device=device, seed=seed, teacher_prefix=teacher_prefix, prune_vocab=prune_vocab, resume=resume, force=force,
+        loss=loss, beta=beta, hidden_weight=hidden_weight, layer_selection=layer_selection, ffn_ratio=ffn_ratio,
+        heads_ratio=heads_ratio, student=student_dir, teacher_cache=teacher_cache, fsdp=fsdp,
     )
     manifest = run_distill(cfg)
+    _report_artifact(out, manifest, as_json)
+
+
+@cli.command("teacher-cache")
+@click.option("--teacher", required=True, type=Path, help="Teacher: a Hugging Face model folder or a GGUF file.")
+@click.option("--data", required=True, type=Path, help="Training task data (JSONL): the file distill will train on.")
+@click.option("--out", required=True, type=Path, help="Cache folder to write.")
+@click.option("--top-k", default=64, show_default=True, help="Next tokens kept per position (the rest is kept as one mass).")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per teacher forward pass.")
+@click.option("--max-length", default=512, show_default=True, help="Tokens per sequence, as distill's --max-length.")
+@click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher, as distill's --teacher-prefix.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_prefix, device, force, as_json):
+    """Run the teacher once over the task data and keep its top-k next-token log-probs.
+
+    `shrink distill --teacher-cache OUT` then trains without running the teacher: the
+    top-k log-probs are used as they are and the rest of the probability mass is spread
+    evenly over the other tokens (exact with --top-k at the vocabulary size). Under
+    torchrun every process runs the teacher on its share of the data and writes its own
+    shard; OUT must be on a filesystem they all see.
+
+    \b
+    Example:
+      shrink teacher-cache --teacher ./teacher --data train.jsonl --top-k 64 --out teacher-cache
+      shrink distill --teacher ./teacher --teacher-cache teacher-cache --data train.jsonl \\
+          --out student --layers 4
+    """
+    from shrink.distill.teacher_cache import CacheConfig, build_cache, describe
+
+    cfg = CacheConfig(teacher=teacher, data=data, out=out, top_k=top_k, batch_size=batch_size,
+                      max_length=max_length, teacher_prefix=teacher_prefix, device=device, force=force)
+    manifest = build_cache(cfg)
+    if manifest is not None and not as_json:
+        click.echo(describe(manifest), err=True)
     _report_artifact(out, manifest, as_json)
 
 
@@ -387,7 +442,9 @@ def verify(bundle, as_json):
         click.echo(f"{bundle}: all {len(artifact.read_manifest(bundle)['files'])} files match the manifest", err=True)
 
 
-def _report_artifact(out: Path, manifest: dict, as_json: bool) -> None:
+def _report_artifact(out: Path, manifest: dict | None, as_json: bool) -> None:
+    if manifest is None:  # a torchrun process other than rank 0: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return

@@ -1,23 +1,75 @@
 """The distillation loss, on completion tokens only.
 
-    loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, reference)
+    loss = alpha * D(teacher_T, student_T) * T^2 + (1 - alpha) * CE(student, reference)
 
-KL at temperature T is scaled by T^2 so its gradients keep their size as T changes
-(Hinton et al., 2015).
+D is one of four divergences between the teacher's distribution p and the student's q,
+both at temperature T (`--loss`, with `--beta` for the last two):
+
+    fkl  KL(p || q)                                   forward KL, the default
+    rkl  KL(q || p)                                   reverse KL
+    jsd  beta * KL(p || m) + (1 - beta) * KL(q || m)  generalized Jensen-Shannon,
+         m = beta * p + (1 - beta) * q                as in GKD (Agarwal et al., 2024) and
+                                                      TRL's generalized_jsd_loss; beta = 0.5
+                                                      is the usual JSD, and the value is at
+                                                      most the entropy of (beta, 1 - beta) <= ln 2
+    skl  KL(p || beta * p + (1 - beta) * q)           skew KL (DistiLLM, Ko et al., 2024; their
+                                                      alpha is our beta): the student is seen
+                                                      through a mixture with the teacher, which
+                                                      keeps the loss and its gradients bounded
+                                                      while q is far from p
+
+Everything is computed from log-probabilities: the mixture's log m is a logsumexp of
+log(beta) + log p and log(1 - beta) + log q, never log(beta * p + (1 - beta) * q), so
+logits of any size give finite values and gradients. The divergence is summed over the
+vocabulary and averaged over positions, then scaled by T^2 so its gradients keep their
+size as T changes (Hinton et al., 2015).
 """
 
 from __future__ import annotations
 
+import math
 
-def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float):
-    """Returns (loss, kl, ce) as tensors. Logits are (n, vocab) at the n completion
-    positions; targets (n,) are the reference tokens there."""
+LOSSES = ("fkl", "rkl", "jsd", "skl")
+
+
+def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float,
+                 *, kind: str = "fkl", beta: float = 0.5):
+    """Returns (loss, divergence, ce) as tensors; the divergence is T^2-scaled, before
+    the alpha mix. Logits are (n, vocab) at the n completion positions; targets (n,) are
+    the reference tokens there."""
     import torch.nn.functional as F
 
     s = student_logits.float()  # (n, vocab)
     t = teacher_logits.float()  # (n, vocab)
     s_logp = F.log_softmax(s / temperature, dim=-1)
     t_logp = F.log_softmax(t / temperature, dim=-1)
-    kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") * temperature**2
+    kl = divergence(s_logp, t_logp, kind, beta) * temperature**2
     ce = F.cross_entropy(s, targets)
     return alpha * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
+
+
+def divergence(s_logp, t_logp, kind: str = "fkl", beta: float = 0.5):
+    """D(p, q) per `kind`, averaged over positions, from log-probabilities (n, vocab) of
+    the student (q) and the teacher (p)."""
+    import torch.nn.functional as F
+
+    def kl(log_a, log_b):  # KL(a || b), summed over the vocabulary, mean over positions
+        return F.kl_div(log_b, log_a, log_target=True, reduction="batchmean")
+
+    if kind == "fkl":
+        return kl(t_logp, s_logp)
+    if kind == "rkl":
+        return kl(s_logp, t_logp)
+    if kind in ("jsd", "skl"):
+        m_logp = mixture(t_logp, s_logp, beta)  # log(beta * p + (1 - beta) * q)
+        if kind == "skl":
+            return kl(t_logp, m_logp)
+        return beta * kl(t_logp, m_logp) + (1 - beta) * kl(s_logp, m_logp)
+    raise ValueError(f"unknown loss {kind!r} (choose from {', '.join(LOSSES)})")
+
+
+def mixture(a_logp, b_logp, weight: float):
+    """log(weight * a + (1 - weight) * b) from log a and log b, without leaving log space."""
+    import torch
+
+    return torch.logaddexp(a_logp + math.log(weight), b_logp + math.log1p(-weight))

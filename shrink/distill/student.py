@@ -1,4 +1,6 @@
-"""Cutting a student from a teacher: the same architecture with fewer decoder layers."""
+"""The student: the teacher with fewer decoder layers (evenly spaced, or chosen by
+importance: shrink.distill.importance), optionally narrowed (shrink.distill.width), or
+an existing smaller model that reads the teacher's token ids (--student)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,6 @@ def even_layers(total: int, keep: int) -> list[int]:
 def cut_student(teacher, keep: list[int]):
     """A new model built from the teacher's config with only the layers in `keep`,
     their weights copied (so layer-index bookkeeping such as KV-cache slots is right)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     text_config = config.get_text_config()
     text_config.num_hidden_layers = len(keep)
@@ -43,12 +42,97 @@ def cut_student(teacher, keep: list[int]):
             f"cannot cut layers from {type(teacher).__name__}: its weights are not under model.layers.N"
         )
 
+    return model_from_state(config, state, "cut")
+
+
+def model_from_state(config, state: dict, what: str):
+    """A new float32 model of `config` on the CPU holding the weights in `state`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("cpu"):
         student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ModelError(f"{what} student: weights do not fit its config: {str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
-        raise ModelError(f"student weights do not match the cut config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelError(f"student weights do not match the {what} config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
     return student
+
+
+def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device: str):
+    """The student before vocabulary pruning, on the CPU or `device`: the model in
+    `cfg.student`, or the teacher cut to `cfg.layers` layers (`cfg.layer_selection`),
+    then narrowed when `cfg.ffn_ratio` or `cfg.heads_ratio` is below 1. Returns (student,
+    the teacher layer each student layer was copied from (None for --student), settings
+    to record in the manifest)."""
+    from shrink.console import console
+    from shrink.distill.importance import important_layers, layer_distances, task_batches
+    from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
+    from shrink.hf import load_causal_lm
+
+    info: dict = {}
+    if cfg.student is not None:
+        student, keep = load_causal_lm(cfg.student), None
+    elif cfg.layer_selection == "importance":
+        distances = layer_distances(teacher, task_batches(tokenizer, examples, device, cfg.max_length))
+        keep = important_layers(distances, cfg.layers)
+        info["layer_scores"] = [round(d, 6) for d in distances]  # angular distance of every teacher layer
+        console.print("layer importance (angular distance): " + " ".join(f"{i}:{d:.3f}" for i, d in enumerate(distances)))
+        student = cut_student(teacher, keep)
+    else:
+        keep = even_layers(teacher_layers, cfg.layers)
+        student = cut_student(teacher, keep)
+
+    if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
+        now = widths_of(student)
+        target = target_widths(now, cfg.ffn_ratio, cfg.heads_ratio)
+        student = student.to(device).eval()
+        scores = activation_scores(student, task_batches(tokenizer, examples, device, cfg.max_length))
+        student = prune_width(student, target, scores)
+        info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
+                          "attention_heads": [now.heads, target.heads],
+                          "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
+        console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels, "
+                      f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
+    return student, keep, info
+
+
+def check_student_folder(student_dir, teacher_dir, examples, texts: int = 300) -> None:
+    """--student DIR must read the teacher's token ids: the same vocabulary size (the
+    logits are compared column by column), the same EOS, and the same ids for the first
+    `texts` task texts."""
+    import json
+    from pathlib import Path
+
+    from shrink.errors import ShrinkError
+    from shrink.hf import load_tokenizer
+
+    def vocab_size(folder):
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+
+    why = None
+    s_vocab, t_vocab = vocab_size(student_dir), vocab_size(teacher_dir)
+    if s_vocab != t_vocab:
+        why = f"vocabulary size {s_vocab} against the teacher's {t_vocab}"
+    else:
+        try:
+            s_tok = load_tokenizer(Path(student_dir))
+        except (OSError, ValueError) as e:
+            raise ShrinkError(f"--student {student_dir}: cannot load its tokenizer ({e})") from None
+        t_tok = load_tokenizer(Path(teacher_dir))
+        if s_tok.eos_token_id != t_tok.eos_token_id:
+            why = f"EOS token id {s_tok.eos_token_id} against the teacher's {t_tok.eos_token_id}"
+        for ex in examples[:texts]:
+            if why:
+                break
+            text = ex.prompt + ex.completion
+            if s_tok(text, split_special_tokens=True).input_ids != t_tok(text, split_special_tokens=True).input_ids:
+                why = f"other token ids for {text[:60]!r}"
+    if why:
+        raise ShrinkError(f"--student {student_dir} does not share the tokenizer of the teacher {teacher_dir}: {why}")

@@ -29,12 +29,14 @@ from typing import Any
 from shrink import artifact
 from shrink.console import console, progress, spinner
 from shrink.distill.batches import batch_order, collate, encode_examples
-from shrink.distill.checkpoint import load_checkpoint, read_state, save_checkpoint
+from shrink.distill import distributed, teacher_cache
+from shrink.distill.checkpoint import read_state
 from shrink.distill.logits import selected_logits
 from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.loss import distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
-from shrink.distill.student import cut_student, even_layers
+from shrink.distill.hidden import HiddenAlignment
+from shrink.distill.student import build_student, even_layers
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
 from shrink.tasks import load_task
@@ -49,7 +51,7 @@ class DistillConfig:
     teacher: Path  # Hugging Face model folder or GGUF file
     data: Path  # task JSONL used for training
     out: Path  # student folder to write
-    layers: int  # decoder layers the student keeps
+    layers: int | None = None  # decoder layers the student keeps (None with `student`)
     eval_data: Path | None = None  # held-out task JSONL for accuracy after training
     steps: int | None = None  # optimizer steps; None = derived from epochs
     epochs: float = 2.0  # passes over the data when steps is None
@@ -57,6 +59,13 @@ class DistillConfig:
     lr: float = 2e-4  # peak AdamW learning rate
     temperature: float = 2.0  # softens both distributions in the KL term
     alpha: float = 0.9  # weight of the KL term; 1 - alpha goes to cross-entropy
+    loss: str = "fkl"  # divergence to the teacher: fkl | rkl | jsd | skl (shrink.distill.loss)
+    beta: float = 0.5  # jsd's mixture weight and skl's skew, in (0, 1)
+    hidden_weight: float = 0.0  # weight of hidden-state alignment to the teacher's layers; 0 = off
+    layer_selection: str = "even"  # which teacher layers to keep: even | importance
+    ffn_ratio: float = 1.0  # fraction of MLP intermediate channels kept (Minitron); 1 = all
+    heads_ratio: float = 1.0  # fraction of attention heads kept, in whole KV groups; 1 = all
+    student: Path | None = None  # start from this model folder (teacher's tokenizer) instead of a cut
     max_length: int = 512  # tokens per sequence; longer prompts are trimmed on the left
     save_every: int = 200  # steps between checkpoints
     device: str = "auto"  # auto | cpu | cuda
@@ -64,13 +73,15 @@ class DistillConfig:
     prune_vocab: bool = False  # keep only the tokens the task data needs
     teacher_prefix: Path | None = None  # text file put before every prompt for the teacher only
     teacher_memory_mb: int = 2048  # teacher outputs up to this size are computed once and kept
+    teacher_cache: Path | None = None  # a `shrink teacher-cache` folder read instead of running the teacher
+    fsdp: bool = False  # under torchrun: shard the student (FSDP2) instead of replicating it (DDP)
     resume: bool = False
     force: bool = False
 
     def settings(self) -> dict[str, Any]:
         """What decides the result (paths as given, not the run-control flags)."""
         d = dataclasses.asdict(self)
-        for k in ("resume", "force", "out", "device", "teacher_memory_mb"):
+        for k in ("resume", "force", "out", "device", "teacher_memory_mb", "fsdp"):
             d.pop(k)
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
@@ -97,6 +108,29 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         raise ShrinkError(f"--alpha must be between 0 and 1, got {cfg.alpha}")
     if cfg.temperature <= 0 or cfg.lr <= 0:
         raise ShrinkError("--temperature and --lr must be positive")
+    from shrink.distill.loss import LOSSES
+
+    if cfg.loss not in LOSSES:
+        raise ShrinkError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if not 0.0 < cfg.beta < 1.0:
+        raise ShrinkError(f"--beta must be strictly between 0 and 1, got {cfg.beta}")
+    if cfg.hidden_weight < 0:
+        raise ShrinkError(f"--hidden-weight must be 0 (off) or positive, got {cfg.hidden_weight}")
+    if cfg.layer_selection not in ("even", "importance"):
+        raise ShrinkError(f"--layer-selection must be even or importance, got {cfg.layer_selection!r}")
+    for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
+        if not 0.0 < ratio <= 1.0:
+            raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")
+    if cfg.student is None and cfg.layers is None:
+        raise ShrinkError("--layers is required (or --student DIR, to start from an existing smaller model)")
+    if cfg.student is not None:
+        if cfg.layers is not None:
+            raise ShrinkError("--layers and --student cannot be used together: --student starts from that model, no layers are cut")
+        if cfg.layer_selection != "even":
+            raise ShrinkError("--layer-selection: not with --student (no layers are cut from the teacher)")
+        if cfg.hidden_weight:
+            raise ShrinkError("--hidden-weight: not with --student (its layers were not copied from the teacher's)")
+        check_model_dir(Path(cfg.student), "student")
     train = load_task(cfg.data)
     evals = load_task(cfg.eval_data) if cfg.eval_data else None
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
@@ -118,7 +152,13 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
     total = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
     if not isinstance(total, int):
         raise ShrinkError(f"{folder}/config.json has no num_hidden_layers")
-    even_layers(total, cfg.layers)  # raises on an out-of-range --layers
+    if cfg.student is not None:
+        from shrink.distill.student import check_student_folder
+
+        check_student_folder(Path(cfg.student), folder, train)
+    else:
+        even_layers(total, cfg.layers)  # raises on an out-of-range --layers
+    teacher_cache.check_matches(cfg, folder)  # a --teacher-cache made for this run
     return train, evals, folder, total
 
 
@@ -130,11 +170,20 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run the recipe; returns the student's manifest."""
+def distill(cfg: DistillConfig) -> dict[str, Any] | None:
+    """Run the recipe; returns the student's manifest. Under torchrun (shrink.distill.
+    distributed) every process trains on its share of each batch; rank 0 alone evaluates
+    and writes, the others return None once it is done."""
+    with distributed.process_group(cfg.device) as ranks:
+        manifest = _distill(cfg, ranks)
+        ranks.barrier()  # the other ranks wait here while rank 0 evaluates and writes
+    return manifest
+
+
+def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | None:
     import torch
 
-    train_examples, eval_examples, teacher_dir, teacher_layers = validate(cfg)
+    train_examples, eval_examples, teacher_dir, teacher_layers = distributed.main_first(ranks, validate, cfg)
     device = resolve_device(cfg.device)
     ckpt = checkpoint_dir(cfg.out)
     if cfg.force and not cfg.resume:
@@ -146,8 +195,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher_dtype = torch.bfloat16 if device == "cuda" else torch.float32
         teacher = load_causal_lm(teacher_dir, device, teacher_dtype)
         tokenizer = load_tokenizer(teacher_dir)
-    keep = even_layers(teacher_layers, cfg.layers)
-    student = cut_student(teacher, keep)
+    student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
         plan = plan_pruning(tokenizer, task_texts(train_examples + (eval_examples or [])))
@@ -159,9 +207,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     kept_rows = torch.tensor(plan.kept, device=device) if plan else None  # teacher columns the student has
     id_map = plan.id_map().to(device) if plan else None  # teacher id -> student id
     console.print(
-        f"student: {len(keep)} of {teacher_layers} layers {keep}, "
-        f"{_params(student) / 1e6:.1f}M parameters (teacher {_params(teacher) / 1e6:.1f}M)"
+        (f"student: {len(keep)} of {teacher_layers} layers {keep}, " if keep else f"student: {cfg.student}, ")
+        + f"{_params(student) / 1e6:.1f}M parameters (teacher {_params(teacher) / 1e6:.1f}M)"
     )
+    # --hidden-weight: hooks catch both models' layer outputs in the forward passes below.
+    align = HiddenAlignment(student, teacher, keep) if cfg.hidden_weight else None
 
     seqs = encode_examples(tokenizer, train_examples, cfg.max_length)  # what the student reads
     t_seqs = seqs
@@ -170,16 +220,17 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         t_seqs = encode_examples(tokenizer, with_prefix(train_examples, prefix_text), cfg.max_length)
         check_aligned(seqs, t_seqs, cfg.data)
     shared = usable_prefix([s.ids for s in t_seqs], min(s.start for s in t_seqs) - 1)
-    t_cache = PrefixCache(teacher, shared, device) if shared else None
+    t_cache = PrefixCache(teacher, shared, device) if shared and not cfg.teacher_cache else None
     if t_cache:
         console.print(f"shared prompt prefix: {len(shared)} tokens, run once through the teacher")
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total_steps = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    trainee = distributed.StudentStep(student, ranks, cfg.fsdp, device)  # DDP or FSDP under torchrun
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     step, history = 0, []
     if cfg.resume:
-        state = load_checkpoint(ckpt, student, optimizer)
+        state = trainee.load_checkpoint(ckpt, optimizer)
         step, history = state["step"], state["history"]
         console.print(f"resuming from {ckpt} at step {step}/{total_steps}")
 
@@ -189,9 +240,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     vocab_out = len(plan.kept) if plan else student.get_output_embeddings().weight.shape[0]
     positions = sum(len(q.ids) - q.start for q in seqs)
     pad = tokenizer.pad_token_id
-    teacher_outputs = None
+    teacher_outputs = None  # with --teacher-cache, read from the cache instead of computed
+    if cfg.teacher_cache:
+        teacher_outputs = teacher_cache.CachedTeacher(cfg.teacher_cache, [len(q.ids) - q.start for q in seqs], device, id_map)
     whole_epochs = (total_steps - step) >= per_epoch
-    if whole_epochs and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
+    # Not with --hidden-weight: the alignment needs the teacher's hidden states every batch.
+    if teacher_outputs is None and whole_epochs and not cfg.hidden_weight and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
         teacher_outputs = precompute_teacher(teacher, t_seqs, cfg.batch_size, pad, device, kept_rows, t_cache)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
@@ -201,6 +255,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         while step < total_steps:
             epoch, index = divmod(step, per_epoch)
             rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
+            batch_tokens = sum(len(seqs[i].ids) for i in rows)  # over every rank
+            part = distributed.shard(ranks, rows, [len(seqs[i].ids) - seqs[i].start for i in rows])
+            rows = part.rows  # this process's share of the batch (all of it without torchrun)
             ids, attn, mask = collate([seqs[i] for i in rows], pad, device)  # teacher-vocabulary ids
             t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
             s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
@@ -211,27 +268,34 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                 with torch.no_grad():
                     t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
             with autocast:
-                s_logits = selected_logits(student, s_ids, attn, mask)  # (n, student vocab)
-            loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha)
+                s_logits = trainee(selected_logits, s_ids, attn, mask)  # (n, student vocab)
+            loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss, beta=cfg.beta)
+            if align is not None:  # the hooks caught this batch's layer outputs of both models
+                loss = loss + cfg.hidden_weight * align.loss(mask, t_mask)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * part.weight).backward()  # under torchrun, DDP/FSDP average the weighted gradients
             torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
             optimizer.step()
 
             step += 1
-            tokens_seen += int(attn.sum())
+            tokens_seen += batch_tokens
+            loss, kl, ce = distributed.global_mean(ranks, part.weight, loss, kl, ce)  # the whole batch's
             history.append({"step": step, "loss": round(loss.item(), 5), "kl": round(kl.item(), 5), "ce": round(ce.item(), 5)})
             rate = tokens_seen / (time.perf_counter() - started)
             bar.update(task, advance=1, loss=f"loss {loss.item():.4f}", tok_s=f"{rate:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == total_steps:
-                save_checkpoint(ckpt, student, optimizer, {"step": step, "history": history, "settings": cfg.settings()})
+                trainee.save_checkpoint(ckpt, optimizer, {"step": step, "history": history, "settings": cfg.settings()})
     elapsed = time.perf_counter() - started
+    student = trainee.final_model()  # with its full weights (FSDP gathers them), on rank 0
+    if not ranks.is_main:
+        return None  # rank 0 evaluates and writes the student
 
     metrics: dict[str, Any] = {
         "final_loss": history[-1]["loss"] if history else None,
         "train_tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
+        "train_processes": ranks.world_size,  # torchrun processes (GPUs) the tokens/s is over
         "parameters": _params(student),
         "teacher_parameters": _params(teacher),
     }
@@ -252,6 +316,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         "device": device,
         "teacher_folder": str(teacher_dir),
         "teacher_prefix_sha256": artifact.sha256_file(Path(cfg.teacher_prefix)) if cfg.teacher_prefix else None,
+        "teacher_cache_manifest_sha256": artifact.manifest_hash(Path(cfg.teacher_cache)) if cfg.teacher_cache else None,
+        **student_info,  # layer_scores (--layer-selection importance), widths (--ffn-ratio/--heads-ratio)
     }
     if plan is not None:
         settings.update(vocab_kept=len(plan.kept), teacher_vocab=plan.teacher_vocab_size,

@@ -1,0 +1,67 @@
+"""Hidden-state alignment (`--hidden-weight W`): a cut student's layer i is pulled towards
+the output of the teacher layer it was copied from.
+
+    term = mean over kept layers of mean over loss positions of (1 - cos(h_student, h_teacher))
+
+Cosine, not MSE: the residual stream's norm grows with depth and differs by orders of
+magnitude between models (Gemma's runs in the hundreds), so an MSE term would be ruled
+by the deepest layers and W would mean something else for every teacher. The cosine
+distance lies in [0, 2] in every layer of every model, and it is the direction of the
+stream that the next layer's RMSNorm passes on. DistilBERT aligns hidden states the
+same way.
+
+Positions: the loss positions (those whose next token is a completion token), not every
+non-pad token. They are where the student is trained to match the teacher anyway, and
+with --teacher-prefix they are the only positions where both models have read the same
+tokens: the teacher's prompt tokens follow few-shot examples the student never sees.
+There the teacher's positions are the student's shifted by the prefix length, which the
+two masks already encode (check_aligned guarantees the same completion tokens).
+
+The hidden states are caught by forward hooks on the decoder layers during the forward
+passes training already makes, so nothing else in the loop changes. The teacher must
+then run every batch: the precomputed teacher outputs hold logits only.
+"""
+
+from __future__ import annotations
+
+
+class HiddenAlignment:
+    """Forward hooks on the student's decoder layers and on the teacher layers they came
+    from (`pairs[i]`: the teacher layer of student layer i); `loss` reads the latest
+    forward pass of each."""
+
+    def __init__(self, student, teacher, pairs: list[int]):
+        from shrink.distill.importance import decoder_layers
+
+        self.pairs = list(pairs)
+        self.student_out: dict[int, object] = {}
+        self.teacher_out: dict[int, object] = {}
+        s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
+        self._handles = [s_layers[i].register_forward_hook(self._keep(self.student_out, i)) for i in range(len(pairs))]
+        self._handles += [t_layers[j].register_forward_hook(self._keep(self.teacher_out, j)) for j in set(pairs)]
+
+    @staticmethod
+    def _keep(store: dict, index: int):
+        def hook(module, args, output):
+            store[index] = output[0] if isinstance(output, tuple) else output  # (batch, seq, d)
+        return hook
+
+    def loss(self, student_mask, teacher_mask):
+        """The alignment term for the last forward passes, whose loss positions are
+        `student_mask` and `teacher_mask` (batch, seq). A teacher run with a shared-prefix
+        cache only computed its last positions; the masks are cut to match."""
+        import torch
+
+        terms = []
+        for i, j in enumerate(self.pairs):
+            s, t = self.student_out[i], self.teacher_out[j]
+            s_sel = s[student_mask[:, student_mask.shape[1] - s.shape[1]:]].float()  # (n, d)
+            t_sel = t[teacher_mask[:, teacher_mask.shape[1] - t.shape[1]:]].float()  # (n, d)
+            terms.append(1 - torch.nn.functional.cosine_similarity(s_sel, t_sel, dim=-1).mean())
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.student_out.clear()
+        self.teacher_out.clear()

@@ -1,0 +1,181 @@
+"""Width pruning: fewer MLP channels and attention heads (`--ffn-ratio`, `--heads-ratio`).
+
+The Minitron recipe (Muralidharan et al., 2024): after the layer cut, run the student
+over a sample of the task's texts, score every MLP intermediate channel and every
+attention head by its mean activation, keep the highest-scoring ones in each layer,
+and let distillation recover the rest.
+
+- MLP channel j: mean |a_j| over tokens, a being the input of down_proj
+  (act(gate(x)) * up(x)).
+- Attention head h: mean over tokens of the L2 norm of the head's attention output (its
+  slice of o_proj's input). Keys and values are shared by a group of query heads (GQA),
+  so whole groups are kept or dropped, scored by the sum of their heads: the number of
+  query heads per key/value head stays the same, as the attention code requires.
+
+Each layer keeps its own channels and heads; the counts are the same in every layer, as
+a config holds one width. Widths are rounded for llama.cpp's quantizers:
+- the MLP intermediate size becomes a multiple of 256 (k-quant rows are 256 values)
+  when the original was, else a multiple of 32 (Q8_0/Q4_0 blocks): the nearest multiple
+  to ratio * size, at least one multiple, at most the original size. down_proj reads
+  that many values per row.
+- the heads: round(ratio * kv_heads) groups, at least one. o_proj reads
+  query_heads * head_dim values per row, a multiple of 256 whenever one group's width
+  (query heads per group * head_dim) is, as in most models (Llama 3, Gemma 3: 256).
+head_dim is written into the config, so it is not recomputed as hidden_size / heads.
+Per-head norms (Gemma 3's and Qwen 3's q_norm/k_norm) act on head_dim and are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from shrink.errors import ModelError
+
+# What width pruning slices, per decoder layer, in the llama.cpp-style layout that
+# llama, mistral, qwen2/3 and gemma 1-3 share: state-dict key -> (which index, dim).
+# "q": kept query heads' rows, "kv": kept key/value heads' rows, "ffn": kept channels.
+SLICES = {
+    "self_attn.q_proj.weight": ("q", 0),
+    "self_attn.q_proj.bias": ("q", 0),
+    "self_attn.k_proj.weight": ("kv", 0),
+    "self_attn.k_proj.bias": ("kv", 0),
+    "self_attn.v_proj.weight": ("kv", 0),
+    "self_attn.v_proj.bias": ("kv", 0),
+    "self_attn.o_proj.weight": ("q", 1),  # o_proj's bias is per hidden unit: unchanged
+    "mlp.gate_proj.weight": ("ffn", 0),
+    "mlp.gate_proj.bias": ("ffn", 0),
+    "mlp.up_proj.weight": ("ffn", 0),
+    "mlp.up_proj.bias": ("ffn", 0),
+    "mlp.down_proj.weight": ("ffn", 1),  # down_proj's bias is per hidden unit: unchanged
+}
+REQUIRED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Widths:
+    intermediate: int  # MLP intermediate channels
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (groups)
+    head_dim: int
+
+
+def widths_of(model) -> Widths:
+    c = model.config.get_text_config()
+    heads = c.num_attention_heads
+    if not isinstance(c.intermediate_size, int):
+        raise ModelError(f"{type(model).__name__}: width pruning needs one intermediate_size, got {c.intermediate_size}")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return Widths(c.intermediate_size, heads, getattr(c, "num_key_value_heads", None) or heads, head_dim)
+
+
+def ffn_width(size: int, ratio: float) -> int:
+    """The kept MLP intermediate size: a multiple of 256 when `size` is one, else of 32."""
+    step = 256 if size % 256 == 0 else 32
+    if ratio >= 1.0 or size <= step:
+        return size
+    return min(size, max(step, math.floor(ratio * size / step + 0.5) * step))  # nearest, halves up
+
+
+def target_widths(now: Widths, ffn_ratio: float, heads_ratio: float) -> Widths:
+    kv = now.kv_heads if heads_ratio >= 1.0 else max(1, round(heads_ratio * now.kv_heads))
+    return Widths(ffn_width(now.intermediate, ffn_ratio), kv * (now.heads // now.kv_heads), kv, now.head_dim)
+
+
+def activation_scores(model, batches) -> list[dict]:
+    """Per decoder layer: {"ffn": (intermediate,) mean |input of down_proj|, "groups":
+    (kv_heads,) summed mean L2 norm of each group's heads' attention output}, over the
+    non-pad tokens of `batches` ((ids, attention mask) pairs)."""
+    import torch
+
+    from shrink.distill.importance import decoder_layers
+
+    w = widths_of(model)
+    layers = decoder_layers(model)
+    check_layout(model)
+    sums = [{"ffn": torch.zeros(w.intermediate, dtype=torch.float64),
+             "heads": torch.zeros(w.heads, dtype=torch.float64)} for _ in layers]
+    current, count = {}, 0
+
+    def on_ffn(index):
+        def record(module, args):
+            a = args[0][current["valid"]]  # (tokens, intermediate)
+            sums[index]["ffn"] += a.abs().double().sum(0).cpu()
+        return record
+
+    def on_heads(index):
+        def record(module, args):
+            a = args[0][current["valid"]]  # (tokens, heads * head_dim)
+            sums[index]["heads"] += a.view(a.shape[0], w.heads, w.head_dim).double().norm(dim=-1).sum(0).cpu()
+        return record
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.get_submodule("mlp.down_proj").register_forward_pre_hook(on_ffn(i)))
+        handles.append(layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(on_heads(i)))
+    try:
+        with torch.no_grad():
+            for ids, attn in batches:
+                current["valid"] = attn.bool()
+                model.base_model(input_ids=ids, attention_mask=attn)
+                count += int(attn.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    per_group = w.heads // w.kv_heads
+    return [{"ffn": s["ffn"] / max(count, 1), "groups": (s["heads"] / max(count, 1)).view(w.kv_heads, per_group).sum(-1)}
+            for s in sums]
+
+
+def check_layout(model) -> None:
+    from shrink.distill.importance import decoder_layers
+
+    layer = decoder_layers(model)[0]
+    names = {n for n, _ in layer.named_modules()}
+    missing = [n for n in REQUIRED if n not in names]
+    if missing:
+        raise ModelError(f"--ffn-ratio/--heads-ratio: {type(model).__name__} has no {', '.join(missing)} in its "
+                         f"decoder layers (width pruning supports separate q/k/v/o and gate/up/down projections)")
+
+
+def prune_width(model, target: Widths, scores: list[dict]):
+    """A new model with `target` widths, keeping in each layer the channels and KV groups
+    with the highest scores (in their original order), weights copied."""
+    import torch
+
+    from shrink.distill.student import LAYER_KEY, model_from_state
+
+    now = widths_of(model)
+    per_group = now.heads // now.kv_heads
+    index = []
+    for s in scores:
+        ffn = torch.topk(s["ffn"], target.intermediate).indices.sort().values
+        groups = torch.topk(s["groups"], target.kv_heads).indices.sort().values
+        q_heads = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
+        index.append({"ffn": ffn, "kv": _rows(groups, now.head_dim), "q": _rows(q_heads, now.head_dim)})
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        m = LAYER_KEY.match(key)
+        rule = SLICES.get(m.group(3)[1:]) if m else None
+        if rule is None:
+            state[key] = tensor
+        else:
+            which, dim = rule
+            state[key] = tensor.index_select(dim, index[int(m.group(2))][which].to(tensor.device)).clone()
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    text = config.get_text_config()
+    text.intermediate_size = target.intermediate
+    text.num_attention_heads = target.heads
+    text.num_key_value_heads = target.kv_heads
+    text.head_dim = now.head_dim  # explicit: hidden_size / heads would now be wrong
+    return model_from_state(config, state, "width-pruned student")
+
+
+def _rows(units, size: int):
+    """Row indices of whole units (heads) of `size` rows each."""
+    import torch
+
+    return (units[:, None] * size + torch.arange(size)).flatten()

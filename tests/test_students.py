@@ -1,0 +1,315 @@
+"""Smarter students: layers chosen by importance, width pruning, hidden-state alignment,
+and starting from an existing smaller model (--student)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiny
+from shrink.cli import cli
+from shrink.distill.batches import collate, encode_examples
+from shrink.distill.hidden import HiddenAlignment
+from shrink.distill.importance import important_layers, layer_distances, sample_examples, task_batches
+from shrink.distill.logits import selected_logits
+from shrink.distill.prefix import PrefixCache, usable_prefix
+from shrink.distill.student import cut_student, even_layers
+from shrink.distill.train import DistillConfig, distill, with_prefix
+from shrink.distill.width import Widths, activation_scores, ffn_width, prune_width, target_widths, widths_of
+from shrink.errors import ShrinkError
+from shrink.hf import load_causal_lm, load_tokenizer
+from shrink.tasks import load_task
+from test_distill import mean_kl
+
+
+def edited_teacher(teacher, folder, edit):
+    """A copy of the teacher folder whose weights `edit(model)` changed in place."""
+    shutil.copytree(teacher, folder)
+    model = load_causal_lm(folder)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_identity(index):
+    """Zero a layer's attention and MLP output projections: it returns its input."""
+    def edit(model):
+        model.model.layers[index].self_attn.o_proj.weight.zero_()
+        model.model.layers[index].mlp.down_proj.weight.zero_()
+    return edit
+
+
+# --- layer selection -------------------------------------------------------------------
+
+def test_important_layers_keeps_the_ends_and_the_largest_distances():
+    assert important_layers([0.5, 0.1, 0.3, 0.2, 0.05], 3) == [0, 2, 4]
+    assert important_layers([0.5, 0.1, 0.3, 0.2, 0.05], 4) == [0, 2, 3, 4]
+    assert important_layers([0.5, 0.2, 0.2, 0.1], 3) == [0, 1, 3]  # a tie goes to the earlier layer
+    assert important_layers([0.5, 0.1, 0.3], 1) == [0]
+    assert important_layers([0.5, 0.1, 0.3], 2) == [0, 2]
+    with pytest.raises(ShrinkError, match="between 1 and the teacher's 3 layers, got 4"):
+        important_layers([0.5, 0.1, 0.3], 4)
+    assert sample_examples(list(range(1000)), 4) == [0, 250, 500, 750]
+
+
+@pytest.mark.parametrize("identity", [1, 2])
+def test_an_identity_layer_has_distance_zero_and_is_dropped(identity, teacher, task_files, tmp_path):
+    folder = edited_teacher(teacher, tmp_path / "t", make_identity(identity))
+    model, tok = load_causal_lm(folder), load_tokenizer(folder)
+    distances = layer_distances(model, task_batches(tok, load_task(task_files["train"]), "cpu", n=32))
+    assert distances[identity] == pytest.approx(0.0, abs=1e-6)
+    assert all(d > 0.01 for i, d in enumerate(distances) if i != identity), distances
+    assert important_layers(distances, 3) == [i for i in range(4) if i != identity]
+
+
+def test_distill_with_importance_records_layers_and_scores(teacher, task_files, tmp_path):
+    folder = edited_teacher(teacher, tmp_path / "t", make_identity(2))
+    m = distill(DistillConfig(teacher=folder, data=task_files["train"], out=tmp_path / "s", layers=3, steps=2,
+                              layer_selection="importance", device="cpu"))
+    s = m["settings"]
+    assert s["layer_selection"] == "importance" and s["layers_kept"] == [0, 1, 3]
+    assert len(s["layer_scores"]) == 4 and s["layer_scores"][2] == pytest.approx(0.0, abs=1e-6)
+    assert load_causal_lm(tmp_path / "s").config.num_hidden_layers == 3
+
+
+# --- width pruning ---------------------------------------------------------------------
+
+def test_ffn_width_rounding():
+    assert ffn_width(512, 0.5) == 256
+    assert ffn_width(512, 0.3) == 256  # at least one multiple of 256
+    assert ffn_width(2048, 0.4) == 768  # 819.2 -> the nearest multiple of 256
+    assert ffn_width(8192, 0.55) == 4608
+    assert ffn_width(4864, 0.5) == 2560  # 9.5 multiples of 256: halves go up
+    assert ffn_width(4864, 0.4) == 2048  # 7.6 multiples
+    assert ffn_width(1000, 0.5) == 512  # not a multiple of 256: multiples of 32 (500 -> 512)
+    assert ffn_width(1000, 1.0) == 1000
+    assert target_widths(Widths(512, 4, 2, 64), 0.5, 0.5) == Widths(256, 2, 1, 64)
+    assert target_widths(Widths(512, 8, 8, 64), 1.0, 0.4) == Widths(512, 3, 3, 64)  # MHA: groups of one
+    assert target_widths(Widths(512, 4, 1, 64), 1.0, 0.5) == Widths(512, 4, 1, 64)  # a single group stays
+
+
+def silence(model, heads: bool, seed: int = 0):
+    """Silence half the MLP channels (their up_proj rows) and, with `heads`, one KV group
+    (its v_proj rows and bias) in every layer, in place. Returns the kept group per layer."""
+    w = widths_of(model)
+    rng = torch.Generator().manual_seed(seed)
+    kept_groups = []
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[torch.randperm(w.intermediate, generator=rng)[: w.intermediate // 2]] = 0
+            silent = int(torch.randint(0, w.kv_heads, (1,), generator=rng))
+            kept_groups.append(1 - silent)
+            if heads:
+                rows = slice(silent * w.head_dim, (silent + 1) * w.head_dim)
+                layer.self_attn.v_proj.weight[rows] = 0
+                if layer.self_attn.v_proj.bias is not None:
+                    layer.self_attn.v_proj.bias[rows] = 0
+    return kept_groups
+
+
+def check_pruning_silent_parts_is_exact(model, tok, examples, heads_ratio, folder):
+    """Activation importance must drop exactly the silenced parts, and the pruned model
+    must compute what the original does, also after a save and from_pretrained. This
+    checks that q/k/v/o (and biases) and gate/up/down are sliced consistently, GQA
+    groups included."""
+    kept_groups = silence(model, heads=heads_ratio < 1)
+    scores = activation_scores(model, task_batches(tok, examples, "cpu", n=16))
+    pruned = prune_width(model, target_widths(widths_of(model), 0.5, heads_ratio), scores)
+    w = widths_of(model)
+    if heads_ratio < 1:
+        for i, layer in enumerate(pruned.model.layers):
+            rows = slice(kept_groups[i] * w.head_dim, (kept_groups[i] + 1) * w.head_dim)
+            torch.testing.assert_close(layer.self_attn.k_proj.weight, model.model.layers[i].self_attn.k_proj.weight[rows])
+    pruned.save_pretrained(folder)
+    loaded = load_causal_lm(folder)
+    ids = torch.tensor([tok("Review: the coffee was awful\nSentiment: negative").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    return widths_of(loaded)
+
+
+def test_pruning_what_does_nothing_leaves_the_logits_unchanged(teacher, task_files, tmp_path):
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    got = check_pruning_silent_parts_is_exact(model, tok, load_task(task_files["train"]), 0.5, tmp_path / "p")
+    assert got == Widths(256, 2, 1, 64)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_width_pruning_other_families(family, teacher, task_files, tmp_path):
+    """Qwen2: q/k/v biases and a tied embedding. Gemma 3: q_norm/k_norm per head, an
+    explicit head_dim, a single KV group (so its heads stay)."""
+    tok = load_tokenizer(teacher)
+    build = {"qwen2": tiny.build_qwen2, "gemma3": tiny.build_gemma3}[family]
+    model = build(tmp_path, tok, layers=2, hidden=256).eval()
+    heads_ratio = 0.5 if family == "qwen2" else 1.0
+    got = check_pruning_silent_parts_is_exact(model, tok, load_task(task_files["train"]), heads_ratio, tmp_path / "p")
+    assert got == (Widths(256, 2, 1, 64) if family == "qwen2" else Widths(256, 4, 1, 32))
+
+
+def test_mlp_importance_beats_a_random_slice(teacher, task_files):
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    held_out = load_task(task_files["eval"])[:40]
+    scores = activation_scores(model, task_batches(tok, load_task(task_files["train"]), "cpu"))
+    target = target_widths(widths_of(model), 0.5, 1.0)
+    by_importance = mean_kl(prune_width(model, target, scores), model, tok, held_out)
+    randoms = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        shuffled = [{k: torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in s.items()} for s in scores]
+        randoms.append(mean_kl(prune_width(model, target, shuffled), model, tok, held_out))
+    assert by_importance < 0.5 * min(randoms), (by_importance, randoms)  # measured: 0.00027 against >= 0.0015
+
+
+@pytest.fixture(scope="module")
+def narrow_student(tmp_path_factory, teacher, task_files):
+    d = tmp_path_factory.mktemp("narrow")
+    manifest = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=d / "s", layers=3, steps=3,
+                                     batch_size=16, ffn_ratio=0.5, heads_ratio=0.5, device="cpu"))
+    return d, manifest
+
+
+def test_width_pruned_student_loads_with_its_widths(narrow_student):
+    d, manifest = narrow_student
+    config = json.loads((d / "s" / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (256, 2, 1)
+    assert config["head_dim"] == 64 and config["num_hidden_layers"] == 3
+    assert manifest["settings"]["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1]}
+    assert (manifest["settings"]["ffn_ratio"], manifest["settings"]["heads_ratio"]) == (0.5, 0.5)
+    model = load_causal_lm(d / "s")
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (256, 128)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (256, 256)
+
+
+def test_width_pruned_student_converts_to_gguf_with_parity(narrow_student, task_files):
+    from shrink.export.flow import ExportOptions, export
+
+    d, _ = narrow_student
+    m = export(d / "s", d / "gguf", ExportOptions("gguf", quant="F16"), eval_data=task_files["eval"])
+    parity = m["metrics"]["parity"]
+    assert m["valid"] is True and parity["passed"] is True
+    assert parity["token_id_match"] == 1.0 and parity["top1_agreement"] >= 0.99 and parity["mean_kl"] <= 0.01
+
+
+# --- hidden-state alignment ------------------------------------------------------------
+
+def alignment(student, teacher, pairs, tok, examples, teacher_examples=None):
+    """The alignment term of `student` against `teacher` on `examples`, without training."""
+    s_seqs = encode_examples(tok, examples, 512)
+    t_seqs = encode_examples(tok, teacher_examples or examples, 512)
+    ids, attn, mask = collate(s_seqs, tok.pad_token_id, "cpu")
+    t_ids, t_attn, t_mask = collate(t_seqs, tok.pad_token_id, "cpu")
+    shared = usable_prefix([s.ids for s in t_seqs], min(s.start for s in t_seqs) - 1)
+    align = HiddenAlignment(student, teacher, pairs)
+    try:
+        with torch.no_grad():
+            selected_logits(teacher, t_ids, t_attn, t_mask, prefix=PrefixCache(teacher, shared, "cpu") if shared else None)
+            selected_logits(student, ids, attn, mask)
+            return align.loss(mask, t_mask).item()
+    finally:
+        align.remove()
+
+
+def test_hidden_alignment_is_zero_for_the_teacher_and_follows_the_prefix(teacher, task_files, monkeypatch):
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    examples = load_task(task_files["eval"])[:8]
+    assert alignment(cut_student(model, [0, 1, 2, 3]), model, [0, 1, 2, 3], tok, examples) == pytest.approx(0.0, abs=1e-5)
+    assert alignment(cut_student(model, [0, 3]), model, [0, 3], tok, examples) > 0.01
+    # With a teacher prefix, the teacher's positions are the student's shifted by the prefix:
+    # the prefix cache (teacher runs only the tokens after it) must give the full pass's term.
+    prefixed = with_prefix(examples, "Review: the phone was great\nSentiment: positive\n\n")
+    student = cut_student(model, [0, 3])
+    cached = alignment(student, model, [0, 3], tok, examples, prefixed)
+    monkeypatch.setattr(PrefixCache, "MIN_TOKENS", 10_000)  # no cache: the full forward
+    full = alignment(student, model, [0, 3], tok, examples, prefixed)
+    assert cached == pytest.approx(full, abs=1e-5) and cached != pytest.approx(alignment(student, model, [0, 3], tok, examples), abs=1e-3)
+
+
+def test_hidden_alignment_term_decreases_with_training(teacher, task_files, tmp_path):
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    held_out = load_task(task_files["eval"])[:40]
+    before = alignment(cut_student(model, even_layers(4, 2)), model, [0, 3], tok, held_out)
+    m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", layers=2, steps=25,
+                              batch_size=16, lr=1e-3, hidden_weight=1.0, device="cpu"))
+    after = alignment(load_causal_lm(tmp_path / "s"), model, [0, 3], tok, held_out)
+    assert after < 0.7 * before, (before, after)  # measured: 0.030 -> 0.016; without the term it rises to 0.061
+    assert m["settings"]["hidden_weight"] == 1.0
+
+
+def test_hidden_alignment_with_prune_vocab_and_teacher_prefix(teacher, task_files, tmp_path):
+    prefix = tmp_path / "prefix.txt"
+    prefix.write_text("Review: the phone was great\nSentiment: positive\n\n")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", teacher, "--data", task_files["train"], "--out", tmp_path / "s", "--layers", "2",
+        "--steps", "3", "--batch-size", "8", "--hidden-weight", "0.5", "--prune-vocab", "--teacher-prefix", prefix,
+        "--device", "cpu", "--json")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    assert settings["hidden_weight"] == 0.5 and settings["vocab_kept"] < settings["teacher_vocab"]
+
+
+# --- --student DIR ---------------------------------------------------------------------
+
+def small_model(folder, tokenizer):
+    model = tiny.build_llama(folder, tokenizer, layers=2, hidden=128, seed=1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_student_folder_is_distilled_with_pruned_vocabulary_and_heads(teacher, task_files, tmp_path):
+    tok = load_tokenizer(teacher)
+    start = small_model(tmp_path / "small", tok)
+    m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", student=start,
+                              steps=20, batch_size=16, lr=1e-3, prune_vocab=True, heads_ratio=0.5, device="cpu"))
+    s = m["settings"]
+    assert s["student"] == str(start) and s["layers"] is None and s["layers_kept"] is None
+    trained = load_causal_lm(tmp_path / "s")
+    assert trained.config.hidden_size == 128 and trained.config.num_hidden_layers == 2
+    assert (trained.config.num_attention_heads, trained.config.num_key_value_heads) == (2, 1)
+    assert trained.config.vocab_size == s["vocab_kept"] < s["teacher_vocab"]
+    log = json.loads((tmp_path / "s" / "training_log.json").read_text())
+    assert log[-1]["kl"] < 0.7 * log[0]["kl"], (log[0], log[-1])  # measured: 10.0 -> 5.9
+
+
+def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, tmp_path):
+    tok = load_tokenizer(teacher)
+    # The same vocabulary size, two task tokens swapped: other ids for the same text.
+    swapped = small_model(tmp_path / "swapped", tok)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "▁positive", "▁negative"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ShrinkError) as e:
+        distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", student=swapped, steps=1))
+    assert str(e.value).startswith(f"--student {swapped} does not share the tokenizer of the teacher {teacher}: other token ids for")
+
+    other = tiny.build_tokenizer(tmp_path / "other", ["completely different words here"] * 20, vocab_size=300)
+    small_model(tmp_path / "other", other)
+    with pytest.raises(ShrinkError, match=f"--student {tmp_path / 'other'} does not share the tokenizer of the teacher "
+                                          f"{teacher}: vocabulary size"):
+        distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", student=tmp_path / "other", steps=1))
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "--layers is required (or --student DIR"),
+    (["--layers", "2", "--student", "{teacher}"], "--layers and --student cannot be used together"),
+    (["--student", "{teacher}", "--layer-selection", "importance"], "--layer-selection: not with --student"),
+    (["--student", "{teacher}", "--hidden-weight", "1"], "--hidden-weight: not with --student"),
+    (["--layers", "2", "--ffn-ratio", "0"], "--ffn-ratio must be above 0 and at most 1"),
+    (["--layers", "2", "--heads-ratio", "1.5"], "--heads-ratio must be above 0 and at most 1"),
+    (["--layers", "2", "--hidden-weight", "-1"], "--hidden-weight must be 0 (off) or positive"),
+])
+def test_student_options_refused_on_the_command_line(args, message, teacher, task_files, tmp_path):
+    r = CliRunner().invoke(cli, [str(a).format(teacher=teacher) for a in (
+        "distill", "--teacher", teacher, "--data", task_files["train"], "--out", tmp_path / "s", *args)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("Error: " + message), r.stderr
+    assert not (tmp_path / "s").exists()
