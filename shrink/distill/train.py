@@ -3,12 +3,18 @@
 teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + manifest.json)
 
 1. Check every input before anything is loaded or written.
-2. Load the teacher (a GGUF file is converted once into a cached folder); cut the student
-   (evenly spaced layers, weights copied); optionally prune its vocabulary to the task's
-   tokens (shrink.distill.prune_vocab), the teacher then being read on those tokens only.
-3. Train the student on completion tokens: KL to the teacher at temperature T mixed
-   with cross-entropy on the reference (shrink.distill.loss). bf16 autocast on CUDA.
-4. Save an atomic checkpoint every `save_every` steps; `resume` continues from it.
+2. Load the teacher (a GGUF file is converted once into a cached folder); build the
+   student (shrink.distill.student.build_student): the teacher's layers cut evenly or by
+   importance on the task, optionally narrowed (shrink.distill.width), or an existing
+   smaller model (--student); optionally prune its vocabulary to the task's tokens
+   (shrink.distill.prune_vocab), the teacher then being read on those tokens only.
+3. Train the student on completion tokens: a divergence to the teacher at temperature T
+   (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with cross-entropy on the reference,
+   plus optional hidden-state alignment (shrink.distill.hidden). The teacher's outputs
+   come from the teacher itself or from a teacher cache (shrink.distill.teacher_cache).
+   bf16 autocast on CUDA; under torchrun, each rank takes its share of every global
+   batch (shrink.distill.distributed).
+4. Save an atomic checkpoint every `save_every` steps (rank 0); `resume` continues from it.
 5. Optionally evaluate student and teacher on held-out data.
 6. Write the student folder atomically, manifest last.
 """
