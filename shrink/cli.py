@@ -59,8 +59,10 @@ def cli() -> None:
     \b
     shrink distill --teacher ./teacher --data train.jsonl --out student --layers 4
     shrink export student --target gguf --quant Q4_K_M --out student-q4
+    shrink export student --target phone --eval eval.jsonl --out phone-bundle
     shrink eval student-q4 --data eval.jsonl --teacher ./teacher
     shrink run student-q4 "Review: works great\\nSentiment:"
+    shrink check build --baseline ci/baseline.json --junit check.xml
     """
 
 
