@@ -49,6 +49,12 @@ def sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
     return float((rows[np.arange(len(targets)), targets] - lse).sum())
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first of the stop strings (excluded), as generate() returns it."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
 # The files that hold an artifact's weights, per format (its size is theirs).
 WEIGHT_FILES = {"hf": ("*.safetensors",), "gptq": ("*.safetensors",), "gguf": ("*.gguf",),
                 "onnx": ("*.onnx", "*.onnx.data")}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
-from shrink.runtime.base import sum_logprobs
+from shrink.runtime.base import cut_at_stop, sum_logprobs
 
 
 def find_gguf(path: str | Path) -> Path:
@@ -173,9 +173,8 @@ class LlamaCppRuntime:
                 break
             seq.append(nxt)
             text = self.decode(seq)[head:]
-            cuts = [i for s in stops if (i := text.find(s)) >= 0]
-            if cuts:
-                return text[: min(cuts)]
+            if any(s in text for s in stops):
+                return cut_at_stop(text, tuple(stops))
         return text
 
     def close(self) -> None:

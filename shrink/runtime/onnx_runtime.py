@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, requires
-from shrink.runtime.base import sum_logprobs
+from shrink.runtime.base import cut_at_stop, sum_logprobs
 from shrink.export.onnx_export import MODEL_FILE, io_names
 
 KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
@@ -146,9 +146,7 @@ class OnnxRuntime:
             if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
                 break
             x = [nxt]
-        text = self.decode(ids + out)[len(base):]
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        return text if cut < 0 else text[:cut]
+        return cut_at_stop(self.decode(ids + out)[len(base):], stop)
 
     def close(self) -> None:
         self._session = None

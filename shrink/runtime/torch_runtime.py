@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.hf import load_causal_lm, load_tokenizer, quantization_method, resolve_device
+from shrink.runtime.base import cut_at_stop
 
 
 class TorchRuntime:
@@ -115,12 +116,8 @@ class TorchRuntime:
                 if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
                     break
                 x = torch.tensor([[nxt]], device=self.device)
-        return _cut_at_stop(self.decode(ids + out)[len(base):], stop)
+        return cut_at_stop(self.decode(ids + out)[len(base):], stop)
 
     def close(self) -> None:
         self.model = None
 
-
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
