@@ -242,23 +242,28 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
 @click.option("--data", required=True, type=Path, help="Task data (JSONL).")
 @click.option("--teacher", type=Path, help="Teacher folder or GGUF file: also measure its accuracy and the retention.")
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (as in distill).")
+@click.option("--teacher-runtime", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
+              help="auto: the teacher as it is served (a GGUF file in llama.cpp, a folder in torch); torch: a GGUF teacher's dequantized copy in torch.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def eval_cmd(artifact, data, teacher, teacher_prefix, threads, device, as_json):
+def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, device, as_json):
     """Measure task accuracy through the artifact's own runtime.
 
     A Hugging Face folder runs in torch (a GPTQ one through GPTQModel's kernels), a GGUF
     artifact in llama.cpp, an ONNX one in onnxruntime. Examples with
     choices are scored by log-probability; others by exact match of the greedy output.
+    The teacher runs the same way: a GGUF teacher in llama.cpp, as its users serve it.
 
     \b
-    Example:
+    Examples:
       shrink eval student-q4 --data eval.jsonl --teacher ./teacher --json
+      shrink eval student-q4 --data eval.jsonl --teacher teacher-Q4_K_M.gguf --teacher-prefix shots.txt
     """
     from shrink.evaluate import evaluate_path
 
-    result = evaluate_path(artifact, data, teacher=teacher, teacher_prefix=teacher_prefix, threads=threads, device=device)
+    result = evaluate_path(artifact, data, teacher=teacher, teacher_prefix=teacher_prefix,
+                           teacher_runtime=teacher_runtime, threads=threads, device=device)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -295,7 +300,7 @@ def run(artifact, prompt, max_tokens, threads, device):
 @click.option("--out", default="demo-out", show_default=True, type=Path, help="Folder for the data, models and results.")
 @click.option("--teacher", type=Path, help="Use another teacher (folder or GGUF).  [default: Gemma 3 270M from its PyPI package]")
 @click.option("--layers", default=3, show_default=True, help="Decoder layers the student keeps.")
-@click.option("--epochs", default=4.0, show_default=True, help="Passes over the 1,501 training reviews.")
+@click.option("--epochs", default=4.0, show_default=True, help="Passes over the 1,201 training reviews.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
@@ -303,9 +308,11 @@ def demo(out, teacher, layers, epochs, threads, force, as_json):
     """Run the whole pipeline on the built-in example.
 
     Gemma 3 270M is distilled into a small student for the sentiment of customer
-    reviews (a dataset shipped with shrink), with its vocabulary pruned to the task.
-    The student is exported to GGUF Q8_0 and Q4_K_M, and the teacher, the student and
-    each GGUF are evaluated through their own runtimes. Writes results.json and
+    reviews (a dataset shipped with shrink, split into train, dev and test), with its
+    vocabulary pruned to the training text. The student is exported to GGUF Q8_0 and
+    Q4_K_M, and the teacher (in transformers, and as served: its GGUF in llama.cpp with
+    its few-shot prompt), the student and each GGUF are evaluated through their own
+    runtimes on the test split, which no setting was tuned on. Writes results.json and
     accuracy_vs_size.png into OUT. Needs: pip install 'shrink[demo]'.
 
     \b

@@ -100,21 +100,37 @@ def artifact_size(path) -> int:
     return sum(f.stat().st_size for pattern in WEIGHT_FILES[artifact_format(path)] for f in path.glob(pattern))
 
 
-def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, threads=None, device="auto") -> dict:
-    """`shrink eval`: the artifact (and optionally the teacher) on a task file."""
+TEACHER_RUNTIMES = ("auto", "torch")  # auto: the teacher's own (llama.cpp for a GGUF file)
+
+
+def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_runtime="auto", threads=None,
+                  device="auto") -> dict:
+    """`shrink eval`: the artifact (and optionally the teacher) on a task file.
+
+    The teacher runs as its user serves it: a GGUF file in llama.cpp (quantized, as it
+    is), a folder in torch. teacher_runtime="torch" runs a GGUF teacher's dequantized
+    Hugging Face copy in torch instead."""
     from pathlib import Path
 
+    from shrink.errors import ShrinkError
     from shrink.hf import check_model_dir
     from shrink.runtime import open_runtime
     from shrink.tasks import load_task
 
+    if teacher_runtime not in TEACHER_RUNTIMES:
+        raise ShrinkError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, got {teacher_runtime!r}")
     examples = load_task(data)
     if teacher is not None:
-        from shrink.teacher_gguf import resolve_teacher
+        teacher = Path(teacher)
+        if teacher.is_file():
+            if teacher.suffix != ".gguf":
+                raise ShrinkError(f"--teacher: {teacher} is a file but not .gguf (expected a model folder or a GGUF file)")
+            if teacher_runtime == "torch":
+                from shrink.teacher_gguf import resolve_teacher
 
-        if not Path(teacher).is_file():
+                teacher = resolve_teacher(teacher)
+        else:
             check_model_dir(teacher, "teacher")
-        teacher = resolve_teacher(Path(teacher))
     teacher_examples = examples
     if teacher_prefix is not None:
         import dataclasses

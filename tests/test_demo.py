@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from shrink.demo.task import EVAL_SIZE, reviews, write_task_files
+from shrink.demo.task import DEV_SIZE, TEST_SIZE, reviews, write_task_files
 from shrink.tasks import load_task
 
 
@@ -19,12 +19,16 @@ def test_demo_dataset_is_large_varied_and_split(tmp_path):
     labels = [r["label"] for r in rows]
     assert 0.45 <= labels.count("positive") / len(labels) <= 0.55
     assert len({r["domain"] for r in rows}) >= 15
-    train, evals, prefix = write_task_files(tmp_path)
-    tr, ev = load_task(train), load_task(evals)
-    assert len(tr) >= 1000 and len(ev) == EVAL_SIZE >= 300
-    assert not {e.prompt for e in ev} & {e.prompt for e in tr}
-    assert all(e.choices == (" positive", " negative") for e in tr + ev)
-    assert prefix.read_text().count("Sentiment:") == 4
+    files = write_task_files(tmp_path)
+    tr, dev, test = (load_task(files[k]) for k in ("train", "dev", "test"))
+    assert len(tr) == len(rows) - DEV_SIZE - TEST_SIZE >= 1000 and len(dev) == DEV_SIZE and len(test) == TEST_SIZE
+    # Three disjoint splits: the test reviews are neither trained on nor tuned on.
+    prompts = [{e.prompt for e in part} for part in (tr, dev, test)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    assert all(e.choices == (" positive", " negative") for e in tr + dev + test)
+    assert files["prefix"].read_text().count("Sentiment:") == 4
+    # The few-shot examples the teacher is shown are none of the reviews.
+    assert not any(r["text"] in files["prefix"].read_text() for r in rows)
 
 
 def png_size(path):
@@ -33,22 +37,46 @@ def png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def test_demo_pipeline_on_a_tiny_teacher(teacher, tmp_path):
+def test_demo_pipeline_on_a_tiny_gguf_teacher(teacher, tmp_path, monkeypatch):
+    """A GGUF teacher is reported twice: in transformers and as served (its file in llama.cpp)."""
     from shrink.demo.pipeline import DemoConfig, run_demo
     from shrink.demo.report import print_table
+    from shrink.export.gguf_convert import convert_hf_to_gguf
 
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "teacher.gguf"
+    convert_hf_to_gguf(teacher, gguf, "f16")
     out = tmp_path / "demo"
-    result = run_demo(DemoConfig(out=out, teacher=teacher, layers=2, epochs=0.2))
-    assert [r["model"] for r in result["rows"]] == ["teacher", "student", "student Q8_0", "student Q4_K_M"]
-    assert [r["runtime"] for r in result["rows"]] == ["transformers fp32", "torch fp32", "llama.cpp", "llama.cpp"]
-    for r in result["rows"]:
+    result = run_demo(DemoConfig(out=out, teacher=gguf, layers=2, epochs=0.2))
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["teacher", "teacher as served", "student", "student Q8_0", "student Q4_K_M"]
+    assert [r["runtime"] for r in rows.values()] == ["transformers fp32", "llama.cpp", "torch fp32", "llama.cpp", "llama.cpp"]
+    assert result["eval_split"] == "test" and result["eval_examples"] == TEST_SIZE
+    for r in rows.values():
         assert 0 <= r["accuracy"] <= 1 and r["examples_per_s"] > 0 and r["size_bytes"] > 0
-    assert result["rows"][3]["size_bytes"] < result["rows"][2]["size_bytes"] < result["rows"][1]["size_bytes"]
+    served = rows["teacher as served"]
+    assert served["size_bytes"] == gguf.stat().st_size
+    q4 = rows["student Q4_K_M"]
+    assert q4["times_smaller_vs_served"] == round(served["size_bytes"] / q4["size_bytes"], 1)
+    assert q4["times_faster_vs_served"] == round(q4["examples_per_s"] / served["examples_per_s"], 1)
+    assert q4["retention"] == (round(q4["accuracy"] / rows["teacher"]["accuracy"], 4) if rows["teacher"]["accuracy"] else None)
+    assert q4["size_bytes"] < rows["student Q8_0"]["size_bytes"] < rows["student"]["size_bytes"]
     assert json.loads((out / "results.json").read_text()) == result
     assert png_size(out / "accuracy_vs_size.png") == (800, 500)
     for name in ("student", "student-Q8_0", "student-Q4_K_M"):
         assert (out / name / "manifest.json").is_file()
     print_table(result)
+
+
+def test_ratios_without_a_served_teacher_are_against_the_folder():
+    from shrink.demo.pipeline import add_ratios
+
+    rows = [{"model": "teacher", "size_bytes": 400, "accuracy": 0.8, "examples_per_s": 2.0},
+            {"model": "student", "size_bytes": 20, "accuracy": 0.76, "examples_per_s": 30.0}]
+    add_ratios(rows)
+    assert rows[1]["times_smaller"] == rows[1]["times_smaller_vs_served"] == 20.0
+    assert rows[1]["retention"] == rows[1]["retention_vs_served"] == 0.95
+    assert rows[1]["times_faster"] == 15.0
 
 
 def test_demo_refuses_an_existing_folder(tmp_path):
@@ -73,12 +101,12 @@ def test_real_demo(tmp_path):
 
     out = tmp_path / "demo"
     result = run_demo(DemoConfig(out=out))
-    teacher, q4 = result["rows"][0], result["rows"][-1]
+    teacher, q4 = result["rows"][1], result["rows"][-1]  # the teacher as served
     assert teacher["accuracy"] >= 0.85
     assert q4["times_smaller"] >= 30 and q4["times_faster"] >= 10
     assert q4["accuracy"] >= 0.8
     # The pruned vocabulary tokenizes alike in llama.cpp and Hugging Face.
     hf, rt = load_tokenizer(out / "student"), LlamaCppRuntime(out / "student-Q4_K_M")
-    texts = [ex.prompt + ex.completion for ex in load_task(out / "data" / "eval.jsonl")] + tiny.PARITY_SUITE
+    texts = [ex.prompt + ex.completion for ex in load_task(out / "data" / "test.jsonl")] + tiny.PARITY_SUITE
     assert [t for t in texts if rt.encode(t) != hf(t, split_special_tokens=True).input_ids] == []
     rt.close()

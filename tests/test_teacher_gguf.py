@@ -281,3 +281,25 @@ def test_gemma3_270m_q4_k_m(tmp_path, monkeypatch):
     runtime = Llama(str(source), vocab_only=True, verbose=False)
     for text in TEXTS:
         assert tokenizer(text).input_ids == runtime.tokenize(text.encode(), add_bos=True, special=True), text
+
+
+def test_eval_runs_a_gguf_teacher_as_served_unless_asked_for_torch(tiny_hf, tiny_gguf, cache_root, tmp_path, monkeypatch):
+    """`shrink eval --teacher FILE.gguf` measures the teacher in llama.cpp, on its own file
+    (size: the file's); `--teacher-runtime torch` measures its dequantized copy in torch."""
+    from click.testing import CliRunner
+
+    from shrink.cli import cli
+
+    monkeypatch.setenv("SHRINK_CACHE", str(cache_root))
+    data = tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.toy_examples(12, seed=5))
+    base = ["eval", str(tiny_hf), "--data", str(data), "--teacher", str(tiny_gguf), "--json"]
+    served = json.loads(CliRunner().invoke(cli, base, catch_exceptions=False).stdout)
+    torch_run = json.loads(CliRunner().invoke(cli, base + ["--teacher-runtime", "torch"], catch_exceptions=False).stdout)
+    s_teacher, t_teacher = served["results"][1], torch_run["results"][1]
+    assert (s_teacher["runtime"], s_teacher["path"]) == ("llama.cpp", str(tiny_gguf))
+    assert s_teacher["size_bytes"] == tiny_gguf.stat().st_size
+    assert t_teacher["runtime"] == "torch" and str(cache_root) in t_teacher["path"]
+    assert s_teacher["examples"] == t_teacher["examples"] == 12
+    r = CliRunner().invoke(cli, ["eval", str(tiny_hf), "--data", str(data), "--teacher", str(data)])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"Error: --teacher: {data} is a file but not .gguf (expected a model folder or a GGUF file)"

@@ -3,6 +3,10 @@
 Gemma 3 270M (a GGUF from PyPI) -> a pruned, distilled student for review sentiment ->
 GGUF Q8_0 and Q4_K_M -> every model evaluated through the runtime that serves it ->
 one table, results.json and accuracy_vs_size.png.
+
+Settings were chosen on the dev split (bench/demo_tune.py); every figure is taken on the
+test split. The teacher is reported twice when it is a GGUF file: in transformers (its
+bf16 weights), and as a user serves it (its own file in llama.cpp, with its prompt).
 """
 
 from __future__ import annotations
@@ -53,35 +57,36 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     teacher = Path(cfg.teacher) if cfg.teacher else demo_teacher()
     out.mkdir(parents=True)
-    train, evals, prefix = write_task_files(out / "data")
+    files = write_task_files(out / "data")
+    train, test, prefix = files["train"], files["test"], files["prefix"]
 
+    # Distilled on train, with the vocabulary of the training text only; measured on test.
     student = distill(DistillConfig(
-        teacher=teacher, data=train, eval_data=evals, out=out / "student", layers=cfg.layers,
+        teacher=teacher, data=train, eval_data=test, out=out / "student", layers=cfg.layers,
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, prune_vocab=True, teacher_prefix=prefix,
     ))
     sm = student["metrics"]
     rows = [
         {"model": "teacher", "runtime": "transformers fp32", "size_bytes": 2 * sm["teacher_parameters"],
          "size_note": "bf16 weights", "accuracy": sm["teacher_accuracy"], "examples_per_s": sm["teacher_examples_per_s"]},
-        {"model": "student", "runtime": "torch fp32", "size_bytes": _weights_bytes(out / "student"),
-         "accuracy": sm["accuracy"], "examples_per_s": sm["examples_per_s"]},
     ]
+    if teacher.is_file():  # a GGUF teacher: also as the user serves it, its own file in llama.cpp
+        rows.append(served_teacher_row(teacher, test, prefix, cfg.threads))
+    rows.append({"model": "student", "runtime": "torch fp32", "size_bytes": _weights_bytes(out / "student"),
+                 "accuracy": sm["accuracy"], "examples_per_s": sm["examples_per_s"]})
     for quant in cfg.quants:
         m = export(out / "student", out / f"student-{quant}", ExportOptions("gguf", quant=quant, threads=cfg.threads),
-                   eval_data=evals)
+                   eval_data=test)
         rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m["metrics"]["size_bytes"],
                      "accuracy": m["metrics"]["accuracy"], "examples_per_s": m["metrics"]["examples_per_s"]})
 
-    teacher_row = rows[0]
-    for row in rows:
-        row["retention"] = round(row["accuracy"] / teacher_row["accuracy"], 4) if teacher_row["accuracy"] else None
-        row["times_smaller"] = round(teacher_row["size_bytes"] / row["size_bytes"], 1)
-        row["times_faster"] = round(row["examples_per_s"] / teacher_row["examples_per_s"], 1)
+    add_ratios(rows)
     result = {
         "teacher": str(teacher),
         "task": "review sentiment (shrink/demo/data/reviews.jsonl)",
         "train_examples": sum(1 for _ in open(train, encoding="utf-8")),
         "eval_examples": sm["eval_examples"],
+        "eval_split": "test",  # settings were chosen on the dev split (bench/demo_tune.py), never on this one
         "student": {"layers_kept": student["settings"]["layers_kept"], "vocab_kept": student["settings"]["vocab_kept"],
                     "teacher_vocab": student["settings"]["teacher_vocab"], "parameters": sm["parameters"],
                     "teacher_parameters": sm["teacher_parameters"], "train_tokens_per_s": sm["train_tokens_per_s"]},
@@ -91,6 +96,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     artifact.write_json_atomic(out / "results.json", result)
     write_plot(result, out / "accuracy_vs_size.png")
     return result
+
+
+def served_teacher_row(teacher: Path, data: Path, prefix: Path, threads: int | None) -> dict[str, Any]:
+    """The teacher as a user serves it: its GGUF file in llama.cpp, with its few-shot prompt."""
+    from shrink.distill.train import with_prefix
+    from shrink.evaluate import evaluate
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+    from shrink.tasks import load_task
+
+    examples = with_prefix(load_task(data), prefix.read_text(encoding="utf-8"))
+    with LlamaCppRuntime(teacher, threads=threads) as rt:
+        res = evaluate(rt, examples, "evaluating teacher as served")
+    return {"model": "teacher as served", "runtime": "llama.cpp", "size_bytes": teacher.stat().st_size,
+            "size_note": "its GGUF file", "accuracy": res.accuracy, "examples_per_s": res.examples_per_s}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row against the teacher in transformers (bf16 weights, fp32 speed) and against
+    the teacher as served (its GGUF in llama.cpp; the same row when the teacher is a folder)."""
+    for key, ref in (("", rows[0]), ("_vs_served", next((r for r in rows if r["model"] == "teacher as served"), rows[0]))):
+        for row in rows:
+            row["retention" + key] = round(row["accuracy"] / ref["accuracy"], 4) if ref["accuracy"] else None
+            row["times_smaller" + key] = round(ref["size_bytes"] / row["size_bytes"], 1)
+            row["times_faster" + key] = round(row["examples_per_s"] / ref["examples_per_s"], 1)
 
 
 def _weights_bytes(folder: Path) -> int:

@@ -11,21 +11,36 @@ from shrink.tables import human_bytes, pct
 
 
 def print_table(result: dict) -> None:
-    table = Table(title=f"{result['task']}: {result['eval_examples']} held-out examples")
+    """One row per model. Ratios are against the teacher in transformers (bf16 weights,
+    fp32 speed) and, when the teacher is a GGUF file, against it as served (its own file
+    in llama.cpp): "a / b" reads "vs transformers / vs served"."""
+    rows = result["rows"]
+    served = any(r["model"] == "teacher as served" for r in rows)
+    split = result.get("eval_split", "held-out")
+    table = Table(title=f"{result['task']}: {result['eval_examples']} {split} examples")
     for col in ("model", "runtime", "size", "smaller", "accuracy", "retention", "examples/s", "faster"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
-    for r in result["rows"]:
-        table.add_row(
-            r["model"], r["runtime"], human_bytes(r["size_bytes"]), f"{r['times_smaller']:g}x",
-            pct(r["accuracy"]), pct(r["retention"]), f"{r['examples_per_s']:.1f}", f"{r['times_faster']:g}x",
-        )
+
+    def pair(r: dict, key: str, fmt) -> str:
+        return f"{fmt(r[key])} / {fmt(r[key + '_vs_served'])}" if served else fmt(r[key])
+
+    for r in rows:
+        table.add_row(r["model"], r["runtime"], human_bytes(r["size_bytes"]), pair(r, "times_smaller", _times),
+                      pct(r["accuracy"]), pair(r, "retention", pct), f"{r['examples_per_s']:.1f}",
+                      pair(r, "times_faster", _times))
     console.print(table)
+    if served:
+        console.print("ratios: against the teacher in transformers / against the teacher as served (its GGUF in llama.cpp)")
     s = result["student"]
     console.print(
         f"student: layers {s['layers_kept']} of the teacher's, vocabulary {s['vocab_kept']:,} of "
         f"{s['teacher_vocab']:,} tokens, {s['parameters'] / 1e6:.1f}M of {s['teacher_parameters'] / 1e6:.1f}M "
         f"parameters; wall time {result['wall_seconds']:.0f} s"
     )
+
+
+def _times(x: float) -> str:
+    return f"{x:g}x"
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -36,7 +51,7 @@ def write_plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    markers = {"teacher": ("o", "tab:red"), "student": ("s", "tab:blue")}
+    markers = {"teacher": ("o", "tab:red"), "teacher as served": ("D", "tab:orange"), "student": ("s", "tab:blue")}
     for i, r in enumerate(result["rows"]):
         marker, color = markers.get(r["model"], ("^", "tab:green"))
         x, y = r["size_bytes"] / 1e6, 100 * r["accuracy"]
@@ -45,7 +60,7 @@ def write_plot(result: dict, path: Path) -> None:
                     xytext=(8, -22 if i % 2 else 8), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size (MB, log scale)")
-    ax.set_ylabel("accuracy on held-out reviews (%)")
+    ax.set_ylabel(f"accuracy on the {result.get('eval_split', 'held-out')} reviews (%)")
     ax.set_title("shrink demo: accuracy against size")
     ax.grid(True, which="both", alpha=0.3)
     lo = min(100 * r["accuracy"] for r in result["rows"])

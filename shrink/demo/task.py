@@ -1,8 +1,14 @@
 """The demo task: sentiment of customer reviews, as shrink task files.
 
 The reviews (shrink/demo/data/reviews.jsonl, see the README beside it) were written for
-this project. The first EVAL_SIZE lines (the file is shuffled once, with a fixed seed)
-are the evaluation set, the rest the training set.
+this project and shuffled once with a fixed seed. They are split three ways, in file
+order:
+
+- dev (the first DEV_SIZE lines): where every demo setting was chosen (learning rate,
+  epochs, alpha, the teacher's few-shot prefix; bench/demo_tune.py);
+- test (the next TEST_SIZE lines): what the demo reports; nothing was tuned on it, and it
+  does not shape the student (its vocabulary is pruned to the training text only);
+- train (the rest): what the student is distilled on.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ import json
 from importlib import resources
 from pathlib import Path
 
-EVAL_SIZE = 300  # evaluation examples; the remaining 1,501 are for training
+DEV_SIZE = 300  # settings are chosen on these
+TEST_SIZE = 300  # the figures the demo reports; the remaining 1,201 lines are for training
 CHOICES = (" positive", " negative")
 TEMPLATE = "Review: {text}\nSentiment:"  # the student's prompt; it answers with one word
 # The teacher (a base model) is shown four worked examples first: Gemma 3 270M scored
-# 69% on 80 reviews with TEMPLATE alone and 92.5% with these (measured 2026-11-22).
+# 69% on 80 dev reviews with TEMPLATE alone and 92.5% with these (measured 2026-11-22).
 # The student learns to answer without them (distill --teacher-prefix).
 TEACHER_PREFIX = (
     "Review: The battery lasts all day and the screen is gorgeous.\nSentiment: positive\n\n"
@@ -23,6 +30,7 @@ TEACHER_PREFIX = (
     "Review: Friendly staff, quick service, and the soup was delicious.\nSentiment: positive\n\n"
     "Review: Overpriced, noisy, and the room smelled of smoke.\nSentiment: negative\n\n"
 )
+SPLITS = ("train", "dev", "test")
 
 
 def reviews() -> list[dict]:
@@ -39,15 +47,22 @@ def to_example(review: dict) -> dict:
     }
 
 
-def write_task_files(folder: Path) -> tuple[Path, Path, Path]:
-    """train.jsonl, eval.jsonl (shrink's task format) and teacher_prefix.txt in `folder`."""
-    rows = [to_example(r) for r in reviews()]
+def split_rows(rows: list) -> dict[str, list]:
+    """The dev, test and train parts of the (shuffled) review list, in file order."""
+    return {"dev": rows[:DEV_SIZE], "test": rows[DEV_SIZE : DEV_SIZE + TEST_SIZE],
+            "train": rows[DEV_SIZE + TEST_SIZE :]}
+
+
+def write_task_files(folder: Path) -> dict[str, Path]:
+    """train.jsonl, dev.jsonl, test.jsonl (shrink's task format) and teacher_prefix.txt in
+    `folder`, by name: "train", "dev", "test" and "prefix"."""
+    parts = split_rows([to_example(r) for r in reviews()])
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, part in (("train.jsonl", rows[EVAL_SIZE:]), ("eval.jsonl", rows[:EVAL_SIZE])):
-        path = folder / name
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
-        paths.append(path)
-    prefix = folder / "teacher_prefix.txt"
-    prefix.write_text(TEACHER_PREFIX, encoding="utf-8")
-    return paths[0], paths[1], prefix
+    paths = {}
+    for name in SPLITS:
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in parts[name]), encoding="utf-8")
+        paths[name] = path
+    paths["prefix"] = folder / "teacher_prefix.txt"
+    paths["prefix"].write_text(TEACHER_PREFIX, encoding="utf-8")
+    return paths

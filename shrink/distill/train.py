@@ -204,7 +204,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
     student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
-        plan = plan_pruning(tokenizer, task_texts(train_examples + (eval_examples or [])))
+        plan = plan_pruning(tokenizer, task_texts(train_examples))  # never the evaluation texts
         prune_model(student, plan)
         student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
         console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
