@@ -100,15 +100,21 @@ def artifact_size(path) -> int:
     return sum(f.stat().st_size for pattern in WEIGHT_FILES[artifact_format(path)] for f in path.glob(pattern))
 
 
-def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, threads=None, device="auto") -> dict:
-    """`shrink eval`: the artifact (and optionally the teacher) on a task file."""
+def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, threads=None, device="auto",
+                  skip_verify=False) -> dict:
+    """`shrink eval`: the artifact (and optionally the teacher) on a task file. Each that
+    is a shrink artifact is first checked against its manifest, unless `skip_verify`."""
     from pathlib import Path
 
+    from shrink.artifact import verify_before_use
     from shrink.hf import check_model_dir
     from shrink.runtime import open_runtime
     from shrink.tasks import load_task
 
     examples = load_task(data)
+    for path in (artifact, teacher):
+        if path is not None:
+            verify_before_use(path, skip=skip_verify)
     if teacher is not None:
         from shrink.teacher_gguf import resolve_teacher
 
