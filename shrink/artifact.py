@@ -237,6 +237,40 @@ def verify(folder: Path) -> list[str]:
     return problems
 
 
+def is_shrink_manifest(path: Path) -> bool:
+    """Whether the `manifest.json` at `path` is shrink's rather than another tool's file of
+    that name; a corrupt one is an ArtifactError, not a guess."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+    return isinstance(data, dict) and data.get("magic") == MAGIC
+
+
+def owning_artifact(path: Path) -> Path | None:
+    """The artifact folder a model path belongs to: the folder itself, or for a file (a
+    GGUF or ONNX inside an artifact) its folder; None when there is no shrink manifest
+    there (a bare model file, a plain Hugging Face folder such as a teacher)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    manifest = folder / MANIFEST
+    if path.exists() and manifest.is_file() and is_shrink_manifest(manifest):
+        return folder
+    return None
+
+
+def verify_before_use(path: Path, *, skip: bool = False) -> None:
+    """Refuse a model whose artifact's files differ from its manifest, before eval, run or
+    check uses it: VerifyError (exit 1) names each changed, missing or unlisted file.
+    Nothing to check when `path` is in no artifact, or when `skip` (--no-verify) is set."""
+    folder = None if skip else owning_artifact(path)
+    if folder is None:
+        return
+    problems = verify(folder)
+    if problems:
+        raise VerifyError(f"{folder}: {'; '.join(problems)}; rebuild it, or pass --no-verify to skip this check")
+
+
 def file_names(folder: Path) -> list[str]:
     """Relative paths of the files under `folder`, the manifest excepted."""
     return [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*"))

@@ -1,11 +1,12 @@
 """The CI gate: a build's artifacts against a committed baseline.
 
-`shrink check` reads the manifest of every artifact under a build folder and compares
-accuracy, retention, size, examples/s, validity and device-target constraints with a
-baseline file the user commits. A regression beyond the tolerances fails the check
-(exit code 1). Only collect_artifacts, read_baseline, check_build, update_baseline and
-print_rows read, write or print; the rest are pure (manifests and dicts in, rows and
-text out).
+`shrink check` reads the manifest of every artifact under a build folder, re-hashes
+its files against the manifest, and compares accuracy, retention, size, examples/s,
+validity and device-target constraints with a baseline file the user commits. A
+changed file, figures measured on another evaluation file than the baseline's, or a
+regression beyond the tolerances fails the check (exit code 1). Only
+collect_artifacts, read_baseline, check_build, update_baseline and print_rows read,
+write or print; the rest are pure (manifests and dicts in, rows and text out).
 
 The baseline file:
 
@@ -13,9 +14,12 @@ The baseline file:
      "artifacts": {"student-q4": {"kind": "export", "format": "gguf", "quant": "Q4_K_M",
                                   "accuracy": 0.87, "retention": 0.922,
                                   "size_bytes": 16900000, "examples_per_s": 41.3,
-                                  "valid": true, "target": null}}}
+                                  "eval_data_sha256": "9f86d0...", "valid": true,
+                                  "target": null}}}
 
 Artifacts are keyed by their folder's path relative to the build folder (posix form).
+`eval_data_sha256` identifies the evaluation file accuracy was measured on (null when
+not evaluated, or in a baseline written before shrink recorded it).
 `target` is null, or for an artifact built for a device target, the name, constraints
 and verdict of its manifest's `target` section: {"name": "phone", "constraints":
 {"max_size_mb": {"limit": 600, "value": 16.9, "met": true}, ...}, "met": true}.
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink import __version__, artifact
-from shrink.errors import ArtifactError, ShrinkError
+from shrink.errors import ShrinkError
 from shrink.tables import human_bytes, pct
 
 BASELINE_KIND = "shrink-baseline"
@@ -39,8 +43,9 @@ BASELINE_VERSION = 1
 
 # Per-artifact fields of a baseline entry and the JSON types each may hold.
 NUMBER_FIELDS = ("accuracy", "retention", "size_bytes", "examples_per_s")
-ENTRY_FIELDS = ("kind", "format", "quant", *NUMBER_FIELDS, "valid", "target")
-METRIC_NAMES = {"size_bytes": "size", "examples_per_s": "examples/s"}  # field -> row metric
+ENTRY_FIELDS = ("kind", "format", "quant", *NUMBER_FIELDS, "eval_data_sha256", "valid", "target")
+# field -> row metric
+METRIC_NAMES = {"size_bytes": "size", "examples_per_s": "examples/s", "eval_data_sha256": "eval file"}
 TOP_FIELDS = {"kind", "version", "shrink_version", "artifacts"}
 
 # Row statuses. Only FAIL fails the check.
@@ -48,7 +53,8 @@ PASS = "pass"
 FAIL = "fail"
 NEW = "new"  # an artifact or target constraint the baseline does not have
 NOT_MEASURED = "not measured"  # a metric missing on one side
-NOT_CHECKED = "not checked"  # examples/s without --check-speed
+# not compared: examples/s without --check-speed, files with --no-verify, figures from another eval file
+NOT_CHECKED = "not checked"
 KNOWN = "known"  # a failure the baseline already had (not valid, constraint not met)
 
 EPS = 1e-9  # float noise: a drop of exactly the tolerance passes
@@ -73,7 +79,7 @@ class Tolerances:
 @dataclass(frozen=True)
 class Row:
     artifact: str  # path relative to the build folder
-    metric: str  # accuracy, retention, size, examples/s, valid, artifact, "target NAME: CONSTRAINT"
+    metric: str  # files, eval file, accuracy, retention, size, examples/s, valid, artifact, "target NAME: CONSTRAINT"
     baseline: Any  # the raw baseline value (None when absent)
     now: Any  # the raw value in this build (None when absent)
     change: str  # human-readable difference, "" when none applies
@@ -131,11 +137,7 @@ def collect_artifacts(build_dir: str | Path) -> dict[str, dict[str, Any]]:
         rel = path.parent.relative_to(build_dir)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
-        if not isinstance(data, dict) or data.get("magic") != artifact.MAGIC:
+        if not artifact.is_shrink_manifest(path):
             continue  # another tool's manifest.json
         found[rel.as_posix()] = artifact.read_manifest(path.parent)
     if not found:
@@ -164,6 +166,7 @@ def baseline_entry(manifest: dict[str, Any]) -> dict[str, Any]:
         "retention": m.get("retention"),
         "size_bytes": m.get("size_bytes"),
         "examples_per_s": m.get("examples_per_s"),
+        "eval_data_sha256": m.get("eval_data_sha256"),
         "valid": manifest.get("valid", True) is not False,
         "target": _target_summary(manifest.get("target")),
     }
@@ -235,6 +238,9 @@ def validate_baseline(data: Any, name: str) -> None:
             v = entry.get(f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise bad(f"{where}.{f} must be a number or null, not {v!r}")
+        sha = entry.get("eval_data_sha256")
+        if sha is not None and not isinstance(sha, str):
+            raise bad(f"{where}.eval_data_sha256 must be a string or null, not {sha!r}")
         if not isinstance(entry.get("valid", True), bool):
             raise bad(f"{where}.valid must be true or false")
         target = entry.get("target")
@@ -254,30 +260,75 @@ def validate_baseline(data: Any, name: str) -> None:
 # Comparing
 
 
-def compare(baseline: dict[str, Any], manifests: dict[str, dict[str, Any]], tol: Tolerances) -> list[Row]:
-    """One row per artifact and metric: baseline artifacts in order, then new ones."""
+def compare(baseline: dict[str, Any], manifests: dict[str, dict[str, Any]], tol: Tolerances,
+            problems: dict[str, list[str]] | None = None) -> list[Row]:
+    """One row per artifact and metric: baseline artifacts in order, then new ones.
+    `problems`: each artifact's files that differ from its manifest (artifact.verify);
+    None when they were not verified (--no-verify)."""
     rows: list[Row] = []
     base = baseline["artifacts"]
     for key in sorted(base):
         if key not in manifests:
             rows.append(Row(key, "artifact", _describe(base[key]), None, "", FAIL, "missing from the build"))
             continue
+        rows.append(_files_row(key, manifests[key], problems))
         rows += _compare_artifact(key, base[key], baseline_entry(manifests[key]), tol)
     for key in sorted(set(manifests) - set(base)):
         rows.append(Row(key, "artifact", None, _describe(baseline_entry(manifests[key])), "", NEW,
                         "new: not in the baseline (not checked)"))
+        rows.append(_files_row(key, manifests[key], problems))
     return rows
 
 
 def _compare_artifact(key: str, b: dict, n: dict, tol: Tolerances) -> list[Row]:
-    rows = [
-        _drop_row(key, "accuracy", b.get("accuracy"), n.get("accuracy"), tol.accuracy, missing_fails=True),
-        _drop_row(key, "retention", b.get("retention"), n.get("retention"), tol.retention, missing_fails=False),
-        _size_row(key, b.get("size_bytes"), n.get("size_bytes"), tol.size),
-        _speed_row(key, b.get("examples_per_s"), n.get("examples_per_s"), tol),
-        _valid_row(key, b.get("valid", True), n["valid"]),
-    ]
+    eval_row = _eval_file_row(key, b, n)
+    if eval_row.status == FAIL:  # figures from two evaluation files say nothing about each other
+        accuracy, retention, speed = (_not_compared(key, f, b, n) for f in ("accuracy", "retention", "examples_per_s"))
+    else:
+        accuracy = _drop_row(key, "accuracy", b.get("accuracy"), n.get("accuracy"), tol.accuracy, missing_fails=True)
+        retention = _drop_row(key, "retention", b.get("retention"), n.get("retention"), tol.retention,
+                              missing_fails=False)
+        speed = _speed_row(key, b.get("examples_per_s"), n.get("examples_per_s"), tol)
+    rows = [eval_row, accuracy, retention, _size_row(key, b.get("size_bytes"), n.get("size_bytes"), tol.size), speed,
+            _valid_row(key, b.get("valid", True), n["valid"])]
     return rows + _target_rows(key, b.get("target"), n.get("target"))
+
+
+def _not_compared(key: str, f: str, b: dict, n: dict) -> Row:
+    return Row(key, METRIC_NAMES.get(f, f), b.get(f), n.get(f), "", NOT_CHECKED,
+               "not compared (measured on another evaluation file)")
+
+
+def _files_row(key: str, manifest: dict, problems: dict[str, list[str]] | None) -> Row:
+    """The artifact's files against its manifest's sha256: after a change, the manifest's
+    figures are no longer those of the files in the folder."""
+    if problems is None:
+        return Row(key, "files", None, None, "", NOT_CHECKED, "not checked (--no-verify)")
+    found = problems[key]
+    if found:
+        return Row(key, "files", None, found, "", FAIL, "; ".join(found))
+    n = len(manifest.get("files") or {})
+    return Row(key, "files", None, found, "", PASS, f"{n} of {n} files match the manifest")
+
+
+def _eval_file_row(key: str, b: dict, n: dict) -> Row:
+    """Accuracy, retention and examples/s compare only when measured on the same
+    evaluation file. A side that did not record its file (a baseline written before
+    shrink did) is a warning: the figures are compared as they are."""
+    b_sha, n_sha = b.get("eval_data_sha256"), n.get("eval_data_sha256")
+    if b_sha and n_sha:
+        if b_sha != n_sha:
+            return Row(key, "eval file", b_sha, n_sha, "", FAIL,
+                       f"accuracy measured on another evaluation file than the baseline's (sha256 {b_sha[:12]} "
+                       f"in the baseline, {n_sha[:12]} now); evaluate on the baseline's file, or write the "
+                       f"baseline again with --update")
+        return Row(key, "eval file", b_sha, n_sha, "", PASS, "the same as the baseline's")
+    if b.get("accuracy") is None or n.get("accuracy") is None:
+        return Row(key, "eval file", b_sha, n_sha, "", NOT_MEASURED, "no accuracy to compare")
+    side = "in the baseline (written before shrink recorded it; --update records it)" if not b_sha \
+        else "in the artifact's manifest"
+    return Row(key, "eval file", b_sha, n_sha, "", NOT_MEASURED,
+               f"not recorded {side}: accuracy compared as if measured on the same file")
 
 
 def _drop_row(key, metric, b, n, tol, missing_fails: bool) -> Row:
@@ -407,6 +458,10 @@ def fmt_value(metric: str, v: Any) -> str:
         return f"{v:,.1f}"
     if metric == "valid":
         return "yes" if v else "no"
+    if metric == "files":
+        return "match" if not v else f"{len(v)} problem(s)"
+    if metric == "eval file":
+        return v[:12]  # of the sha256
     if metric.startswith("target ") and isinstance(v, dict):
         return _constraint_text(v)
     return str(v)
@@ -530,14 +585,16 @@ def _check_writable(path: Path, option: str) -> None:
 
 
 def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Path | None = None,
-                step_summary: Path | None = None) -> CheckResult:
-    """Compare the build with the baseline; write the JUnit XML and append the Markdown
-    summary when asked. The caller raises CheckFailed when the result did not pass."""
+                step_summary: Path | None = None, skip_verify: bool = False) -> CheckResult:
+    """Compare the build with the baseline, each artifact's files re-hashed against its
+    manifest unless `skip_verify`; write the JUnit XML and append the Markdown summary
+    when asked. The caller raises CheckFailed when the result did not pass."""
     if junit is not None:
         _check_writable(Path(junit), "--junit")
     baseline = read_baseline(baseline_path)
     manifests = collect_artifacts(build_dir)
-    result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol))
+    problems = None if skip_verify else {key: artifact.verify(Path(build_dir) / key) for key in manifests}
+    result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol, problems))
     if junit is not None:
         artifact.write_text_atomic(junit, render_junit(result))
     if step_summary is not None:
@@ -549,12 +606,18 @@ def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Pa
     return result
 
 
-def update_baseline(build_dir: Path, baseline_path: Path) -> tuple[dict[str, Any], list[str]]:
+def update_baseline(build_dir: Path, baseline_path: Path,
+                    skip_verify: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Write the baseline from the build (atomically); returns it and the changed lines.
-    An unreadable old baseline is replaced (its changes are then listed against nothing)."""
+    A build whose files differ from their manifests is refused (VerifyError) unless
+    `skip_verify`. An unreadable old baseline is replaced (its changes are then listed
+    against nothing)."""
     baseline_path = Path(baseline_path)
     _check_writable(baseline_path, "--baseline")
-    new = build_baseline(collect_artifacts(build_dir))
+    manifests = collect_artifacts(build_dir)
+    for key in manifests:
+        artifact.verify_before_use(Path(build_dir) / key, skip=skip_verify)
+    new = build_baseline(manifests)
     note = []
     try:
         old = read_baseline(baseline_path) if baseline_path.exists() else None

@@ -246,14 +246,17 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
               help="auto: the teacher as it is served (a GGUF file in llama.cpp, a folder in torch); torch: a GGUF teacher's dequantized copy in torch.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing a shrink artifact's (and teacher's) files against the manifest (trusted builds, for speed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, device, as_json):
+def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, device, no_verify, as_json):
     """Measure task accuracy through the artifact's own runtime.
 
     A Hugging Face folder runs in torch (a GPTQ one through GPTQModel's kernels), a GGUF
     artifact in llama.cpp, an ONNX one in onnxruntime. Examples with
     choices are scored by log-probability; others by exact match of the greedy output.
     The teacher runs the same way: a GGUF teacher in llama.cpp, as its users serve it.
+    A shrink artifact (and a --teacher that is one) is first checked against its
+    manifest: a changed file exits 1 naming it.
 
     \b
     Examples:
@@ -263,7 +266,7 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
     from shrink.evaluate import evaluate_path
 
     result = evaluate_path(artifact, data, teacher=teacher, teacher_prefix=teacher_prefix,
-                           teacher_runtime=teacher_runtime, threads=threads, device=device)
+                           teacher_runtime=teacher_runtime, threads=threads, device=device, skip_verify=no_verify)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -278,17 +281,23 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
 @click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
-def run(artifact, prompt, max_tokens, threads, device):
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact's files against its manifest (trusted builds, for speed).")
+def run(artifact, prompt, max_tokens, threads, device, no_verify):
     """Generate a completion of PROMPT greedily with the artifact's runtime.
+
+    A shrink artifact is first checked against its manifest: a changed file exits 1
+    naming it.
 
     \b
     Example:
       shrink run student-q4 "Review: the battery died in a day\\nSentiment:" --max-tokens 4
     """
+    from shrink.artifact import verify_before_use
     from shrink.runtime import open_runtime
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-tokens")
+    verify_before_use(artifact, skip=no_verify)
     rt = open_runtime(artifact, device=device, threads=threads)
     try:
         click.echo(rt.generate(prompt, max_tokens))
@@ -344,18 +353,22 @@ def demo(out, teacher, layers, epochs, threads, force, as_json):
 @click.option("--check-speed", is_flag=True, help="Also fail on slower examples/s (off by default: CI machines are noisy).")
 @click.option("--update", is_flag=True, help="Write the baseline from this build instead of checking, and exit 0.")
 @click.option("--junit", type=Path, help="Also write the results as JUnit XML to this file.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing each artifact's files against its manifest (trusted builds, for speed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results (or, with --update, the baseline) as JSON on stdout.")
 def check(build_dir, baseline, accuracy_tolerance, retention_tolerance, size_tolerance, speed_tolerance,
-          check_speed, update, junit, as_json):
+          check_speed, update, junit, no_verify, as_json):
     """Compare a build's artifacts with a committed baseline: the CI gate.
 
-    Reads the manifest of every artifact under BUILD_DIR and fails (exit code 1) when an
-    artifact's accuracy or retention fell, or its size grew, by more than the tolerance;
-    when an artifact that was valid is not, a device-target constraint that was met is
-    not, or an artifact of the baseline is missing. examples/s is compared only with
-    --check-speed. New artifacts and metrics measured on one side only are reported,
-    not failed, except an accuracy the build no longer measures. A table goes to
-    stderr; with $GITHUB_STEP_SUMMARY set, a Markdown summary is appended to it.
+    Reads the manifest of every artifact under BUILD_DIR, re-hashes its files, and fails
+    (exit code 1) when a file differs from its manifest; when an artifact's accuracy was
+    measured on another evaluation file than the baseline's; when its accuracy or
+    retention fell, or its size grew, by more than the tolerance; when an artifact that
+    was valid is not, a device-target constraint that was met is not, or an artifact of
+    the baseline is missing. examples/s is compared only with --check-speed. New
+    artifacts and metrics measured on one side only are reported, not failed, except an
+    accuracy the build no longer measures. A table goes to stderr; with
+    $GITHUB_STEP_SUMMARY set, a Markdown summary is appended to it. --update refuses a
+    build whose files differ from their manifests.
 
     \b
     Examples:
@@ -367,7 +380,7 @@ def check(build_dir, baseline, accuracy_tolerance, retention_tolerance, size_tol
     if update:
         if junit is not None or check_speed:
             raise click.UsageError("--update writes the baseline and checks nothing: leave out --junit and --check-speed")
-        new, changes = gate.update_baseline(build_dir, baseline)
+        new, changes = gate.update_baseline(build_dir, baseline, skip_verify=no_verify)
         if as_json:
             click.echo(json.dumps(new, indent=2))
         for line in changes or ["no change"]:
@@ -378,7 +391,8 @@ def check(build_dir, baseline, accuracy_tolerance, retention_tolerance, size_tol
                           retention=accuracy_tolerance if retention_tolerance is None else retention_tolerance,
                           size=size_tolerance, speed=speed_tolerance, check_speed=check_speed)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    result = gate.check_build(build_dir, baseline, tol, junit=junit, step_summary=Path(summary) if summary else None)
+    result = gate.check_build(build_dir, baseline, tol, junit=junit, step_summary=Path(summary) if summary else None,
+                              skip_verify=no_verify)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     gate.print_rows(result)

@@ -104,14 +104,16 @@ TEACHER_RUNTIMES = ("auto", "torch")  # auto: the teacher's own (llama.cpp for a
 
 
 def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_runtime="auto", threads=None,
-                  device="auto") -> dict:
+                  device="auto", skip_verify=False) -> dict:
     """`shrink eval`: the artifact (and optionally the teacher) on a task file.
 
     The teacher runs as its user serves it: a GGUF file in llama.cpp (quantized, as it
     is), a folder in torch. teacher_runtime="torch" runs a GGUF teacher's dequantized
-    Hugging Face copy in torch instead."""
+    Hugging Face copy in torch instead. Each that is a shrink artifact is first checked
+    against its manifest, unless `skip_verify`."""
     from pathlib import Path
 
+    from shrink.artifact import verify_before_use
     from shrink.errors import ShrinkError
     from shrink.hf import check_model_dir
     from shrink.runtime import open_runtime
@@ -120,6 +122,9 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     if teacher_runtime not in TEACHER_RUNTIMES:
         raise ShrinkError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, got {teacher_runtime!r}")
     examples = load_task(data)
+    for path in (artifact, teacher):
+        if path is not None:
+            verify_before_use(path, skip=skip_verify)
     if teacher is not None:
         teacher = Path(teacher)
         if teacher.is_file():
@@ -134,8 +139,6 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     teacher_examples = examples
     if teacher_prefix is not None:
         import dataclasses
-
-        from shrink.errors import ShrinkError
 
         if not Path(teacher_prefix).is_file():
             raise ShrinkError(f"--teacher-prefix: no such file {teacher_prefix}")

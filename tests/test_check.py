@@ -47,10 +47,15 @@ def target(retention: float, size_mb: float, max_size_mb: float = 600, min_reten
             "met": all(c["met"] for c in cons.values())}
 
 
+EVAL_SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"  # the evaluation file's
+
+
 def write_artifact(folder, *, kind="export", fmt="gguf", quant="Q4_K_M", size=100_000, valid=True,
                    target_record=None, **metrics):
     """An artifact folder written by shrink.artifact (atomically, manifest last), with the
-    target record added to its manifest as target-aware exports do."""
+    target record added to its manifest as target-aware exports do. An evaluated one
+    records its evaluation file's sha256, as shrink does."""
+    metrics = {"eval_data_sha256": EVAL_SHA if metrics.get("accuracy") is not None else None, **metrics}
     folder.parent.mkdir(parents=True, exist_ok=True)
     with artifact.staged_folder(folder, force=True) as tmp:
         (tmp / f"model-{quant}.gguf").write_bytes(b"\0" * size)
@@ -117,7 +122,7 @@ def real_build(tmp_path_factory, teacher, task_files):
     return d
 
 
-def test_real_build_update_then_check_passes(real_build, tmp_path):
+def test_real_build_update_then_check_passes(real_build, tmp_path, task_files):
     base = tmp_path / "ci" / "baseline.json"
     base.parent.mkdir()
     r = ok("check", real_build, "--baseline", base, "--update")
@@ -129,10 +134,12 @@ def test_real_build_update_then_check_passes(real_build, tmp_path):
     entry = data["artifacts"]["student-q4"]
     assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "accuracy": q4["metrics"]["accuracy"],
                      "retention": q4["metrics"]["retention"], "size_bytes": q4["metrics"]["size_bytes"],
-                     "examples_per_s": q4["metrics"]["examples_per_s"], "valid": True, "target": None}
+                     "examples_per_s": q4["metrics"]["examples_per_s"],
+                     "eval_data_sha256": artifact.sha256_file(task_files["eval"]), "valid": True, "target": None}
+    assert data["artifacts"]["student"]["eval_data_sha256"] == entry["eval_data_sha256"]
     r, res = check_json(real_build, base, "--check-speed", "--speed-tolerance", "1")
     assert r.exit_code == 0, r.output
-    assert res["verdict"] == "pass" and res["counts"] == {"pass": 10}
+    assert res["verdict"] == "pass" and res["counts"] == {"pass": 14}
     assert "check passed" in r.stderr
     assert [p.name for p in base.parent.iterdir()] == ["baseline.json"]  # no temporary file left
 
@@ -147,6 +154,7 @@ def test_unchanged_build_passes(baseline):
     metrics = {(row["artifact"], row["metric"]): row["status"] for row in res["rows"]}
     assert metrics[("exports/q4", "target phone: max_size_mb")] == "pass"
     assert metrics[("exports/q4", "examples/s")] == "not checked"
+    assert metrics[("exports/q4", "files")] == metrics[("exports/q4", "eval file")] == "pass"
     assert set(metrics.values()) == {"pass", "not checked"}
     assert "check passed against" in r.stderr
 
@@ -156,7 +164,7 @@ def test_accuracy_drop_fails(baseline, tmp_path):
     r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.85}}), base)
     assert r.exit_code == 1
     assert failed(res) == [("exports/q8", "accuracy")]
-    assert error_line(r).endswith(": 1 of 18 checks failed (exports/q8 accuracy)")
+    assert error_line(r).endswith(": 1 of 24 checks failed (exports/q8 accuracy)")
     assert "FAIL exports/q8 accuracy: fell 4.0 pts (89.0% -> 85.0%), more than the 1.0 pts allowed" in r.stderr
 
 
@@ -290,6 +298,103 @@ def test_not_in_baseline_is_not_measured(tmp_path):
     assert rows[("exports/q8", "accuracy")]["message"] == "not measured in the baseline"
 
 
+# --- inputs that changed underneath: files, evaluation file ---------------------------------
+
+def flip_byte(path):
+    """One changed byte, same size: only the sha256 can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_changed_file_fails_the_check(baseline, tmp_path):
+    _, base = baseline
+    b2 = rebuild(tmp_path)
+    flip_byte(b2 / "exports" / "q8" / "model-Q8_0.gguf")
+    (b2 / "student" / "notes.txt").write_text("x")
+    r, res = check_json(b2, base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "files"), ("student", "files")]
+    assert error_line(r).endswith(": 2 of 24 checks failed (exports/q8 files, student files)")
+    assert "FAIL exports/q8 files: model-Q8_0.gguf: changed (sha256 differs from the manifest)" in r.stderr
+    assert "FAIL student files: notes.txt: not in the manifest" in r.stderr
+    rows = {(x["artifact"], x["metric"]): x for x in res["rows"]}
+    assert rows[("exports/q4", "files")]["message"] == "1 of 1 files match the manifest"
+    assert rows[("exports/q8", "files")]["now"] == ["model-Q8_0.gguf: changed (sha256 differs from the manifest)"]
+    # --no-verify: the files are not checked, the figures compare as before
+    r, res = check_json(b2, base, "--no-verify")
+    assert r.exit_code == 0, r.output
+    assert {x["status"] for x in res["rows"] if x["metric"] == "files"} == {"not checked"}
+    assert "6 not checked" in r.stderr  # files, and examples/s without --check-speed
+
+
+def test_changed_file_in_a_new_artifact_fails(baseline, tmp_path):
+    b, base = baseline
+    write_artifact(b / "exports" / "q2", **{**Q4, "quant": "Q2_K"})
+    (b / "exports" / "q2" / "model-Q2_K.gguf").unlink()
+    r, res = check_json(b, base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q2", "files")]
+    assert "FAIL exports/q2 files: model-Q2_K.gguf: missing" in r.stderr
+
+
+def test_update_refuses_a_changed_build(baseline, tmp_path):
+    _, base = baseline
+    before = base.read_text()
+    b2 = rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.5}})
+    flip_byte(b2 / "exports" / "q8" / "model-Q8_0.gguf")
+    r = invoke("check", b2, "--baseline", base, "--update")
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: {b2 / 'exports' / 'q8'}: model-Q8_0.gguf: changed (sha256 differs from the manifest); "
+        f"rebuild it, or pass --no-verify to skip this check"]
+    assert base.read_text() == before
+    r = ok("check", b2, "--baseline", base, "--update", "--no-verify")
+    assert "~ exports/q8: accuracy 89.0% -> 50.0%" in r.stderr
+
+
+def test_accuracy_on_another_eval_file_fails(baseline, tmp_path):
+    _, base = baseline
+    other = "c" * 64
+    # better figures, but on another file: not compared, a failure
+    b2 = rebuild(tmp_path, **{"exports/q8": {"eval_data_sha256": other, "accuracy": 0.99, "examples_per_s": 1.0}})
+    r, res = check_json(b2, base, "--check-speed")
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "eval file")]
+    assert error_line(r).endswith(": 1 of 24 checks failed (exports/q8 eval file)")
+    assert ("FAIL exports/q8 eval file: accuracy measured on another evaluation file than the baseline's "
+            f"(sha256 {EVAL_SHA[:12]} in the baseline, cccccccccccc now); evaluate on the baseline's file, "
+            "or write the baseline again with --update") in r.stderr
+    rows = {(x["artifact"], x["metric"]): x for x in res["rows"] if x["artifact"] == "exports/q8"}
+    for metric in ("accuracy", "retention", "examples/s"):
+        assert rows[("exports/q8", metric)]["status"] == "not checked"
+        assert rows[("exports/q8", metric)]["message"] == "not compared (measured on another evaluation file)"
+    assert rows[("exports/q8", "eval file")]["baseline"] == EVAL_SHA
+    assert rows[("exports/q8", "eval file")]["now"] == other
+    # --update records the new file; the same file then compares
+    r = ok("check", b2, "--baseline", base, "--update")
+    assert f"~ exports/q8: eval file {EVAL_SHA[:12]} -> cccccccccccc" in r.stderr
+    assert json.loads(base.read_text())["artifacts"]["exports/q8"]["eval_data_sha256"] == other
+    ok("check", b2, "--baseline", base)
+
+
+def test_old_baseline_without_eval_file_is_a_warning(baseline, tmp_path):
+    b, base = baseline
+    old = json.loads(base.read_text())
+    for entry in old["artifacts"].values():
+        del entry["eval_data_sha256"]  # written before shrink recorded it
+    base.write_text(json.dumps(old))
+    r, res = check_json(b, base)
+    assert r.exit_code == 0, r.output
+    rows = [x for x in res["rows"] if x["metric"] == "eval file"]
+    assert [x["status"] for x in rows] == ["not measured"] * 3
+    assert rows[0]["message"] == ("not recorded in the baseline (written before shrink recorded it; --update "
+                                  "records it): accuracy compared as if measured on the same file")
+    # the accuracy is still compared
+    r, res = check_json(rebuild(tmp_path, **{"exports/q8": {"accuracy": 0.85}}), base)
+    assert r.exit_code == 1 and failed(res) == [("exports/q8", "accuracy")]
+
+
 # --- --update, outputs ------------------------------------------------------------------------
 
 def test_update_round_trip_prints_changes(baseline, tmp_path):
@@ -325,7 +430,7 @@ def test_junit_xml(baseline, tmp_path):
     suites = root.findall("testsuite")
     assert len(suites) == 1 and suites[0].get("name") == "shrink check"
     cases = suites[0].findall("testcase")
-    assert len(cases) == int(suites[0].get("tests")) == 1 + 2 * 5 + 3  # student missing; q8, q4 with 3 constraints
+    assert len(cases) == int(suites[0].get("tests")) == 1 + 2 * 7 + 3  # student missing; q8, q4 with 3 constraints
     fails = [(c.get("classname"), c.get("name"), c.find("failure").get("message")) for c in cases
              if c.find("failure") is not None]
     assert int(suites[0].get("failures")) == len(fails) == 3
@@ -347,7 +452,7 @@ def test_github_step_summary(baseline, tmp_path, monkeypatch):
     assert "| artifact | metric | baseline | now | change | result |" in lines
     assert "|---|---|---|---|---|---|" in lines
     assert "| exports/q4 | size | 70.0 KB | 90.0 KB | +28.6% | **FAIL** |" in lines
-    assert "**Verdict: failed.** 1 of 18 checks failed." in lines
+    assert "**Verdict: failed.** 1 of 24 checks failed." in lines
     assert "- exports/q4 size: grew 28.6% (70.0 KB -> 90.0 KB), more than the 5% allowed" in lines
 
 
@@ -358,7 +463,7 @@ def test_json_output(baseline):
     assert res["tolerances"] == {"accuracy": 0.01, "retention": 0.01, "size": 0.05, "speed": 0.2, "check_speed": False}
     row = res["rows"][0]
     assert set(row) == {"artifact", "metric", "baseline", "now", "change", "status", "message"}
-    assert sum(res["counts"].values()) == len(res["rows"]) == 3 * 5 + 3
+    assert sum(res["counts"].values()) == len(res["rows"]) == 3 * 7 + 3
 
 
 # --- bad input: exit 2, one line naming the file ------------------------------------------
@@ -376,6 +481,8 @@ BAD_BASELINES = {
                           "artifacts['a'].accuracy must be a number or null"),
     "unknown key": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"acuracy": 0.9}}}',
                     "unknown key 'acuracy'"),
+    "eval file a number": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"eval_data_sha256": 7}}}',
+                           "artifacts['a'].eval_data_sha256 must be a string or null, not 7"),
     "bad target": ('{"kind": "shrink-baseline", "version": 1, "artifacts": {"a": {"target": {"name": "phone", '
                    '"constraints": {"max_size_mb": {"met": "yes"}}}}}}', "must be an object with \"met\""),
 }
@@ -434,10 +541,10 @@ def test_compare_is_pure(tmp_path):
                         "target": target(0.85, 0.001)}}
     base = gate.build_baseline(manifests)
     base["artifacts"]["q4"].update(size_bytes=1000, accuracy=0.81)
-    rows = gate.compare(base, manifests, gate.Tolerances())
+    rows = gate.compare(base, manifests, gate.Tolerances(), problems={"q4": []})
     status = {r.metric: r.status for r in rows}
-    assert status == {"accuracy": "pass", "retention": "pass", "size": "pass", "examples/s": "not measured",
-                      "valid": "pass", "target phone: max_size_mb": "pass", "target phone: min_retention": "known",
+    assert status == {"files": "pass", "eval file": "not measured", "accuracy": "pass", "retention": "pass",
+                      "size": "pass", "examples/s": "not measured", "valid": "pass", "target phone: max_size_mb": "pass", "target phone: min_retention": "known",
                       "target phone: parity": "pass"}
     assert base["artifacts"]["q4"]["target"] == {k: v for k, v in target(0.85, 0.001).items() if k in
                                                  ("name", "constraints", "met")}
