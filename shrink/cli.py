@@ -92,7 +92,8 @@ def cli() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (few-shot examples the student should not need).")
-@click.option("--prune-vocab", is_flag=True, help="Keep only the tokens the task data needs (plus special and byte tokens).")
+@click.option("--prune-vocab", is_flag=True, help="Keep only the tokens the training data needs (plus special and byte tokens; never --eval's).")
+@click.option("--vocab-data", type=Path, multiple=True, help="With --prune-vocab: more in-domain text whose tokens are kept too (.jsonl task-like rows, else one text per line). Repeatable.")
 @click.option("--teacher-cache", type=Path, help="Train from a `shrink teacher-cache` folder instead of running the teacher (made from the same data, teacher, --teacher-prefix and --max-length).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard the student over the processes (FSDP2) instead of replicating it on each (DDP).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint an interrupted run left (OUT.checkpoint).")
@@ -100,14 +101,17 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, heads_ratio, student_dir, steps, epochs,
             batch_size, lr, temperature, alpha, loss, beta, hidden_weight,
-            max_length, save_every, device, seed, teacher_prefix, prune_vocab, teacher_cache, fsdp, resume, force, as_json):
+            max_length, save_every, device, seed, teacher_prefix, prune_vocab, vocab_data,
+            teacher_cache, fsdp, resume, force, as_json):
     """Train a smaller student that imitates the teacher on a task.
 
     The student is the teacher with LAYERS decoder layers kept (evenly spaced, or the
     most important on the task), optionally narrowed (--ffn-ratio, --heads-ratio), or an
     existing smaller model (--student). It learns from the teacher's token distributions
     on the completion tokens (--loss at TEMPERATURE) mixed with cross-entropy on the
-    reference completions. --prune-vocab shrinks the vocabulary to the tokens the task needs.
+    reference completions. --prune-vocab shrinks the vocabulary to the tokens of the
+    training data (and --vocab-data). --resume continues an interrupted run when its
+    inputs are byte for byte the same.
 
     \b
     Examples:
@@ -115,6 +119,8 @@ def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, h
           --out student --layers 4 --epochs 3
       shrink distill --teacher ./teacher --data train.jsonl --out student --layers 6 \\
           --layer-selection importance --ffn-ratio 0.5 --loss jsd
+      shrink distill --teacher ./teacher --data train.jsonl --out student --layers 4 \\
+          --prune-vocab --vocab-data unlabeled-reviews.txt
       torchrun --nproc_per_node 4 -m shrink distill --teacher ./teacher \\
           --data train.jsonl --out student --layers 4 --batch-size 32
     """
@@ -126,7 +132,8 @@ def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, h
         teacher=teacher, data=data, out=out, layers=layers, eval_data=eval_data, steps=steps,
         epochs=2.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
         temperature=temperature, alpha=alpha, max_length=max_length, save_every=save_every,
-        device=device, seed=seed, teacher_prefix=teacher_prefix, prune_vocab=prune_vocab, resume=resume, force=force,
+        device=device, seed=seed, teacher_prefix=teacher_prefix, prune_vocab=prune_vocab, vocab_data=vocab_data,
+        resume=resume, force=force,
         loss=loss, beta=beta, hidden_weight=hidden_weight, layer_selection=layer_selection, ffn_ratio=ffn_ratio,
         heads_ratio=heads_ratio, student=student_dir, teacher_cache=teacher_cache, fsdp=fsdp,
     )
@@ -152,7 +159,9 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
     top-k log-probs are used as they are and the rest of the probability mass is spread
     evenly over the other tokens (exact with --top-k at the vocabulary size). Under
     torchrun every process runs the teacher on its share of the data and writes its own
-    shard; OUT must be on a filesystem they all see.
+    shard; OUT must be on a filesystem they all see. The manifest identifies the teacher
+    (its weights, config and tokenizer), the data and the prefix by sha256: distill
+    refuses a cache made from other bytes.
 
     \b
     Example:

@@ -14,11 +14,13 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def assert_user_error(result, message: str):
+def assert_user_error(result, message: str, exact: bool = False):
+    """`exact`: the line is `Error: {message}`, else it contains `message`."""
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+    assert not exact or lines[0] == f"Error: {message}", lines[0]
     assert "Traceback" not in result.output
 
 
@@ -95,6 +97,28 @@ def test_resume_without_checkpoint(workdir, task_files):
     r = invoke(*distill_args(workdir, task_files) + ["--resume"])
     assert_user_error(r, "--resume: no checkpoint at")
     assert entries(workdir) == ["teacher"]
+
+
+def test_vocab_data_without_prune_vocab(workdir, task_files):
+    words = workdir / "words.txt"
+    words.write_text("more text\n")
+    r = invoke(*distill_args(workdir, task_files, **{"--vocab-data": words}))
+    assert_user_error(r, "--vocab-data: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)", exact=True)
+    assert entries(workdir) == ["teacher", "words.txt"]
+
+
+def test_missing_vocab_data_file(workdir, task_files):
+    r = invoke(*distill_args(workdir, task_files, **{"--vocab-data": workdir / "nope.txt"}), "--prune-vocab")
+    assert_user_error(r, f"--vocab-data: no such file {workdir / 'nope.txt'}", exact=True)
+    assert entries(workdir) == ["teacher"]
+
+
+def test_bad_vocab_data_names_file_and_line(workdir, task_files):
+    bad = workdir / "more.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"completion": "b"}\n')
+    r = invoke(*distill_args(workdir, task_files, **{"--vocab-data": bad}), "--prune-vocab")
+    assert_user_error(r, f"{bad}:2: expected a JSON object with a string 'prompt'", exact=True)
+    assert entries(workdir) == ["more.jsonl", "teacher"]
 
 
 def test_unknown_quant_type_lists_valid_ones(workdir):

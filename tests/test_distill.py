@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from shrink import artifact
 from shrink.distill.batches import collate, encode_examples
+from shrink.distill.checkpoint import read_state
 from shrink.distill.student import cut_student, even_layers
 from shrink.distill.train import DistillConfig, checkpoint_dir, distill
 from shrink.errors import ModelError
@@ -67,27 +70,31 @@ def test_distillation_pulls_student_towards_teacher(teacher, task_files, tmp_pat
     assert not checkpoint_dir(tmp_path / "s").exists()
 
 
-def test_resume_continues_to_the_same_weights(teacher, task_files, tmp_path, monkeypatch):
+def interrupt_at_step(monkeypatch, n: int) -> None:
+    """The nth loss computation raises KeyboardInterrupt (Ctrl-C in the middle of a run);
+    the others are the real ones."""
     import shrink.distill.train as train
 
+    real_loss, calls = train.distill_loss, {"n": 0}
+
+    def loss_or_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "distill_loss", loss_or_interrupt)
+
+
+def test_resume_continues_to_the_same_weights(teacher, task_files, tmp_path, monkeypatch):
     def cfg(out, resume=False):
         return DistillConfig(teacher=teacher, data=task_files["train"], out=out, layers=2, steps=12,
                              batch_size=8, lr=1e-3, save_every=5, device="cpu", resume=resume)
 
     distill(cfg(tmp_path / "straight"))
-
-    real_loss, calls = train.distill_loss, {"n": 0}
-
-    def crash_on_step_8(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "distill_loss", crash_on_step_8)
+    interrupt_at_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         distill(cfg(tmp_path / "resumed"))
-    monkeypatch.setattr(train, "distill_loss", real_loss)
     assert not (tmp_path / "resumed").exists()
     assert checkpoint_dir(tmp_path / "resumed").exists()
 
@@ -98,6 +105,74 @@ def test_resume_continues_to_the_same_weights(teacher, task_files, tmp_path, mon
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     log = artifact.read_manifest(tmp_path / "resumed")
     assert log["settings"]["steps"] == 12
+
+
+def test_resume_refuses_inputs_that_changed(teacher, task_files, tmp_path, monkeypatch):
+    """--resume compares every input's bytes (sha256) with the interrupted run's: the
+    data, --eval, --teacher-prefix and the teacher's weights, each changed in place at the
+    same size, are refused; restored, the run resumes."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import tiny
+    from shrink.cli import cli
+
+    shutil.copytree(teacher, tmp_path / "teacher")
+    data = tmp_path / "train.jsonl"
+    shutil.copy(task_files["train"], data)
+    evals = tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.toy_examples(8, seed=99))
+    prefix = tmp_path / "prefix.txt"
+    prefix.write_text("Review: the phone was great\nSentiment: positive\n\n")
+    args = [str(a) for a in (
+        "distill", "--teacher", tmp_path / "teacher", "--data", data, "--eval", evals, "--teacher-prefix", prefix,
+        "--out", tmp_path / "s", "--layers", "2", "--steps", "4", "--batch-size", "8", "--save-every", "2",
+        "--device", "cpu", "--json")]
+    interrupt_at_step(monkeypatch, 3)
+    assert CliRunner().invoke(cli, args, catch_exceptions=False).exit_code == 130
+    weights = tmp_path / "teacher" / "model.safetensors"
+    assert read_state(checkpoint_dir(tmp_path / "s"))["inputs"] == [
+        {"role": role, "path": str(path), "sha256": artifact.sha256_file(path)}
+        for role, path in [("data", data), ("eval", evals), ("teacher-prefix", prefix), ("teacher-weights", weights)]]
+
+    def refused(path):
+        r = CliRunner().invoke(cli, args + ["--resume"], catch_exceptions=False)
+        assert r.exit_code == 2, r.output
+        assert r.stderr.strip() == (f"Error: --resume: {path} changed since the interrupted run (sha256 differs); "
+                                    "use the same inputs or --force to start over")
+
+    for path in (data, evals, prefix):
+        original = path.read_bytes()
+        path.write_bytes(original.replace(b"Review", b"REVIEW", 1))  # still valid, the same size
+        refused(path)
+        path.write_bytes(original)
+    (tmp_path / "teacher").rename(tmp_path / "teacher.orig")
+    tiny.corrupted_copy(tmp_path / "teacher.orig", tmp_path / "teacher")  # loadable, other bytes
+    assert weights.stat().st_size == (tmp_path / "teacher.orig" / "model.safetensors").stat().st_size
+    refused(weights)
+    shutil.rmtree(tmp_path / "teacher")
+    (tmp_path / "teacher.orig").rename(tmp_path / "teacher")
+
+    r = CliRunner().invoke(cli, args + ["--resume"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert [h["step"] for h in json.loads((tmp_path / "s" / "training_log.json").read_text())] == [1, 2, 3, 4]
+    assert json.loads(r.stdout)["settings"]["teacher_weights_sha256"] == {str(weights): artifact.sha256_file(weights)}
+
+
+def test_resume_names_a_teacher_weight_file_that_came_or_went():
+    from shrink.distill.input_hashes import check_unchanged
+    from shrink.errors import ShrinkError
+
+    one, two = ({"role": "teacher-weights", "path": f"t/model-0000{i}.safetensors", "sha256": str(i)} for i in (1, 2))
+    check_unchanged([one, two], [one, two])
+    for before, now, message in [
+        ([one], [one, two], "t/model-00002.safetensors changed since the interrupted run (it is new)"),
+        ([one, two], [two], "t/model-00001.safetensors changed since the interrupted run (it is gone)"),
+        ([one], [{**one, "sha256": "3"}], "t/model-00001.safetensors changed since the interrupted run (sha256 differs)"),
+    ]:
+        with pytest.raises(ShrinkError) as e:
+            check_unchanged(before, now)
+        assert str(e.value) == f"--resume: {message}; use the same inputs or --force to start over"
 
 
 def test_selected_logits_match_the_full_forward(teacher, task_files):

@@ -12,12 +12,38 @@ import tiny
 from shrink import artifact
 from shrink.cli import cli
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
+from shrink.distill.vocab_sources import read_vocab_data
+from shrink.errors import TaskDataError
 from shrink.hf import load_causal_lm, load_tokenizer
 from shrink.tasks import load_task
 
 
+# Texts of tiny.PARITY_SUITE that the toy task never uses: the teacher's tokenizer has
+# pieces for them, a vocabulary pruned to the task does not.
+NOVEL = ["Ünïcödé façade naïve café", "numbers 1234567890 3.14159 -42", "日本語のテキスト and 中文"]
+
+
 def texts_of(path):
     return [t for ex in load_task(path) for t in (ex.prompt, ex.prompt + ex.completion)]
+
+
+def novel_rows() -> list[dict]:
+    """Task rows whose reviews hold the NOVEL words."""
+    return [{"prompt": f"Review: {text}, {word}\nSentiment:", "completion": f" {label}", "choices": tiny.CHOICES}
+            for text, word, label in zip(NOVEL, ["great", "awful", "lovely"], ["positive", "negative", "positive"])]
+
+
+def distill_pruned(teacher, task_files, out, *options) -> dict:
+    """`shrink distill --prune-vocab` with `options`; returns the manifest."""
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", teacher, "--data", task_files["train"], "--out", out, "--layers", "2",
+        "--batch-size", "16", "--prune-vocab", "--device", "cpu", "--json", *options)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def vocab_of(student) -> dict[str, int]:
+    return json.loads((student / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
 
 
 def test_pruned_tokenizer_keeps_task_pieces_and_falls_back_elsewhere(teacher, task_files, tmp_path):
@@ -77,15 +103,14 @@ def test_byte_level_bpe_is_pruned_too(tmp_path):
 
 @pytest.fixture(scope="module")
 def pruned_student(tmp_path_factory, teacher, task_files):
+    """Evaluated on the toy eval rows and rows with NOVEL words, which it never saw."""
     d = tmp_path_factory.mktemp("pruned")
     prefix = d / "prefix.txt"
     prefix.write_text("Review: the phone was great\nSentiment: positive\n\n")
-    r = CliRunner().invoke(cli, [str(a) for a in (
-        "distill", "--teacher", teacher, "--data", task_files["train"], "--eval", task_files["eval"],
-        "--out", d / "student", "--layers", "2", "--steps", "60", "--batch-size", "16", "--lr", "1e-3",
-        "--prune-vocab", "--teacher-prefix", prefix, "--device", "cpu", "--json")], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    return d, json.loads(r.stdout)
+    evals = tiny.write_jsonl(d / "eval.jsonl", tiny.toy_examples(100, seed=99) + novel_rows())
+    m = distill_pruned(teacher, task_files, d / "student", "--eval", evals, "--steps", "60", "--lr", "1e-3",
+                       "--teacher-prefix", prefix)
+    return d, m
 
 
 def test_pruned_student_distills_and_records_its_vocabulary(pruned_student, teacher):
@@ -102,15 +127,90 @@ def test_pruned_student_gguf_has_tokenizer_parity(pruned_student, task_files):
     from shrink.runtime.llama_cpp import LlamaCppRuntime
 
     d, _ = pruned_student
-    m = export(d / "student", d / "f16", ExportOptions("gguf", quant="F16"), eval_data=task_files["eval"])
+    m = export(d / "student", d / "f16", ExportOptions("gguf", quant="F16"), eval_data=d / "eval.jsonl")
     assert m["metrics"]["accuracy"] >= 0.9
     hf = load_tokenizer(d / "student")
+    novel = texts_of(d / "eval.jsonl")[-2 * len(NOVEL):]  # the eval rows with NOVEL words
+    for text in novel:  # their words were pruned: they encode in byte-fallback pieces, and decode back
+        assert any(piece.startswith("<0x") for piece in hf.tokenize(text)), text
+        assert hf.decode(hf(text).input_ids, skip_special_tokens=True) == text
     rt = LlamaCppRuntime(d / "f16")
     try:
-        for text in texts_of(task_files["eval"])[:60] + tiny.PARITY_SUITE:
+        for text in texts_of(task_files["eval"])[:60] + novel + tiny.PARITY_SUITE:
             assert rt.encode(text) == hf(text, split_special_tokens=True).input_ids, text
     finally:
         rt.close()
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory, teacher, task_files):
+    """Two-step runs with --prune-vocab: plain, with an --eval file of NOVEL words, and
+    with --vocab-data (a text file and a JSONL file holding NOVEL words)."""
+    d = tmp_path_factory.mktemp("short")
+    evals = tiny.write_jsonl(d / "novel-eval.jsonl", novel_rows())
+    lines = d / "unlabeled.txt"
+    lines.write_text(f"{NOVEL[0]}\n\n{NOVEL[1]}\n", encoding="utf-8")
+    rows = tiny.write_jsonl(d / "unlabeled.jsonl", [{"prompt": "Review: ", "completion": NOVEL[2]}])
+    return d, {
+        "plain": distill_pruned(teacher, task_files, d / "plain", "--steps", "2"),
+        "eval": distill_pruned(teacher, task_files, d / "eval", "--steps", "2", "--eval", evals),
+        "vocab-data": distill_pruned(teacher, task_files, d / "vocab-data", "--steps", "2",
+                                     "--vocab-data", lines, "--vocab-data", rows),
+    }
+
+
+def test_the_eval_data_does_not_shape_the_vocabulary(short_runs, teacher, task_files):
+    d, m = short_runs
+    assert m["eval"]["metrics"]["eval_examples"] == len(NOVEL)
+    pieces = {p for text in texts_of(d / "novel-eval.jsonl") for p in load_tokenizer(teacher).tokenize(text)}
+    assert pieces - set(vocab_of(d / "plain"))  # the eval texts hold tokens the training data does not
+    assert vocab_of(d / "eval") == vocab_of(d / "plain")
+    assert load_tokenizer(d / "eval").get_vocab() == load_tokenizer(d / "plain").get_vocab()
+    assert m["eval"]["settings"]["vocab_kept"] == m["plain"]["settings"]["vocab_kept"] == len(vocab_of(d / "plain"))
+    data = {"role": "data", "path": str(task_files["train"]), "sha256": artifact.sha256_file(task_files["train"])}
+    assert m["eval"]["settings"]["vocab_sources"] == m["plain"]["settings"]["vocab_sources"] == [data]
+
+
+def test_vocab_data_adds_its_tokens_and_is_recorded(short_runs, teacher, task_files):
+    d, m = short_runs
+    teacher_tok, student_tok = load_tokenizer(teacher), load_tokenizer(d / "vocab-data")
+    plain = load_tokenizer(d / "plain")
+    for text in NOVEL:  # in whole pieces, as the teacher encodes them; byte fallback without --vocab-data
+        assert student_tok.tokenize(text) == teacher_tok.tokenize(text), text
+        assert plain.tokenize(text) != teacher_tok.tokenize(text), text
+    assert set(vocab_of(d / "plain")) < set(vocab_of(d / "vocab-data"))
+    assert m["vocab-data"]["settings"]["vocab_kept"] == len(vocab_of(d / "vocab-data"))
+    assert m["vocab-data"]["settings"]["vocab_data"] == [str(d / "unlabeled.txt"), str(d / "unlabeled.jsonl")]
+    assert m["vocab-data"]["settings"]["vocab_sources"] == [
+        {"role": role, "path": str(path), "sha256": artifact.sha256_file(path)}
+        for role, path in [("data", task_files["train"]), ("vocab-data", d / "unlabeled.txt"),
+                           ("vocab-data", d / "unlabeled.jsonl")]
+    ]
+
+
+def test_vocab_data_files(tmp_path):
+    """Plain text: every non-empty line. JSONL: each row's prompt, with its completion and
+    with each choice; a bad row is named by file and line."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first line\n\n  \nsecond {not json}\n", encoding="utf-8")
+    assert read_vocab_data(lines) == ["first line", "second {not json}"]
+    rows = tiny.write_jsonl(tmp_path / "rows.jsonl", [
+        {"prompt": "a"}, {"prompt": "b", "completion": "c"}, {"prompt": "d", "choices": ["e", "f"], "label": 1}])
+    assert read_vocab_data(rows) == ["a", "b", "bc", "d", "de", "df"]
+    for body, message in [
+        ('{"prompt": "a"}\n{"prompt": "b",\n', "2: not JSON (Expecting property name enclosed in double quotes at column 16)"),
+        ('\n{"text": "a"}\n', "2: expected a JSON object with a string 'prompt'"),
+        ('{"prompt": "a", "completion": 3}\n', "1: 'completion' must be a string, got int"),
+        ('{"prompt": "a", "choices": "b"}\n', "1: 'choices' must be a list of strings"),
+    ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(body, encoding="utf-8")
+        with pytest.raises(TaskDataError) as e:
+            read_vocab_data(bad)
+        assert str(e.value) == f"{bad}:{message}"
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(TaskDataError, match="empty.txt: empty file"):
+        read_vocab_data(tmp_path / "empty.txt")
 
 
 def test_teacher_prefix_that_changes_the_completion_tokens_is_refused(teacher, task_files, tmp_path):

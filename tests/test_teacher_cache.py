@@ -47,6 +47,8 @@ def test_manifest_and_files(caches, teacher, task_files):
     assert s["data_sha256"] == artifact.sha256_file(task_files["train"])
     assert s["teacher"] == str(teacher) and s["teacher_fingerprint"]["config_sha256"] == artifact.sha256_file(teacher / "config.json")
     assert s["teacher_fingerprint"]["tokenizer_sha256"]["tokenizer.json"] == artifact.sha256_file(teacher / "tokenizer.json")
+    assert s["teacher_fingerprint"]["weights_sha256"] == {"model.safetensors": artifact.sha256_file(teacher / "model.safetensors")}
+    assert s["format_version"] == 2
     assert (s["top_k"], s["vocab_size"], s["max_length"], s["logprob_dtype"]) == (128, 768, 512, "float16")
     assert s["teacher_prefix"] is None and s["teacher_prefix_sha256"] is None
     assert s["shards"] == [shard_name(0, 1)] and list(manifest["files"]) == s["shards"]
@@ -145,6 +147,29 @@ def test_a_cache_for_another_run_is_refused(caches, teacher, task_files, tmp_pat
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
     assert "was made with another teacher" in refused(teacher=other)
     assert "is a 'student' artifact, not a teacher cache" in refused(teacher_cache=not_a_cache(tmp_path))
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_cache_from_other_weights_of_the_same_size_is_refused(caches, teacher, task_files, tmp_path):
+    """The teacher is identified by its weights' bytes: a copy elsewhere is the same
+    teacher, a copy with one tensor changed (the same file size) is another."""
+    import tiny
+    from shrink.distill.train import validate
+
+    folder = caches["top128"][0]
+    same = tmp_path / "same-teacher"
+    shutil.copytree(teacher, same)
+    validate(DistillConfig(teacher=same, data=task_files["train"], out=tmp_path / "s", layers=2, teacher_cache=folder))
+
+    other = tiny.corrupted_copy(teacher, tmp_path / "other-teacher")
+    assert (other / "model.safetensors").stat().st_size == (teacher / "model.safetensors").stat().st_size
+    result = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", other, "--data", task_files["train"], "--out", tmp_path / "s", "--layers", "2",
+        "--teacher-cache", folder)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"Error: --teacher-cache {folder} was made with another teacher ({teacher}): not the same weight files as "
+        f"{other} (sha256); rebuild it: shrink teacher-cache --teacher {other} --data {task_files['train']} --out DIR")
     assert not (tmp_path / "s").exists()
 
 

@@ -35,9 +35,10 @@ dropped, and the loss's softmax renormalises over the kept set, which is what th
 teacher, read on the kept rows only, does too.
 
 The cache is checked against the run before anything is loaded: the same data (sha256),
-the same teacher (config.json, tokenizer files and weight file sizes), the same
---teacher-prefix (sha256) and the same --max-length; and every example must have as many
-cached positions as the run has loss positions.
+the same teacher (config.json, tokenizer files and weight files, all by sha256: see
+shrink.distill.input_hashes), the same --teacher-prefix (sha256) and the same
+--max-length; and every example must have as many cached positions as the run has loss
+positions.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from shrink import artifact
-from shrink.distill import distributed
+from shrink.distill import distributed, input_hashes
 from shrink.errors import ArtifactError, ShrinkError
 
 KIND = "teacher-cache"
-FORMAT_VERSION = 1  # of the safetensors layout above; bump on any change
+FORMAT_VERSION = 2  # of the safetensors layout above and the manifest's teacher fingerprint; bump on any change
+# 2: the teacher's weight files identified by sha256 (1: by size)
 LOGPROB_DTYPE = "float16"
 FLOOR = -1e4  # log-prob given to tokens with no mass: exp() is 0, and 0 * FLOOR is no NaN
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -76,14 +78,15 @@ def shard_name(rank: int, world_size: int) -> str:
     return f"part-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def teacher_fingerprint(folder: Path) -> dict[str, Any]:
-    """What identifies a teacher folder without reading its weights: config.json and the
-    tokenizer files by sha256, the weight files by size."""
+def teacher_fingerprint(folder: Path, weights_sha256: dict[str, str]) -> dict[str, Any]:
+    """What identifies a teacher: its folder's config.json and tokenizer files by sha256,
+    and `weights_sha256` (input_hashes.weights_sha256 of the teacher as given: the
+    folder's safetensors files, or the GGUF file)."""
     folder = Path(folder)
     return {
         "config_sha256": artifact.sha256_file(folder / "config.json"),
         "tokenizer_sha256": {n: artifact.sha256_file(folder / n) for n in TOKENIZER_FILES if (folder / n).is_file()},
-        "weights_bytes": {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))},
+        "weights_sha256": weights_sha256,
     }
 
 
@@ -171,7 +174,7 @@ def _build(cfg: CacheConfig, ranks) -> dict[str, Any] | None:
         settings = {
             "teacher": str(cfg.teacher),
             "teacher_folder": str(Path(folder).resolve()),
-            "teacher_fingerprint": teacher_fingerprint(folder),
+            "teacher_fingerprint": teacher_fingerprint(folder, input_hashes.weights_sha256(cfg.teacher)),
             "tokenizer": type(tokenizer).__name__,
             "vocab_size": vocab,
             "data": str(cfg.data),
@@ -266,9 +269,10 @@ def read_cache_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_matches(cfg, teacher_folder: Path) -> None:
-    """Refuse a cache made for another run: distill's `cfg` (a DistillConfig) against the
-    cache's manifest. Called before any model is loaded."""
+def check_matches(cfg, teacher_folder: Path, inputs: list[dict[str, str]]) -> None:
+    """Refuse a cache made for another run: distill's `cfg` (a DistillConfig) and its
+    `inputs` (input_hashes.distill_inputs) against the cache's manifest. Called before any
+    model is loaded."""
     if getattr(cfg, "teacher_cache", None) is None:
         return
     folder = Path(cfg.teacher_cache)
@@ -277,14 +281,18 @@ def check_matches(cfg, teacher_folder: Path) -> None:
     if getattr(cfg, "hidden_weight", 0):
         raise ShrinkError("--hidden-weight needs the teacher's hidden states every batch; a --teacher-cache holds "
                           "its output distributions only")
-    data_sha = artifact.sha256_file(Path(cfg.data))
+    data_sha = input_hashes.sha256_of(inputs, "data")
     if s.get("data_sha256") != data_sha:
         raise ShrinkError(f"--teacher-cache {folder} was made from other data ({s.get('data')}, sha256 "
                           f"{str(s.get('data_sha256'))[:12]}...), not {cfg.data} (sha256 {data_sha[:12]}...){rebuild}")
-    if s.get("teacher_fingerprint") != teacher_fingerprint(teacher_folder):
-        raise ShrinkError(f"--teacher-cache {folder} was made with another teacher ({s.get('teacher')}): its "
-                          f"config, tokenizer or weights differ from {cfg.teacher}'s{rebuild}")
-    prefix_sha = artifact.sha256_file(Path(cfg.teacher_prefix)) if cfg.teacher_prefix else None
+    weights = {Path(e["path"]).name: e["sha256"] for e in input_hashes.of_roles(inputs, "teacher-weights")}
+    cached, now = s.get("teacher_fingerprint") or {}, teacher_fingerprint(teacher_folder, weights)
+    parts = [name for key, name in (("config_sha256", "config.json"), ("tokenizer_sha256", "tokenizer files"),
+                                    ("weights_sha256", "weight files")) if cached.get(key) != now[key]]
+    if parts:
+        raise ShrinkError(f"--teacher-cache {folder} was made with another teacher ({s.get('teacher')}): "
+                          f"not the same {' and '.join(parts)} as {cfg.teacher} (sha256){rebuild}")
+    prefix_sha = input_hashes.sha256_of(inputs, "teacher-prefix")
     if s.get("teacher_prefix_sha256") != prefix_sha:
         made = f"--teacher-prefix {s.get('teacher_prefix')}" if s.get("teacher_prefix") else "no --teacher-prefix"
         given = f"--teacher-prefix {cfg.teacher_prefix}" if cfg.teacher_prefix else "none"

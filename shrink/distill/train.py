@@ -6,15 +6,18 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
 2. Load the teacher (a GGUF file is converted once into a cached folder); build the
    student (shrink.distill.student.build_student): the teacher's layers cut evenly or by
    importance on the task, optionally narrowed (shrink.distill.width), or an existing
-   smaller model (--student); optionally prune its vocabulary to the task's tokens
-   (shrink.distill.prune_vocab), the teacher then being read on those tokens only.
+   smaller model (--student); optionally prune its vocabulary to the tokens of the
+   training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
+   data), the teacher then being read on those tokens only.
 3. Train the student on completion tokens: a divergence to the teacher at temperature T
    (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with cross-entropy on the reference,
    plus optional hidden-state alignment (shrink.distill.hidden). The teacher's outputs
    come from the teacher itself or from a teacher cache (shrink.distill.teacher_cache).
    bf16 autocast on CUDA; under torchrun, each rank takes its share of every global
    batch (shrink.distill.distributed).
-4. Save an atomic checkpoint every `save_every` steps (rank 0); `resume` continues from it.
+4. Save an atomic checkpoint every `save_every` steps (rank 0), with the sha256 of every
+   input file (shrink.distill.input_hashes); `resume` continues from it when the inputs
+   are byte for byte the same.
 5. Optionally evaluate student and teacher on held-out data.
 6. Write the student folder atomically, manifest last.
 """
@@ -35,7 +38,7 @@ from typing import Any
 from shrink import artifact
 from shrink.console import console, progress, spinner
 from shrink.distill.batches import batch_order, collate, encode_examples
-from shrink.distill import distributed, teacher_cache
+from shrink.distill import distributed, input_hashes, teacher_cache
 from shrink.distill.checkpoint import read_state
 from shrink.distill.logits import selected_logits
 from shrink.distill.prefix import PrefixCache, usable_prefix
@@ -43,6 +46,7 @@ from shrink.distill.loss import distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.student import build_student, even_layers
+from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
 from shrink.tasks import load_task
@@ -76,7 +80,8 @@ class DistillConfig:
     save_every: int = 200  # steps between checkpoints
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    prune_vocab: bool = False  # keep only the tokens the task data needs
+    prune_vocab: bool = False  # keep only the tokens the training data (and vocab_data) needs
+    vocab_data: tuple[Path, ...] = ()  # more text the pruned vocabulary covers: .jsonl rows or text lines
     teacher_prefix: Path | None = None  # text file put before every prompt for the teacher only
     teacher_memory_mb: int = 2048  # teacher outputs up to this size are computed once and kept
     teacher_cache: Path | None = None  # a `shrink teacher-cache` folder read instead of running the teacher
@@ -89,16 +94,36 @@ class DistillConfig:
         d = dataclasses.asdict(self)
         for k in ("resume", "force", "out", "device", "teacher_memory_mb", "fsdp"):
             d.pop(k)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return {k: _plain(v) for k, v in d.items()}
+
+
+def _plain(value):
+    """Paths as strings and tuples as lists, as they read back from JSON."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def checkpoint_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".checkpoint")
 
 
-def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
-    """Every user error, before any model is loaded or anything written. Returns the
-    examples, the teacher's folder (a GGUF teacher converted into the cache) and its layers."""
+@dataclass(frozen=True)
+class Checked:
+    """What validate() read and found."""
+
+    train: list  # training examples (shrink.tasks.Example)
+    evals: list | None  # held-out examples (--eval)
+    vocab_texts: list[str]  # --vocab-data texts the pruned vocabulary covers too
+    teacher_dir: Path  # the teacher's Hugging Face folder (a GGUF teacher converted into the cache)
+    teacher_layers: int
+    inputs: list[dict] | None  # every input file by sha256 (shrink.distill.input_hashes); None unless hashed
+
+
+def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
+    """Every user error, before any model is loaded or anything written. `hash_inputs`:
+    hash every input file (under torchrun, rank 0 alone does), to refuse a --resume or a
+    --teacher-cache that read other bytes."""
     teacher_path = Path(cfg.teacher)
     if teacher_path.is_file() and teacher_path.suffix != ".gguf":
         raise ShrinkError(f"teacher {teacher_path} is a file but not .gguf (expected a model folder or a GGUF file)")
@@ -137,10 +162,13 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         if cfg.hidden_weight:
             raise ShrinkError("--hidden-weight: not with --student (its layers were not copied from the teacher's)")
         check_model_dir(Path(cfg.student), "student")
+    if cfg.vocab_data and not cfg.prune_vocab:
+        raise ShrinkError("--vocab-data: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)")
     train = load_task(cfg.data)
     evals = load_task(cfg.eval_data) if cfg.eval_data else None
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
         raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
+    vocab_texts = [text for path in cfg.vocab_data for text in read_vocab_data(path)]
 
     ckpt = checkpoint_dir(cfg.out)
     artifact.check_output_free(Path(cfg.out), cfg.force)
@@ -150,6 +178,9 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         raise ShrinkError(f"an interrupted run left {ckpt}; pass --resume to continue it or --force to start over")
     if cfg.resume and read_state(ckpt).get("settings") != cfg.settings():
         raise ShrinkError(f"--resume: {ckpt} was made with other settings; use the same options or --force")
+    inputs = input_hashes.distill_inputs(cfg) if hash_inputs else None
+    if cfg.resume and inputs is not None:
+        input_hashes.check_unchanged(read_state(ckpt).get("inputs", []), inputs)
 
     from shrink.teacher_gguf import resolve_teacher
 
@@ -164,8 +195,9 @@ def validate(cfg: DistillConfig) -> tuple[list, list | None, int]:
         check_student_folder(Path(cfg.student), folder, train)
     else:
         even_layers(total, cfg.layers)  # raises on an out-of-range --layers
-    teacher_cache.check_matches(cfg, folder)  # a --teacher-cache made for this run
-    return train, evals, folder, total
+    if inputs is not None:
+        teacher_cache.check_matches(cfg, folder, inputs)  # a --teacher-cache made for this run
+    return Checked(train, evals, vocab_texts, folder, total, inputs)
 
 
 def lr_at(step: int, total: int, peak: float) -> float:
@@ -189,7 +221,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any] | None:
 def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | None:
     import torch
 
-    train_examples, eval_examples, teacher_dir, teacher_layers = distributed.main_first(ranks, validate, cfg)
+    checked = distributed.main_first(ranks, validate, cfg, ranks.is_main)
+    train_examples, eval_examples = checked.train, checked.evals
+    teacher_dir, teacher_layers = checked.teacher_dir, checked.teacher_layers
     device = resolve_device(cfg.device)
     ckpt = checkpoint_dir(cfg.out)
     if cfg.force and not cfg.resume:
@@ -204,7 +238,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
     student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
-        plan = plan_pruning(tokenizer, task_texts(train_examples))  # never the evaluation texts
+        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts)  # never the eval data
         prune_model(student, plan)
         student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
         console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
@@ -292,7 +326,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
             rate = tokens_seen / (time.perf_counter() - started)
             bar.update(task, advance=1, loss=f"loss {loss.item():.4f}", tok_s=f"{rate:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == total_steps:
-                trainee.save_checkpoint(ckpt, optimizer, {"step": step, "history": history, "settings": cfg.settings()})
+                state = {"step": step, "history": history, "settings": cfg.settings(), "inputs": checked.inputs}
+                trainee.save_checkpoint(ckpt, optimizer, state)
     elapsed = time.perf_counter() - started
     student = trainee.final_model()  # with its full weights (FSDP gathers them), on rank 0
     if not ranks.is_main:
@@ -318,16 +353,18 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
         "layers_kept": keep,
         "teacher_layers": teacher_layers,
         "steps": total_steps,
-        "data_sha256": artifact.sha256_file(Path(cfg.data)),
+        "data_sha256": input_hashes.sha256_of(checked.inputs, "data"),
         "device": device,
         "teacher_folder": str(teacher_dir),
-        "teacher_prefix_sha256": artifact.sha256_file(Path(cfg.teacher_prefix)) if cfg.teacher_prefix else None,
+        "teacher_prefix_sha256": input_hashes.sha256_of(checked.inputs, "teacher-prefix"),
+        "teacher_weights_sha256": {e["path"]: e["sha256"] for e in input_hashes.of_roles(checked.inputs, "teacher-weights")},
         "teacher_cache_manifest_sha256": artifact.manifest_hash(Path(cfg.teacher_cache)) if cfg.teacher_cache else None,
         **student_info,  # layer_scores (--layer-selection importance), widths (--ffn-ratio/--heads-ratio)
     }
     if plan is not None:
         settings.update(vocab_kept=len(plan.kept), teacher_vocab=plan.teacher_vocab_size,
-                        tokenizer_pre=teacher_pre_tokenizer(tokenizer))
+                        tokenizer_pre=teacher_pre_tokenizer(tokenizer),
+                        vocab_sources=input_hashes.of_roles(checked.inputs, "data", "vocab-data"))
     with artifact.staged_folder(cfg.out, cfg.force) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         student_tokenizer.save_pretrained(tmp)
@@ -370,15 +407,6 @@ def check_aligned(student_seqs, teacher_seqs, data: Path) -> None:
     for line, (s, t) in enumerate(zip(student_seqs, teacher_seqs), start=1):
         if s.ids[s.start :] != t.ids[t.start :]:
             raise ShrinkError(f"{data}:{line}: the completion tokenizes differently after --teacher-prefix")
-
-
-def task_texts(examples) -> list[str]:
-    """Every text the student will be shown: prompts alone, with their completions, and
-    with each choice (as evaluation scores them)."""
-    texts = []
-    for ex in examples:
-        texts += [ex.prompt, ex.prompt + ex.completion] + [ex.prompt + c for c in ex.choices or ()]
-    return texts
 
 
 def teacher_pre_tokenizer(tokenizer) -> str | None:
