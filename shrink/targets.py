@@ -25,7 +25,8 @@ GPTQ_QUANTS = {"8bit": 8, "4bit": 4}
 # Constraints, with what they measure. Limits are checked against measured figures.
 CONSTRAINTS = {
     "max_size_mb": "artifact size (model files), MB",
-    "max_ram_mb": "peak resident memory of the runtime process running the artifact, MB",
+    "max_ram_mb": "peak resident memory of the bundle's run.py serving the artifact "
+                  "(with the target's context_length and threads), MB",
     "min_retention": "accuracy / the teacher's accuracy",
     "max_accuracy_drop": "the unquantized student's accuracy minus the artifact's (absolute)",
     "min_examples_per_s": "task examples per second through the runtime, with `threads`",
@@ -48,7 +49,7 @@ class Target:
     quants: tuple[str, ...]  # tried in this order
     constraints: dict[str, float] = field(default_factory=dict)
     threads: int | None = None
-    context_length: int | None = None
+    context_length: int | None = None  # tokens: llama.cpp's n_ctx (None: 2048), onnxruntime's longest sequence
     imatrix: bool = False  # GGUF: quantize with a task-aware importance matrix
     device: str = "cpu"  # where torch-served (GPTQ) candidates run: cpu | cuda
 

@@ -10,10 +10,14 @@ ignored. Every problem is reported with the file and line it is on.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from shrink.errors import TaskDataError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,15 @@ def _parse_line(line: str, where: str) -> Example:
             raise TaskDataError(f"{where}: completion {obj['completion']!r} is not among the choices {choices!r}")
         choices = tuple(choices)
     return Example(prompt=obj["prompt"], completion=obj["completion"], choices=choices)
+
+
+def spread(items: Sequence[T], n: int) -> list[T]:
+    """`n` of `items` evenly spaced over the whole list, in order; all of them when there
+    are at most `n`. Item k is the first of the k-th of n equal shares, so every region
+    of a file is sampled (its first item and its last share too, whatever its length),
+    not just its first lines. Deterministic, so calibration is reproducible."""
+    if n < 1:
+        raise ValueError(f"spread: n must be at least 1, got {n}")
+    if len(items) <= n:
+        return list(items)
+    return [items[k * len(items) // n] for k in range(n)]

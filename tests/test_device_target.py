@@ -44,10 +44,10 @@ def student(tmp_path_factory, teacher, task_files):
     return folder
 
 
-def targets_file(tmp_path, **constraints) -> str:
+def targets_file(tmp_path, quants=("Q8_0", "Q6_K", "Q4_K_M"), **keys) -> str:
     lines = ["[targets.tiny]", 'description = "a test device"', 'runtime = "llama.cpp"', 'formats = ["gguf"]',
-             'quants = ["Q8_0", "Q6_K", "Q4_K_M"]', "threads = 1"]
-    lines += [f"{k} = {v}" for k, v in constraints.items()]
+             f"quants = {list(quants)}".replace("'", '"'), "threads = 1"]
+    lines += [f"{k} = {v}" for k, v in keys.items()]
     path = tmp_path / "targets.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -56,7 +56,8 @@ def targets_file(tmp_path, **constraints) -> str:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, student, task_files):
     d = tmp_path_factory.mktemp("bundle")
-    tf = targets_file(d, max_size_mb=10, max_ram_mb=4000, min_retention=0.9, max_accuracy_drop=0.03)
+    tf = targets_file(d, max_size_mb=10, max_ram_mb=4000, min_retention=0.9, max_accuracy_drop=0.03,
+                      context_length=256)
     r = invoke("export", student, "--target", "tiny", "--targets", tf, "--eval", task_files["eval"],
                "--out", d / "tiny-bundle", "--json")
     assert r.exit_code == 0, r.output
@@ -87,11 +88,76 @@ def test_bundle_contents_and_provenance(bundle, student, teacher):
     assert m["provenance"][0]["path"] == str(teacher)
     assert m["provenance"][1]["manifest_sha256"] == artifact.manifest_hash(student)
     assert (folder / "Modelfile").read_text().startswith("FROM ./model-Q4_K_M.gguf\n")
+    assert "PARAMETER num_ctx 256\n" in (folder / "Modelfile").read_text()
     card = (folder / "README.md").read_text()
     assert card.startswith("# tiny-bundle\n") and "`min_retention` | 0.9 |" in card and "shrink verify tiny-bundle" in card
     out = subprocess.run([sys.executable, str(folder / "run.py"), "Review: the coffee was wonderful\nSentiment:"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "positive"
+
+
+def test_peak_ram_is_run_py_serving_the_targets_context(bundle, student, task_files, tmp_path):
+    """The RAM figure is a process running the bundle's run.py, with the target's context:
+    llama.cpp allocates its KV cache for all of n_ctx when the model loads. The tiny
+    model's f16 cache takes 2 KiB a token (4 layers x 2 KV heads x 64 x K and V), so
+    32768 tokens hold 64 MiB more than 256 do."""
+    small = {c["quant"]: c for c in bundle[1]["metrics"]["candidates"]}["Q8_0"]
+    tf = targets_file(tmp_path, quants=["Q8_0"], max_ram_mb=4000, context_length=32768)
+    r = invoke("export", student, "--target", "tiny", "--targets", tf, "--eval", task_files["eval"],
+               "--out", tmp_path / "long", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    large = m["metrics"]["candidates"][0]
+    served = {"script": "run.py", "runtime": "llama.cpp", "threads": 1, "device": "cpu", "logits_all": False,
+              "max_tokens": 16}
+    assert small["ram_measured_with"] == {**served, "context_length": 256}
+    assert large["ram_measured_with"] == m["metrics"]["ram_measured_with"] == {**served, "context_length": 32768}
+    assert small["context_length"] == 256 and large["context_length"] == 32768  # the scoring process's too
+    assert large["peak_ram_mb"] - small["peak_ram_mb"] > 50, (small["peak_ram_mb"], large["peak_ram_mb"])
+    assert m["target"]["constraints"]["max_ram_mb"]["value"] == large["peak_ram_mb"]
+    run = (tmp_path / "long" / "run.py").read_text()  # what was measured is what ships
+    assert "n_ctx=32768, n_threads=1, n_threads_batch=1, logits_all=False," in run
+    assert "n_ctx=256, " in (bundle[0] / "run.py").read_text()
+    assert "running run.py: context 32768 tokens, threads 1" in (tmp_path / "long" / "README.md").read_text()
+
+
+def test_onnx_bundle_is_measured_as_its_run_py_serves(student, task_files, tmp_path):
+    """An onnxruntime target: run.py (shrink's onnxruntime loop) gets the target's context
+    length and threads, and is what the RAM figure ran."""
+    tf = tmp_path / "targets.toml"
+    tf.write_text('[targets.server]\ndescription = "a test server"\nruntime = "onnxruntime"\nformats = ["onnx"]\n'
+                  'quants = ["int8"]\nthreads = 1\ncontext_length = 64\nmax_ram_mb = 4000\n')
+    r = invoke("export", student, "--target", "server", "--targets", tf, "--eval", task_files["eval"],
+               "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.stdout)["metrics"]
+    assert metrics["ram_measured_with"] == {"script": "run.py", "runtime": "onnxruntime", "context_length": 64,
+                                            "threads": 1, "device": "cpu", "max_tokens": 16, "logits_all": None}
+    assert metrics["eval_runtime"] == "onnxruntime" and 5 < metrics["peak_ram_mb"] < 4000
+    run = tmp_path / "b" / "run.py"
+    assert "OnnxRuntime(here, threads=1, context_length=64)" in run.read_text()
+    out = subprocess.run([sys.executable, str(run), "Review: the service was dreadful\nSentiment:"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "negative"
+
+
+def test_serving_measurement_runs_the_script_as_python_would(tmp_path):
+    """The serving child runs the script as __main__ with no arguments and this very
+    shrink on its path, and reports its own peak resident memory."""
+    import shrink
+    from shrink.errors import ShrinkError
+    from shrink.runtime.measure import serving_peak_ram_mb
+
+    seen = tmp_path / "seen.json"
+    script = tmp_path / "run.py"
+    script.write_text("import json, sys, shrink\n"
+                      "block = b'x' * 300_000_000  # resident: every page written\n"
+                      f"json.dump([__name__, sys.argv, shrink.__file__, sys.path[0]], open({str(seen)!r}, 'w'))\n")
+    assert 300 < serving_peak_ram_mb(script) < 600
+    assert json.loads(seen.read_text()) == ["__main__", [str(script)], shrink.__file__, str(tmp_path)]
+    script.write_text("raise SystemExit(3)\n")
+    with pytest.raises(ShrinkError, match=r"running .*run.py failed \(exit code 3"):
+        serving_peak_ram_mb(script)
 
 
 def test_run_eval_and_verify_on_the_bundle(bundle, task_files, tmp_path):
@@ -162,16 +228,19 @@ def test_imatrix_enables_the_types_that_need_one(student, task_files, tmp_path):
 
 
 def test_imatrix_follows_the_activations(student, task_files):
-    """The matrix is E[x^2] per input column, by GGUF tensor name: checked against a
-    direct computation for one layer."""
+    """The matrix is E[x^2] per input column, by GGUF tensor name, over texts spread over
+    the whole file: checked against a direct computation for one layer on 8 of 12 texts
+    (the first 8 would leave the file's end out)."""
     import torch
 
     from shrink.hf import load_causal_lm, load_tokenizer
     from shrink.quantize.imatrix import compute_imatrix
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task, spread
 
-    texts = [ex.prompt + ex.completion for ex in load_task(task_files["eval"])][:8]
-    data = compute_imatrix(student, texts)
+    every = [ex.prompt + ex.completion for ex in load_task(task_files["eval"])][:12]
+    data = compute_imatrix(student, every, max_rows=8)
+    texts = spread(every, 8)
+    assert texts == [every[i] for i in (0, 1, 3, 4, 6, 7, 9, 10)] != every[:8]  # not the first 8
     layers = load_causal_lm(student).config.num_hidden_layers
     assert set(data) == {f"blk.{i}.{t}.weight" for i in range(layers)
                          for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}

@@ -147,6 +147,17 @@ def test_generate_stops_before_stop_string(rt):
     assert rt.generate(prompt, max_tokens=0) == ""
 
 
+def test_generation_with_the_last_logits_only(f16, rt):
+    """logits_all=False (how a bundle's run.py serves): the same greedy text, also when a
+    call rewinds into the cached sequence; scoring, which needs every position, is refused."""
+    with LlamaCppRuntime(f16, threads=2, n_ctx=512, logits_all=False) as lean:
+        assert lean.n_ctx == 512
+        for prompt in PROMPTS[:3] + PROMPTS[:1]:
+            assert lean.generate(prompt, max_tokens=8) == rt.generate(prompt, max_tokens=8), prompt
+        with pytest.raises(ValueError, match="needs every position's logits"):
+            lean.score_continuations([1, 5], [[6]])
+
+
 def test_score_continuations_match_full_logits_and_torch(rt, hf):
     _, model = hf
     for prompt in PROMPTS[:6]:

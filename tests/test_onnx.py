@@ -152,6 +152,20 @@ def test_generate_matches_torch(case):
     assert any(outputs)  # not all empty: the comparison saw text
 
 
+def test_context_length_bounds_the_sequence(exports):
+    """As llama.cpp's n_ctx: generation stops at the context length, and a longer input
+    is refused."""
+    exp = exports("llama")
+    unbounded = OnnxRuntime(exp.onnx, threads=1)
+    ids = unbounded.encode(PROMPTS[0])
+    context = len(ids) + 3
+    bounded = OnnxRuntime(exp.onnx, threads=1, context_length=context)
+    assert bounded.generate(PROMPTS[0], max_tokens=20) == unbounded.generate(PROMPTS[0], max_tokens=3)
+    longer = rf"sequence of {context + 1} tokens is longer than the context \({context}\)"
+    with pytest.raises(ShrinkError, match=longer):
+        bounded.logits(ids + [5] * 4)
+
+
 def test_score_continuations_sum_logits(case):
     ref, rt = _runtimes(case)
     prompt = rt.encode("Review: the coffee was lovely\nSentiment:")

@@ -14,7 +14,7 @@ import tiny
 from shrink.cli import cli
 from shrink.distill.batches import collate, encode_examples
 from shrink.distill.hidden import HiddenAlignment
-from shrink.distill.importance import important_layers, layer_distances, sample_examples, task_batches
+from shrink.distill.importance import important_layers, layer_distances, task_batches
 from shrink.distill.logits import selected_logits
 from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.student import cut_student, even_layers
@@ -54,7 +54,6 @@ def test_important_layers_keeps_the_ends_and_the_largest_distances():
     assert important_layers([0.5, 0.1, 0.3], 2) == [0, 2]
     with pytest.raises(ShrinkError, match="between 1 and the teacher's 3 layers, got 4"):
         important_layers([0.5, 0.1, 0.3], 4)
-    assert sample_examples(list(range(1000)), 4) == [0, 250, 500, 750]
 
 
 @pytest.mark.parametrize("identity", [1, 2])

@@ -27,18 +27,12 @@ SAMPLE = 128  # task texts read to score layers and channels
 BATCH = 8  # texts per forward pass while scoring
 
 
-def sample_examples(examples: list, n: int = SAMPLE) -> list:
-    """Up to `n` examples spread evenly over the data (not just its first lines)."""
-    if len(examples) <= n:
-        return list(examples)
-    return [examples[math.floor(i * len(examples) / n)] for i in range(n)]
-
-
 def task_batches(tokenizer, examples: list, device: str, max_length: int = 512, n: int = SAMPLE):
     """(ids, attention mask) batches of the sampled prompt + completion (+ EOS) texts."""
     from shrink.distill.batches import collate, encode_examples
+    from shrink.tasks import spread
 
-    seqs = encode_examples(tokenizer, sample_examples(examples, n), max_length)
+    seqs = encode_examples(tokenizer, spread(examples, n), max_length)
     for i in range(0, len(seqs), BATCH):
         ids, attn, _ = collate(seqs[i : i + BATCH], tokenizer.pad_token_id, device)
         yield ids, attn

@@ -4,25 +4,69 @@ The folder holds the model file(s), `manifest.json` (hashes, the provenance chai
 teacher -> student -> artifact, metrics, the target and each constraint met or not),
 a README model card, an Ollama `Modelfile` for GGUF bundles and `run.py`, a minimal run
 example in the runtime's own API. `shrink verify BUNDLE` re-checks every hash.
+
+run.py is written into every candidate's folder before it is measured, since its peak
+RAM is the peak of a process running that run.py; the chosen one ships as measured. Its
+settings (context length, threads, logits) come from one `Serving` value, which the
+Modelfile and the manifest record too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shrink import artifact
 from shrink.tables import human_bytes, pct
 
-EXAMPLE_PROMPT_FALLBACK = "Hello"
+RUN_SCRIPT = "run.py"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a bundle's run.py sets up its runtime, and so what its peak RAM is measured with."""
+
+    runtime: str  # llama.cpp | onnxruntime | torch
+    # Tokens of context: llama.cpp's n_ctx (its KV cache is allocated for all of them when
+    # the model loads), onnxruntime's longest sequence (its past grows with the tokens
+    # held); transformers has no fixed one.
+    context_length: int
+    threads: int | None  # CPU threads (None: the runtime's default)
+    device: str  # torch (GPTQ): cpu | cuda
+    # llama.cpp: keep every position's logits (False: the last one's, all generation needs);
+    # None for the other runtimes, which have no such setting.
+    logits_all: bool | None = None
+    max_tokens: int = 16  # tokens run.py generates
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def serving(target) -> Serving:
+    """The target's serving settings; without a context_length, llama.cpp runtime's default."""
+    from shrink.runtime.llama_cpp import DEFAULT_CONTEXT
+
+    return Serving(runtime=target.runtime, context_length=target.context_length or DEFAULT_CONTEXT,
+                   threads=target.threads, device=target.device,
+                   logits_all=False if target.runtime == "llama.cpp" else None)
+
+
+def write_run_script(folder: Path, fmt: str, prompt: str, serve: Serving) -> Path:
+    """run.py for the artifact in `folder`, whose default prompt is `prompt`."""
+    path = folder / RUN_SCRIPT
+    path.write_text(run_example(fmt, folder, prompt, serve), encoding="utf-8")
+    return path
 
 
 def write_bundle(folder: Path, name: str, student: Path, target, chosen, candidates, baseline: dict,
-                 source_manifest: dict | None, *, targets_file: Path, eval_data: Path,
+                 source_manifest: dict | None, *, serve: Serving, targets_file: Path, eval_data: Path,
                  thread_note: str | None) -> dict[str, Any]:
     """Write the bundle's own files into the staging `folder` (which already holds the
-    model files), then the manifest, last. `name`: the bundle folder's final name."""
+    model files and the run.py that was measured), then the manifest, last. `name`: the
+    bundle folder's final name."""
     from shrink.tasks import load_task
 
     prompt = load_task(eval_data)[0].prompt
@@ -48,8 +92,7 @@ def write_bundle(folder: Path, name: str, student: Path, target, chosen, candida
     settings = {"target": target.name, "format": chosen.format, "quant": chosen.quant, **chosen.settings}
     model_files = sorted(p.name for p in folder.iterdir())
     if chosen.format == "gguf":
-        (folder / "Modelfile").write_text(modelfile(_gguf_name(folder), target), encoding="utf-8")
-    (folder / "run.py").write_text(run_example(chosen.format, folder, prompt, target), encoding="utf-8")
+        (folder / "Modelfile").write_text(modelfile(_gguf_name(folder), serve), encoding="utf-8")
     (folder / "README.md").write_text(
         model_card(name, target_section, provenance, metrics, chosen, model_files, prompt), encoding="utf-8")
     return artifact.finish(folder, kind="bundle", format=chosen.format, source=student, settings=settings,
@@ -75,42 +118,43 @@ def _provenance(student: Path, source_manifest: dict | None, chosen) -> list[dic
     return chain
 
 
-def modelfile(gguf: str, target) -> str:
+def modelfile(gguf: str, serve: Serving) -> str:
     """Ollama: `ollama create NAME -f Modelfile`. The prompt is passed through as is
     (the student was trained on raw task prompts, not a chat template); greedy decoding."""
-    lines = [f"FROM ./{gguf}", 'TEMPLATE """{{ .Prompt }}"""', "PARAMETER temperature 0"]
-    if target.context_length:
-        lines.append(f"PARAMETER num_ctx {target.context_length}")
-    if target.threads:
-        lines.append(f"PARAMETER num_thread {target.threads}")
+    lines = [f"FROM ./{gguf}", 'TEMPLATE """{{ .Prompt }}"""', "PARAMETER temperature 0",
+             f"PARAMETER num_ctx {serve.context_length}"]
+    if serve.threads:
+        lines.append(f"PARAMETER num_thread {serve.threads}")
     return "\n".join(lines) + "\n"
 
 
-def run_example(fmt: str, folder: Path, prompt: str, target) -> str:
+def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
     """A minimal script in the serving runtime's own API (shrink itself for ONNX, whose
-    generation loop with past key/values is shrink.runtime.onnx_runtime)."""
-    threads = target.threads or "None"
-    head = f'"""Run this bundle: python run.py ["PROMPT"]"""\nimport sys\nfrom pathlib import Path\n\n' \
-           f"here = Path(__file__).parent\nprompt = sys.argv[1] if len(sys.argv) > 1 else {prompt!r}\n"
+    generation loop with past key/values is shrink.runtime.onnx_runtime), with `serve`'s
+    settings: the ones its peak RAM is measured with."""
+    threads = serve.threads or "None"
+    head = ('"""Run this bundle: python run.py ["PROMPT"]\n\nThe settings below are the ones the bundle\'s '
+            'peak RAM was measured with."""\nimport sys\nfrom pathlib import Path\n\n'
+            f"here = Path(__file__).parent\nprompt = sys.argv[1] if len(sys.argv) > 1 else {prompt!r}\n")
     if fmt == "gguf":
         return head + (
             "from llama_cpp import Llama\n\n"
-            f"llm = Llama(model_path=str(here / {_gguf_name(folder)!r}), n_ctx={target.context_length or 0}, "
-            f"n_threads={threads}, verbose=False)\n"
-            'out = llm(prompt, max_tokens=16, temperature=0.0, stop=["\\n"])\n'
+            f"llm = Llama(model_path=str(here / {_gguf_name(folder)!r}), n_ctx={serve.context_length}, "
+            f"n_threads={threads}, n_threads_batch={threads}, logits_all={serve.logits_all}, verbose=False)\n"
+            f'out = llm(prompt, max_tokens={serve.max_tokens}, temperature=0.0, stop=["\\n"])\n'
             'print(out["choices"][0]["text"])\n')
     if fmt == "gptq":
         return head + (
             "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs gptqmodel and optimum\n\n"
             "tok = AutoTokenizer.from_pretrained(here)\n"
-            f"model = AutoModelForCausalLM.from_pretrained(here, device_map={target.device!r})\n"
+            f"model = AutoModelForCausalLM.from_pretrained(here, device_map={serve.device!r})\n"
             "ids = tok(prompt, return_tensors='pt').to(model.device)\n"
-            "out = model.generate(**ids, max_new_tokens=16, do_sample=False)\n"
+            f"out = model.generate(**ids, max_new_tokens={serve.max_tokens}, do_sample=False)\n"
             "print(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))\n")
     return head + (
         "from shrink.runtime.onnx_runtime import OnnxRuntime  # onnxruntime with past key/values\n\n"
-        f"rt = OnnxRuntime(here, threads={threads})\n"
-        "print(rt.generate(prompt, max_tokens=16, stop=('\\n',)))\n")
+        f"rt = OnnxRuntime(here, threads={threads}, context_length={serve.context_length})\n"
+        f"print(rt.generate(prompt, max_tokens={serve.max_tokens}, stop=('\\n',)))\n")
 
 
 def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, chosen, files: list[str],
@@ -128,7 +172,7 @@ def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, c
         ("retention (accuracy / teacher's)", pct(metrics.get("retention"))),
         ("unquantized student accuracy", pct(metrics.get("student_accuracy"))),
         ("model size", human_bytes(metrics.get("weights_bytes"))),
-        ("peak RAM of the runtime", f"{metrics.get('peak_ram_mb', 0):,.0f} MB"),
+        ("peak RAM of the runtime", f"{metrics.get('peak_ram_mb', 0):,.0f} MB ({_ram_settings(metrics)})"),
         ("examples/s", f"{metrics.get('examples_per_s', 0):.1f} ({metrics.get('eval_runtime')}, "
                        f"{metrics.get('threads') or 'all'} threads)"),
     ]
@@ -182,6 +226,11 @@ The prompt format is the task's: for example `{_escape(prompt)}`.
 - `manifest.json`: sha256 of every file, provenance, settings and all figures;
   `shrink verify {name}` re-checks the hashes.
 """
+
+
+def _ram_settings(metrics: dict) -> str:
+    serve = metrics.get("ram_measured_with") or {}
+    return f"running run.py: context {serve.get('context_length')} tokens, threads {serve.get('threads') or 'default'}"
 
 
 def _escape(text: str) -> str:

@@ -1,9 +1,10 @@
 """`shrink export STUDENT --target NAME`: the smallest artifact that meets a device target.
 
 Every rung of the target's ladder (format x quantization) is built with the format's own
-module, then measured: accuracy, examples/s and peak resident memory through the
-runtime that will serve it, in a process of its own with the target's thread count
-(shrink.runtime.measure), and parity against the student. Each constraint is checked
+module, then measured (shrink.runtime.measure): accuracy and examples/s through the
+runtime that will serve it, in a process of its own with the target's thread count and
+context length; peak resident memory of a process running the candidate's run.py, as
+the bundle will ship it; and parity against the student. Each constraint is checked
 against those figures; the smallest candidate that meets all of them becomes the bundle
 (shrink.export.bundle). When none does, nothing is written and the error names the
 constraint that failed and the closest candidate.
@@ -21,6 +22,7 @@ from typing import Any
 from shrink import artifact
 from shrink.console import console
 from shrink.errors import ShrinkError
+from shrink.export.bundle import RUN_SCRIPT, Serving, serving, write_bundle, write_run_script
 from shrink.export.flow import ExportOptions, format_module, read_source_manifest
 from shrink.export.parity import measure, verdict
 from shrink.hf import check_model_dir
@@ -75,8 +77,6 @@ def _fmt(x) -> str:
 
 def export_for_target(student: Path, out: Path, target: Target, eval_data: Path | None,
                       targets_file: Path, force: bool = False) -> dict[str, Any]:
-    from shrink.export.bundle import write_bundle
-
     student, out = Path(student), Path(out)
     if eval_data is None:
         raise ShrinkError(f"--target {target.name}: needs --eval (the constraints are checked on measured figures)")
@@ -85,6 +85,7 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
     artifact.check_output_free(out, force)
     source_manifest = read_source_manifest(student)
     threads, thread_note = _threads(target)
+    serve = serving(target)  # run.py's settings, which its peak RAM is measured with
     baseline = _baseline(student, examples, Path(eval_data), source_manifest)
     options = [_options(target, fmt, quant, threads) for fmt, quant in target.ladder()]
     options = [format_module(o.target).check(o, source_manifest, eval_data) for o in options]
@@ -103,7 +104,7 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
                 if opts.imatrix:  # computed once for every GGUF rung
                     opts = dataclasses.replace(opts, imatrix=imatrix)
                 cand.settings = format_module(opts.target).build(student, cand.folder, opts, source_manifest)
-                _measure(cand, opts, target, threads, Path(eval_data), examples, reference, baseline)
+                _measure(cand, opts, target, threads, serve, Path(eval_data), examples, reference, baseline)
                 candidates.append(cand)
         finally:
             reference.close()
@@ -116,21 +117,23 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
         chosen = min(passing, key=lambda c: c.size_bytes)
         console.print(f"[bold green]{target.name}[/bold green]: chose {chosen.name} "
                       f"({chosen.size_bytes / 1e6:.1f} MB), the smallest of {len(passing)} passing")
-        for f in chosen.folder.iterdir():
+        for f in chosen.folder.iterdir():  # the model files and the run.py that was measured
             shutil.move(str(f), tmp / f.name)
         shutil.rmtree(scratch)
         return write_bundle(tmp, out.name, student, target, chosen, candidates, baseline, source_manifest,
-                            targets_file=targets_file, eval_data=Path(eval_data), thread_note=thread_note)
+                            serve=serve, targets_file=targets_file, eval_data=Path(eval_data),
+                            thread_note=thread_note)
 
 
 def _threads(target: Target) -> tuple[int | None, str | None]:
-    """The target's thread count, capped at this machine's cores (more threads than cores
-    measure contention, not the device)."""
+    """The target's thread count for scoring, capped at this machine's cores (more threads
+    than cores measure contention, not the device). run.py keeps the target's own."""
     cores = os.cpu_count() or 1
     if target.threads is None:
         return None, None
     if target.threads > cores:
-        return cores, f"measured with {cores} threads: the target says {target.threads}, this machine has {cores} cores"
+        return cores, (f"accuracy and speed measured with {cores} threads: the target says {target.threads}, "
+                       f"this machine has {cores} cores")
     return target.threads, None
 
 
@@ -174,20 +177,30 @@ def _baseline(student: Path, examples, eval_path: Path, source_manifest: dict | 
     return {"teacher_accuracy": teacher, "student_accuracy": student_acc}
 
 
-def _measure(cand: Candidate, opts: ExportOptions, target: Target, threads, eval_path: Path, examples,
+def _measure(cand: Candidate, opts: ExportOptions, target: Target, threads, serve: Serving, eval_path: Path, examples,
              reference, baseline: dict) -> None:
+    """The candidate's figures. Peak RAM: of a process running its run.py (the target's
+    context length and threads; llama.cpp without logits_all), which is what a user of
+    the bundle sees. Accuracy and speed: scored in another process with the same context
+    length and `threads` (the target's, capped at this machine's cores), where llama.cpp
+    keeps every position's logits, which scoring continuations needs and serving does not."""
     from shrink.evaluate import artifact_size, retention
     from shrink.runtime import open_runtime
-    from shrink.runtime.measure import measure_artifact
+    from shrink.runtime.measure import measure_artifact, serving_peak_ram_mb
 
     cand.size_bytes = artifact_size(cand.folder)
-    m = measure_artifact(cand.folder, eval_path, threads, device=opts.device, label=f"evaluating {cand.name}")
-    cand.figures = {"accuracy": m.accuracy, "examples_per_s": m.examples_per_s, "peak_ram_mb": m.peak_ram_mb,
+    script = write_run_script(cand.folder, cand.format, examples[0].prompt, serve)
+    peak_ram_mb = serving_peak_ram_mb(script)
+    m = measure_artifact(cand.folder, eval_path, threads, device=opts.device, label=f"evaluating {cand.name}",
+                         context_length=serve.context_length)
+    cand.figures = {"accuracy": m.accuracy, "examples_per_s": m.examples_per_s, "peak_ram_mb": peak_ram_mb,
+                    "ram_measured_with": {"script": RUN_SCRIPT, **serve.to_dict()},
                     "eval_runtime": m.runtime, "eval_examples": m.examples, "threads": threads,
+                    "context_length": m.context_length,
                     "retention": retention(m.accuracy, baseline["teacher_accuracy"])
                     if baseline["teacher_accuracy"] is not None else None,
                     "accuracy_drop": round(baseline["student_accuracy"] - m.accuracy, 4)}
-    rt = open_runtime(cand.folder, device=opts.device, threads=threads)
+    rt = open_runtime(cand.folder, device=opts.device, threads=threads, context_length=serve.context_length)
     try:
         where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
         cand.parity = measure(reference, rt, [ex.prompt for ex in examples], where)

@@ -96,12 +96,13 @@ def import_gptqmodel():
 
 def calibration_rows(tokenizer, texts: list[str], max_rows: int = MAX_CALIBRATION) -> list[dict]:
     """Token ids of up to `max_rows` texts (prompt + completion each), in GPTQModel's
-    input form. Texts are taken evenly across the file, not only from its start."""
+    input form. Texts are spread over the whole file, not only taken from its start."""
+    from shrink.tasks import spread
+
     if not texts:
         raise ShrinkError("GPTQ calibration needs at least one example")
-    step = max(1, len(texts) // max_rows)
     rows = []
-    for text in texts[::step][:max_rows]:
+    for text in spread(texts, max_rows):
         ids = tokenizer(text).input_ids
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     return rows

@@ -33,6 +33,7 @@ def compute_imatrix(student: Path, texts: list[str], max_rows: int = MAX_ROWS) -
 
     from shrink.console import progress
     from shrink.hf import load_causal_lm, load_tokenizer
+    from shrink.tasks import spread
 
     if not texts:
         raise ShrinkError("the importance matrix needs calibration text (no examples)")
@@ -52,8 +53,7 @@ def compute_imatrix(student: Path, texts: list[str], max_rows: int = MAX_ROWS) -
 
     handles = [module.register_forward_pre_hook(hook(names[name]))
                for name, module in model.named_modules() if name in names]
-    step = max(1, len(texts) // max_rows)
-    rows = texts[::step][:max_rows]
+    rows = spread(texts, max_rows)  # over the whole file, not its first lines
     try:
         with torch.inference_mode(), progress("ex") as bar:
             task = bar.add_task("importance matrix (torch)", total=len(rows))

@@ -84,8 +84,10 @@ def artifact_format(path: Path) -> str:
     raise ModelError(f"{path}: no config.json, .gguf or model.onnx file in this folder")
 
 
-def open_runtime(path: str | Path, *, device: str = "auto", threads: int | None = None) -> Runtime:
-    """Open an artifact in the runtime that serves its format."""
+def open_runtime(path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 context_length: int | None = None) -> Runtime:
+    """Open an artifact in the runtime that serves its format. context_length: llama.cpp's
+    n_ctx (default DEFAULT_CONTEXT) and onnxruntime's longest sequence; torch has none."""
     path = Path(path)
     fmt = artifact_format(path)
     if fmt in ("hf", "gptq"):
@@ -95,7 +97,7 @@ def open_runtime(path: str | Path, *, device: str = "auto", threads: int | None 
     if fmt == "onnx":
         from shrink.runtime.onnx_runtime import OnnxRuntime
 
-        return OnnxRuntime(path, threads=threads)
-    from shrink.runtime.llama_cpp import LlamaCppRuntime
+        return OnnxRuntime(path, threads=threads, context_length=context_length)
+    from shrink.runtime.llama_cpp import DEFAULT_CONTEXT, LlamaCppRuntime
 
-    return LlamaCppRuntime(path, threads=threads)
+    return LlamaCppRuntime(path, threads=threads, n_ctx=context_length or DEFAULT_CONTEXT)

@@ -50,18 +50,31 @@ def find_gguf(path: str | Path) -> Path:
     )
 
 
+DEFAULT_CONTEXT = 2048  # tokens: n_ctx when neither the caller nor a device target sets one
+
+
 class LlamaCppRuntime:
-    """A GGUF model in llama.cpp, with logits for every position (logits_all)."""
+    """A GGUF model in llama.cpp.
+
+    n_ctx: the tokens of context llama.cpp is set up for; its KV cache is allocated (and
+    cleared, so resident) for all of them when the model is loaded, so it is part of the
+    memory a serving process holds from the start.
+    logits_all: keep every position's logits, which scoring continuations and `logits`
+    need. Without it only the last position's logits are computed, which is all greedy
+    generation needs and what a plain `Llama(...)` (a bundle's run.py) does.
+    """
 
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, threads: int | None = None, n_ctx: int = 2048):
+    def __init__(self, path: str | Path, threads: int | None = None, n_ctx: int = DEFAULT_CONTEXT,
+                 logits_all: bool = True):
         self.path = find_gguf(path)
         import llama_cpp
 
         from shrink.runtime import llama_log
 
         self._lib = llama_cpp
+        self.logits_all = logits_all
         threads = threads or os.cpu_count() or 1
         with llama_log.capture_errors() as errors:
             try:
@@ -69,7 +82,7 @@ class LlamaCppRuntime:
                 # an (n_ctx, vocab) float32 buffer; rows are touched (paid for) only when used.
                 self._llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                    logits_all=True, verbose=llama_log.debug_enabled(),
+                    logits_all=logits_all, verbose=llama_log.debug_enabled(),
                 )
             except Exception as e:  # noqa: BLE001 - llama_cpp raises ValueError/RuntimeError
                 detail = "; ".join(errors[-3:]) or str(e)
@@ -114,8 +127,8 @@ class LlamaCppRuntime:
 
     def _eval(self, ids: list[int]) -> np.ndarray:
         """Logits after each prefix of `ids`: a (len(ids), vocab) view of llm.scores,
-        valid until the next call. Reuses the KV cache for the prefix shared with the
-        sequence evaluated last."""
+        valid until the next call; without logits_all, a (1, vocab) view of the last
+        one's. Reuses the KV cache for the prefix shared with the sequence evaluated last."""
         llm = self._llm
         if len(ids) > self.n_ctx:
             raise ShrinkError(f"sequence of {len(ids)} tokens is longer than the context ({self.n_ctx})")
@@ -128,18 +141,29 @@ class LlamaCppRuntime:
         if limit:
             diff = np.flatnonzero(cached[:limit] != np.asarray(ids[:limit], dtype=cached.dtype))
             same = int(diff[0]) if diff.size else limit
+        if not self.logits_all:
+            same = min(same, len(ids) - 1)  # llama.cpp holds the logits of the last token decoded only
         llm.n_tokens = same  # rewind: eval() removes the cache from here on
         if same < len(ids):
             llm.eval(ids[same:])
+        if not self.logits_all:
+            last = self._lib.llama_get_logits_ith(llm.ctx, -1)
+            return np.ctypeslib.as_array(last, shape=(1, self.n_vocab))
         return llm.scores[: len(ids)]
 
+    def _need_all_logits(self, what: str) -> None:
+        if not self.logits_all:
+            raise ValueError(f"{what} needs every position's logits: open the runtime with logits_all=True")
+
     def logits(self, ids: list[int]) -> np.ndarray:
+        self._need_all_logits("logits")
         ids = [int(i) for i in ids]
         if not ids:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
         return np.array(self._eval(ids), dtype=np.float32)  # (len(ids), vocab), a copy
 
     def score_continuations(self, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
+        self._need_all_logits("scoring continuations")
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids is empty: the first continuation token needs a context")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shrink.errors import ModelError, requires
+from shrink.errors import ModelError, ShrinkError, requires
 from shrink.runtime.base import cut_at_stop, sum_logprobs
 from shrink.export.onnx_export import MODEL_FILE, io_names
 
@@ -37,12 +37,18 @@ def find_onnx(path: str | Path) -> Path:
 
 
 class OnnxRuntime:
-    """An exported causal LM in onnxruntime (CPU), batch 1."""
+    """An exported causal LM in onnxruntime (CPU), batch 1.
+
+    context_length: the longest sequence it takes (None: no limit of its own), as
+    llama.cpp's n_ctx; generation stops there. Unlike llama.cpp's, the past keys and
+    values are not allocated for it up front: they grow with the tokens held.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, context_length: int | None = None):
         self.path = find_onnx(path)
+        self.context_length = context_length
         ort = requires("onnxruntime", "onnx")
         opts = ort.SessionOptions()
         if threads:
@@ -96,6 +102,8 @@ class OnnxRuntime:
         past = past or [self._empty] * (len(self._inputs) - 3)
         start = past[0].shape[2]
         n = len(ids)
+        if self.context_length and start + n > self.context_length:
+            raise ShrinkError(f"sequence of {start + n} tokens is longer than the context ({self.context_length})")
         feed = [
             np.asarray([ids], dtype=np.int64),  # (1, n)
             np.ones((1, start + n), dtype=np.int64),
@@ -138,6 +146,8 @@ class OnnxRuntime:
         out: list[int] = []
         x, past = ids, None
         for _ in range(max_tokens):
+            if self.context_length and len(ids) + len(out) >= self.context_length:
+                break
             logits, past = self._run(x, past)
             nxt = int(logits[-1].argmax())
             if nxt == self.eos_id:
