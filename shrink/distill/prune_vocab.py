@@ -6,8 +6,8 @@ A student cut from a large-vocabulary teacher is mostly embeddings (Gemma 3 270M
 - every token the teacher's tokenizer produces on the task texts,
 - every intermediate token BPE builds on the way to those tokens (so the same merges
   still fire: a text made of kept tokens encodes to the same pieces as before),
-- the special tokens, and the byte-fallback tokens (so any text still encodes, in
-  smaller pieces).
+- the special tokens, the added tokens the chat template writes, and the byte-fallback
+  tokens (so any text still encodes, in smaller pieces).
 
 Kept tokens keep their relative order, so merge priorities are unchanged. Merges whose
 two parts and result are all kept stay, in their original order.
@@ -102,10 +102,19 @@ def plan_pruning(tokenizer, texts: list[str]) -> VocabPruning:
             if piece in vocab:
                 kept.add(vocab[piece])
     kept.update(i for i in tokenizer.all_special_ids if i is not None)
+    kept.update(added_in_chat_template(tokenizer, spec))
     fallback = BYTE_TOKENS if model.get("byte_fallback") else byte_level_alphabet()
     kept.update(vocab[t] for t in fallback if t in vocab)
     size = max(len(tokenizer), max(id_to_token) + 1)
     return VocabPruning(kept=sorted(kept), teacher_vocab_size=size)
+
+
+def added_in_chat_template(tokenizer, spec: dict) -> set[int]:
+    """The added tokens the chat template writes (<start_of_turn>, <|im_end|>, ...): kept so
+    that the template still applies and its end-of-turn tokens still end generation."""
+    templates = tokenizer.chat_template or ""
+    text = templates if isinstance(templates, str) else "\n".join(templates.values())
+    return {a["id"] for a in spec.get("added_tokens", []) if a["content"] and a["content"] in text}
 
 
 def pruned_tokenizer_json(tokenizer, plan: VocabPruning) -> str:
