@@ -70,7 +70,9 @@ def students(tmp_path_factory, teachers, task):
 
     def get(family, prune):
         if (family, prune) not in made:
-            out = tmp_path_factory.mktemp(f"{family}-student") / "student"
+            # Named for its family, as users name them: llama.cpp treats a model whose
+            # name says phi3 specially (it looks up "</s>" and "<|endoftext|>" by name).
+            out = tmp_path_factory.mktemp("students") / f"{family}-student"
             r = invoke("distill", "--teacher", teachers(family), "--data", task["train"], "--out", out, "--layers", "1",
                        "--steps", "4", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu", "--json",
                        *(["--prune-vocab"] if prune else []))
@@ -89,10 +91,8 @@ def expected_files(family: str, prune: bool) -> dict[str, str]:
     files = {"special_tokens_map.json": "kept", "generation_config.json": "kept",
              "tokenizer_config.json added_tokens_decoder": "kept", "chat_template": "kept"}
     if prune:
-        # Phi-3 ends text with <|endoftext|>; its SentencePiece model's </s> is no special token there.
-        unused = "; not in the pruned vocabulary, removed: </s>" if family == "phi3" else ""
         files.update({"generation_config.json": "rewritten: ids renumbered",
-                      "tokenizer_config.json added_tokens_decoder": f"rewritten: ids renumbered{unused}"})
+                      "tokenizer_config.json added_tokens_decoder": "rewritten: ids renumbered"})
     return files
 
 
