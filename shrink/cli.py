@@ -195,10 +195,11 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where GPTQ quantizes and runs.")
 @click.option("--min-top1", type=float, help="Parity: least top-1 agreement with the student.  [default: per type]")
 @click.option("--max-kl", type=float, help="Parity: largest mean KL(student || export).  [default: per type]")
+@click.option("--strict-tokenizer", is_flag=True, help="Parity: token ids that differ from the student's on the drift suite (texts beyond the evaluation prompts) make the export not valid, instead of a warning.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, eval_data, out,
-           threads, device, min_top1, max_kl, force, as_json):
+           threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
     \b
@@ -208,7 +209,8 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
 
     With --eval the artifact is evaluated through its runtime and checked against the
     student (token ids, top-1 agreement, KL); an export that fails the check is marked
-    not valid and the command exits 1.
+    not valid and the command exits 1. Token ids are also compared on a fixed drift
+    suite of varied texts: a difference there is a warning (--strict-tokenizer: a failure).
 
     A device target (`shrink targets` lists them) builds every rung of its ladder,
     measures size, peak RAM, examples/s and accuracy through the runtime, and writes a
@@ -232,6 +234,9 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
                  "--min-top1": min_top1, "--max-kl": max_kl}
         clash = [flag for flag, value in given.items() if value is not None]
         device_target = get_target(target, targets_file)
+        if strict_tokenizer:
+            raise click.UsageError("--strict-tokenizer: for a format target; a device target's parity records "
+                                   "the drift suite without failing on it")
         if clash:
             raise click.UsageError(f"{', '.join(clash)}: a device target's ladder and settings decide these "
                                    f"(edit its entry in targets.toml)")
@@ -242,7 +247,8 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
         raise click.UsageError(f"--targets: --target {target} is a format, not a device target")
     opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
                          desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device)
-    manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl)
+    manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl,
+                          strict_tokenizer=strict_tokenizer)
     _report_artifact(out, manifest, as_json)
 
 

@@ -11,6 +11,7 @@ import tiny
 
 from shrink import artifact
 from shrink.cli import cli
+from shrink.export.parity import DRIFT_SUITE, Thresholds, drift, drifted, verdict
 
 
 def export(student, out, eval_file, *extra):
@@ -26,6 +27,14 @@ def test_faithful_export_passes(teacher, task_files, tmp_path):
     assert m["valid"] is True and p["passed"] is True
     assert p["token_id_match"] == 1.0 and p["top1_agreement"] >= 0.97 and p["mean_kl"] < 0.02
     assert p["prompts"] == 64 and p["worst_example"]["where"].startswith(str(task_files["eval"]))
+    # The drift suite, with the student's own special tokens as text last: one text drifts, a
+    # warning. llama.cpp's SentencePiece tokenizer joins any two pieces whose text is a token,
+    # control tokens included; this vocabulary has '<' and '/s>', so "<s></s>" typed as text
+    # ends in the EOS id there, and in '<', '/s>' in Hugging Face's.
+    specials = "<s> </s> <unk> <pad> <s></s><unk><pad>"
+    assert p["suite"]["total"] == len(DRIFT_SUITE) + 1 and p["suite"]["texts"][-1]["text"] == specials
+    assert [t["text"] for t in p["suite"]["texts"] if not t["ids_equal"]] == [specials]
+    assert "on 1 of 23 drift-suite texts" in r.stderr and repr(specials) in r.stderr
 
 
 def test_planted_mismatch_is_caught(teacher, task_files, tmp_path, monkeypatch):
@@ -46,10 +55,34 @@ def test_planted_mismatch_is_caught(teacher, task_files, tmp_path, monkeypatch):
     # A threshold loose enough lets it through, and says so in the manifest.
     r = export(teacher, tmp_path / "q8b", task_files["eval"], "--min-top1", "0", "--max-kl", "1000")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["metrics"]["parity"]["thresholds"] == {"min_top1": 0.0, "max_kl": 1000.0, "min_token_match": 1.0}
+    assert json.loads(r.stdout)["metrics"]["parity"]["thresholds"] == {"min_top1": 0.0, "max_kl": 1000.0, "min_token_match": 1.0,
+                                                                       "min_suite_match": 0.0}
 
 
 def test_thresholds_need_eval(teacher, tmp_path):
-    r = CliRunner().invoke(cli, ["export", str(teacher), "--target", "gguf", "--out", str(tmp_path / "q"), "--min-top1", "0.5"])
-    assert r.exit_code == 2 and "need --eval" in r.stderr
+    for flag in (["--min-top1", "0.5"], ["--strict-tokenizer"]):
+        r = CliRunner().invoke(cli, ["export", str(teacher), "--target", "gguf", "--out", str(tmp_path / "q"), *flag])
+        assert r.exit_code == 2 and r.stderr == ("Error: --min-top1/--max-kl/--strict-tokenizer need --eval (parity "
+                                                 "is measured on the evaluation prompts)\n")
     assert not (tmp_path / "q").exists()
+
+
+class Encoder:
+    """A Runtime's tokenizer half: ids from a function."""
+
+    def __init__(self, fn):
+        self.encode = fn
+
+
+def test_drift_is_recorded_per_text_and_fails_only_when_strict():
+    reference = Encoder(lambda text: [ord(c) for c in text])
+    candidate = Encoder(lambda text: [ord(c) for c in text.lstrip(" ")])  # drops leading spaces
+    texts = ["a", " b", "  c"]
+    suite = drift(reference, candidate, texts)
+    assert suite == {"texts": [{"text": "a", "ids_equal": True}, {"text": " b", "ids_equal": False},
+                               {"text": "  c", "ids_equal": False}], "equal": 1, "total": 3, "token_id_match": 0.3333}
+    figures = {"token_id_match": 1.0, "top1_agreement": 1.0, "mean_kl": 0.0, "suite": suite}
+    assert drifted(figures) == [" b", "  c"]
+    assert verdict(figures, Thresholds(0.9, 0.1)) == []
+    assert verdict(figures, Thresholds(0.9, 0.1, min_suite_match=1.0)) == [
+        "tokenizer ids differ on 2 of 3 drift-suite texts (' b', '  c')"]

@@ -6,8 +6,9 @@ A student cut from a large-vocabulary teacher is mostly embeddings (Gemma 3 270M
 - every token the teacher's tokenizer produces on the task texts,
 - every intermediate token BPE builds on the way to those tokens (so the same merges
   still fire: a text made of kept tokens encodes to the same pieces as before),
-- the special tokens, and the byte-fallback tokens (so any text still encodes, in
-  smaller pieces).
+- the special tokens, the added tokens the chat template writes, the few tokens
+  llama.cpp looks up by name (LLAMA_CPP_NAMED), and the byte-fallback tokens (so any
+  text still encodes, in smaller pieces).
 
 Kept tokens keep their relative order, so merge priorities are unchanged. Merges whose
 two parts and result are all kept stay, in their original order.
@@ -27,6 +28,10 @@ from pathlib import Path
 from shrink.errors import ShrinkError
 
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # SentencePiece-style byte fallback
+# Tokens llama.cpp looks up by name when it loads a model whose name says Phi-3 (its
+# per-token attributes, src/llama-vocab.cpp: token_to_id.at("</s>")): a vocabulary without
+# them does not load. Kept whenever the teacher has them.
+LLAMA_CPP_NAMED = ("<unk>", "<s>", "</s>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,20 @@ def plan_pruning(tokenizer, texts: list[str]) -> VocabPruning:
             if piece in vocab:
                 kept.add(vocab[piece])
     kept.update(i for i in tokenizer.all_special_ids if i is not None)
+    kept.update(added_in_chat_template(tokenizer, spec))
+    kept.update(i for i, t in id_to_token.items() if t in LLAMA_CPP_NAMED)
     fallback = BYTE_TOKENS if model.get("byte_fallback") else byte_level_alphabet()
     kept.update(vocab[t] for t in fallback if t in vocab)
     size = max(len(tokenizer), max(id_to_token) + 1)
     return VocabPruning(kept=sorted(kept), teacher_vocab_size=size)
+
+
+def added_in_chat_template(tokenizer, spec: dict) -> set[int]:
+    """The added tokens the chat template writes (<start_of_turn>, <|im_end|>, ...): kept so
+    that the template still applies and its end-of-turn tokens still end generation."""
+    templates = tokenizer.chat_template or ""
+    text = templates if isinstance(templates, str) else "\n".join(templates.values())
+    return {a["id"] for a in spec.get("added_tokens", []) if a["content"] and a["content"] in text}
 
 
 def pruned_tokenizer_json(tokenizer, plan: VocabPruning) -> str:

@@ -44,6 +44,7 @@ from shrink.distill.logits import selected_logits
 from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.loss import distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
+from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.student import build_student, even_layers
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
@@ -197,6 +198,7 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         even_layers(total, cfg.layers)  # raises on an out-of-range --layers
     if inputs is not None:
         teacher_cache.check_matches(cfg, folder, inputs)  # a --teacher-cache made for this run
+    check_teacher_files(folder, cfg.student, cfg.prune_vocab)  # a student llama.cpp's converter can export
     return Checked(train, evals, vocab_texts, folder, total, inputs)
 
 
@@ -368,6 +370,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
     with artifact.staged_folder(cfg.out, cfg.force) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         student_tokenizer.save_pretrained(tmp)
+        settings["tokenizer_files"] = keep_teacher_files(teacher_dir, tmp, plan)  # tokenizer.model, ...
         (tmp / "training_log.json").write_text(json.dumps(history))
         manifest = artifact.finish(
             tmp, kind="student", format="hf", source=Path(cfg.teacher), settings=settings, metrics=metrics

@@ -5,7 +5,9 @@ files into a staging folder and which parity thresholds suit each of its quantiz
 Everything else is shared: input checks before any work, evaluation through the runtime
 that serves the format, parity against the Hugging Face student, the manifest, and the
 atomic rename. An export that fails parity is still written, marked `valid: false`, and
-ParityError (exit 1) names the worst example.
+ParityError (exit 1) names the worst example. Token ids that differ only on the drift
+suite (shrink.export.parity.DRIFT_SUITE) are a warning naming the texts, or with
+`strict_tokenizer` a parity failure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from shrink import artifact
 from shrink.errors import ShrinkError
-from shrink.export.parity import ParityError, Thresholds, measure, verdict
+from shrink.export.parity import ParityError, Thresholds, drifted, measure, suite_texts, verdict
 from shrink.hf import check_model_dir
 from shrink.tasks import load_task
 
@@ -72,14 +74,17 @@ def export(
     force: bool = False,
     min_top1: float | None = None,
     max_kl: float | None = None,
+    strict_tokenizer: bool = False,
 ) -> dict[str, Any]:
-    """Build the `opts.target` artifact of `student` in `out`; returns its manifest."""
+    """Build the `opts.target` artifact of `student` in `out`; returns its manifest.
+    `strict_tokenizer`: token ids that differ on the drift suite fail parity."""
     student, out = Path(student), Path(out)
     fmt = format_module(opts.target)
     check_model_dir(student, "student")
     examples = load_task(eval_data) if eval_data else None
-    if (min_top1 is not None or max_kl is not None) and examples is None:
-        raise ShrinkError("--min-top1/--max-kl need --eval (parity is measured on the evaluation prompts)")
+    if (min_top1 is not None or max_kl is not None or strict_tokenizer) and examples is None:
+        raise ShrinkError("--min-top1/--max-kl/--strict-tokenizer need --eval (parity is measured on the "
+                          "evaluation prompts)")
     source_manifest = read_source_manifest(student)
     # Defaults filled in, bad options refused, before any work.
     refuse_foreign_options(opts)
@@ -92,11 +97,13 @@ def export(
         failed: list[str] = []
         if examples is not None:
             metrics = evaluate_artifact(tmp, examples, Path(eval_data), source_manifest, opts)
-            thresholds = _override(fmt.thresholds(opts), min_top1, max_kl)
+            thresholds = _override(fmt.thresholds(opts), min_top1, max_kl, strict_tokenizer)
             metrics["parity"] = check_parity(student, tmp, examples, Path(eval_data), opts)
             metrics["parity"]["thresholds"] = dataclasses.asdict(thresholds)
             failed = verdict(metrics["parity"], thresholds)
             metrics["parity"]["passed"] = not failed
+            if not failed:
+                _warn_drift(metrics["parity"], opts.target)
         manifest = artifact.finish(tmp, kind="export", format=opts.target, source=student, settings=settings,
                                    metrics=metrics, valid=not failed)
     if failed:
@@ -106,12 +113,31 @@ def export(
     return manifest
 
 
-def _override(base: Thresholds, min_top1: float | None, max_kl: float | None) -> Thresholds:
-    return Thresholds(base.min_top1 if min_top1 is None else min_top1, base.max_kl if max_kl is None else max_kl)
+def _override(base: Thresholds, min_top1: float | None, max_kl: float | None, strict_tokenizer: bool) -> Thresholds:
+    return dataclasses.replace(base, min_top1=base.min_top1 if min_top1 is None else min_top1,
+                               max_kl=base.max_kl if max_kl is None else max_kl,
+                               min_suite_match=1.0 if strict_tokenizer else base.min_suite_match)
+
+
+def _warn_drift(parity: dict, target: str) -> None:
+    """Tokenizer drift outside the evaluation prompts: said, with the texts, not failed."""
+    from rich.markup import escape
+
+    from shrink.console import console
+
+    texts = drifted(parity)
+    if texts:
+        suite = parity["suite"]
+        console.print(f"[yellow]warning:[/yellow] the {target} export's tokenizer gives other token ids than the "
+                      f"student's on {len(texts)} of {suite['total']} drift-suite texts (metrics.parity.suite; "
+                      "--strict-tokenizer makes this a failure):", highlight=False, soft_wrap=True)
+        for text in texts:
+            console.print(f"  {escape(repr(text))}", highlight=False, soft_wrap=True)
 
 
 def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: ExportOptions) -> dict[str, Any]:
-    """The export against the Hugging Face student, on the evaluation prompts."""
+    """The export against the Hugging Face student, on the evaluation prompts and the
+    drift suite (with the student's own special tokens as text)."""
     from shrink.runtime import open_runtime
     from shrink.runtime.torch_runtime import TorchRuntime
 
@@ -120,7 +146,7 @@ def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: Ex
     try:
         prompts = [ex.prompt for ex in examples]
         where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
-        return measure(reference, candidate, prompts, where)
+        return measure(reference, candidate, prompts, where, suite_texts(reference.tokenizer))
     finally:
         candidate.close()
         reference.close()

@@ -55,9 +55,9 @@ def build(student: Path, tmp: Path, opts, source_manifest: dict | None) -> dict[
     # check; distill recorded its name.
     tokenizer_pre = ((source_manifest or {}).get("settings") or {}).get("tokenizer_pre")
     imatrix, settings = _importance(student, tmp, opts)
-    _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix)
+    vocabulary = _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix)
     return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre,
-            **settings}
+            "vocabulary": vocabulary, **settings}
 
 
 def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, Any]]:
@@ -78,16 +78,18 @@ def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, 
 
 
 def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None,
-           imatrix: dict | None = None) -> None:
+           imatrix: dict | None = None) -> dict:
+    """Convert (and quantize); returns how the converter wrote the vocabulary (llama.cpp's
+    tokenizer model, "llama" for SentencePiece or "gpt2" for byte-level BPE, and pre-tokenizer)."""
     from shrink.export.gguf_convert import convert_hf_to_gguf
     from shrink.quantize.llama_quantize import quantize_gguf
 
     if qtype.name in UNQUANTIZED:
-        convert_hf_to_gguf(student, dst, UNQUANTIZED[qtype.name], tokenizer_pre=tokenizer_pre)
-        return
+        return convert_hf_to_gguf(student, dst, UNQUANTIZED[qtype.name], tokenizer_pre=tokenizer_pre)
     intermediate = dst.with_name("intermediate-F16.gguf")
-    convert_hf_to_gguf(student, intermediate, "f16", tokenizer_pre=tokenizer_pre)
+    vocabulary = convert_hf_to_gguf(student, intermediate, "f16", tokenizer_pre=tokenizer_pre)
     try:
         quantize_gguf(intermediate, dst, qtype, threads, imatrix=imatrix)
     finally:
         intermediate.unlink(missing_ok=True)
+    return vocabulary

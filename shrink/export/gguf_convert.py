@@ -6,8 +6,12 @@ them. Its `ModelBase.write()` is run step by step instead of whole, for three re
 
 * progress: the tensor bytes are counted as they are written (lazy mode computes each
   tensor just then), to drive a rich progress bar instead of the converter's tqdm bar;
-* tokenizer parity: see `_fix_spm_scores`;
+* tokenizer parity: see `_fix_spm_scores`, and `PRE_TOKENIZERS` for a byte-level BPE
+  whose vocabulary the converter's hash check cannot recognise (trained or pruned);
 * failures: a partial output file is removed, and converter errors become ShrinkErrors.
+
+`check_convertible` asks the same converter, before any training, whether a model
+folder's architecture and vocabulary can be converted at all.
 
 The converter logs at INFO through `logging`; its loggers are raised to WARNING (and
 their warnings are shown after the bar) unless SHRINK_DEBUG=1.
@@ -37,11 +41,24 @@ _BENIGN = (
     re.compile(r"^Duplicated key name '[\w.]+', overwriting it with new value"),
 )
 
+# llama.cpp's BPE pre-tokenizers, recognised by the definition in tokenizer.json when the
+# converter's hash of a fixed text's token ids cannot recognise them (the hash depends on
+# the vocabulary: a trained or pruned one is unknown). The normalizer and the split regex
+# are those of the family's tokenizer.json; llama.cpp implements the same split for the
+# name (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2), and does not normalize: the
+# export's drift suite shows where that differs (decomposed accents, for NFC).
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PRE_TOKENIZERS = {
+    # name in llama.cpp: (tokenizer.json normalizer, its Split regex), for Qwen2, Qwen2.5 and Qwen3
+    "qwen2": ({"type": "NFC"}, QWEN2_SPLIT),
+}
+
 
 def convert_hf_to_gguf(
     model_dir: Path, out_file: Path, outtype: str = "f16", *, tokenizer_pre: str | None = None, console=None
-) -> None:
-    """Write `out_file`, a GGUF of the Hugging Face model in `model_dir`.
+) -> dict[str, str | None]:
+    """Write `out_file`, a GGUF of the Hugging Face model in `model_dir`; returns how the
+    converter read the vocabulary (`vocabulary()`).
 
     `outtype`: f32, f16 or bf16 (quantize afterwards with shrink.quantize.llama_quantize).
     `tokenizer_pre`: llama.cpp's name for the BPE pre-tokenizer, for a tokenizer the
@@ -57,7 +74,6 @@ def convert_hf_to_gguf(
 
     import gguf
     import torch
-    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
     from shrink.console import console as stderr_console
 
@@ -66,25 +82,15 @@ def convert_hf_to_gguf(
     with quiet_converter() as warnings:
         try:
             with torch.inference_mode(), _progress(console) as (progress, task):
-                hparams = ModelBase.load_hparams(model_dir, False)
-                try:
-                    arch = get_model_architecture(hparams, ModelType.TEXT)
-                except ValueError:
-                    raise ModelError(f"{model_dir}/config.json names no architecture") from None
-                try:
-                    model_class = get_model_class(arch, mmproj=False)
-                except NotImplementedError:
-                    raise ModelError(
-                        f"llama.cpp's converter does not support the {arch} architecture, "
-                        "so this model cannot be exported to GGUF"
-                    ) from None
+                arch, model_class = _model_class(model_dir)
+                if model_class is None:
+                    raise ModelError(f"{_no_architecture(arch)}, so this model cannot be exported to GGUF")
                 ftype = getattr(gguf.LlamaFileType, OUTTYPES[key])
                 progress.update(task, description=f"Converting {arch} to GGUF {key.upper()}")
                 try:
                     # eager=False: tensors are read and converted one by one while writing.
                     model = model_class(model_dir, ftype, out_file, eager=False)
-                    if tokenizer_pre:
-                        model.get_vocab_base_pre = lambda tokenizer: tokenizer_pre
+                    _guard_vocabulary(model, tokenizer_pre)
                     model.prepare_tensors()
                     model.prepare_metadata(vocab_only=False)  # vocabulary: may refuse the tokenizer
                     _fix_spm_scores(model, model_dir)
@@ -98,7 +104,8 @@ def convert_hf_to_gguf(
                     writer.write_tensors_to_file(progress=False)
                     writer.close()
                 except NotImplementedError as e:
-                    raise _converter_error(e, model_dir) from None
+                    raise ModelError(f"{model_dir}: {_converter_reason(e)}; this convert-hf-to-gguf version "
+                                     "cannot export it to GGUF") from None
         except BaseException:
             if writing:
                 out_file.unlink(missing_ok=True)
@@ -107,6 +114,128 @@ def convert_hf_to_gguf(
 
     for msg in warnings:
         console.print(f"[yellow]GGUF converter:[/yellow] {escape(msg)}", highlight=False)
+    return vocabulary(model)
+
+
+def check_convertible(model_dir: Path, arch_dir: Path | None = None) -> dict[str, str | None]:
+    """Can llama.cpp's converter export a model of this folder's family? Its architecture
+    (from `arch_dir`'s config.json, default `model_dir`'s) must be one the converter knows,
+    and the converter must read the vocabulary in `model_dir` (the family's tokenizer
+    files, a recognised pre-tokenizer). Only the vocabulary is read, no weights. Raises
+    ModelError naming the family and the reason; returns `vocabulary()`."""
+    import gguf
+
+    model_dir = Path(model_dir)
+    config = json.loads((Path(arch_dir or model_dir) / "config.json").read_text(encoding="utf-8"))
+    arch, model_class = _model_class(Path(arch_dir or model_dir))
+    refused = f"the {config.get('model_type') or 'unknown'} family ({arch}) cannot be exported to GGUF"
+    if model_class is None:
+        raise ModelError(f"{refused}: {_no_architecture(arch)}")
+    with quiet_converter():
+        try:
+            with _read_errors(model_dir, "files"):
+                model = model_class(model_dir, gguf.LlamaFileType.MOSTLY_F16, model_dir / "unused.gguf", eager=False)
+            _guard_vocabulary(model)
+            model.set_vocab()
+        except NotImplementedError as e:
+            raise ModelError(f"{refused}: {_converter_reason(e)}") from None
+        except ModelError as e:
+            raise ModelError(f"{refused}: {str(e).removeprefix(f'{model_dir}: ')}") from None
+    return vocabulary(model)
+
+
+def vocabulary(model) -> dict[str, str | None]:
+    """How the converter wrote the vocabulary: llama.cpp's tokenizer model ("llama" for
+    SentencePiece, "gpt2" for byte-level BPE) and pre-tokenizer name."""
+    import gguf
+
+    kv = model.gguf_writer.kv_data[0]
+    keys = gguf.Keys.Tokenizer
+    return {"tokenizer_model": kv[keys.MODEL].value if keys.MODEL in kv else None,
+            "tokenizer_pre": kv[keys.PRE].value if keys.PRE in kv else None}
+
+
+def _model_class(config_dir: Path):
+    """(architecture named in config.json, the converter's class for it or None)."""
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    hparams = ModelBase.load_hparams(config_dir, False)
+    try:
+        arch = get_model_architecture(hparams, ModelType.TEXT)
+    except ValueError:
+        raise ModelError(f"{config_dir}/config.json names no architecture") from None
+    try:
+        return arch, get_model_class(arch, mmproj=False)
+    except NotImplementedError:
+        return arch, None
+
+
+def _guard_vocabulary(model, tokenizer_pre: str | None = None) -> None:
+    """Have the converter `model` name the BPE pre-tokenizer as `_find_pre_tokenizer` does,
+    and turn its vocabulary readers' plain errors into a ModelError."""
+    _find_pre_tokenizer(model, tokenizer_pre)
+    set_vocab = model.set_vocab
+
+    def guarded() -> None:
+        with _read_errors(Path(model.dir_model), "vocabulary"):
+            set_vocab()
+
+    model.set_vocab = guarded
+
+
+def _find_pre_tokenizer(model, given: str | None = None) -> None:
+    """Make the converter name the BPE pre-tokenizer: `given`, else by its hash as usual,
+    else by the definition in tokenizer.json (PRE_TOKENIZERS)."""
+    if given:
+        model.get_vocab_base_pre = lambda tokenizer: given
+        return
+    by_hash = model.get_vocab_base_pre
+
+    def find(tokenizer) -> str:
+        log = logging.getLogger(_LOGGERS[0])
+        try:
+            log.disabled = True  # its banner for an unknown hash: the definition may still be known
+            return by_hash(tokenizer)
+        except NotImplementedError:
+            name = pre_tokenizer_by_definition(Path(model.dir_model) / "tokenizer.json")
+            if name is None:
+                raise
+            return name
+        finally:
+            log.disabled = False
+
+    model.get_vocab_base_pre = find
+
+
+def pre_tokenizer_by_definition(tokenizer_json: Path) -> str | None:
+    """The PRE_TOKENIZERS name whose definition this byte-level BPE tokenizer.json has."""
+    try:
+        spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2 or steps[0].get("type") != "Split" or steps[1].get("type") != "ByteLevel":
+        return None
+    split, byte_level = steps
+    if split.get("behavior") != "Isolated" or split.get("invert") or byte_level.get("use_regex", True) \
+            or byte_level.get("add_prefix_space"):
+        return None
+    for name, (normalizer, regex) in PRE_TOKENIZERS.items():
+        if spec.get("normalizer") == normalizer and (split.get("pattern") or {}).get("Regex") == regex:
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _read_errors(model_dir: Path, what: str) -> Iterator[None]:
+    """The converter raises plain errors for missing or unreadable files (Phi-3's
+    vocabulary reader: `ValueError: Error: Missing .../tokenizer.model`)."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError, TypeError, IndexError, AssertionError) as e:
+        msg = (str(e) or type(e).__name__).removeprefix("Error: ").replace(f"{model_dir}/", "")
+        raise ModelError(f"{model_dir}: llama.cpp's converter cannot read this model's {what} ({msg})") from None
 
 
 def _write_layer_pattern(model) -> None:
@@ -123,15 +252,17 @@ def _write_layer_pattern(model) -> None:
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
 
 
-def _converter_error(e: NotImplementedError, model_dir: Path) -> ShrinkError:
+def _no_architecture(arch: str) -> str:
+    return f"llama.cpp's converter does not support the {arch} architecture"
+
+
+def _converter_reason(e: NotImplementedError) -> str:
     msg = str(e)
     if "pre-tokenizer" in msg and "not recognized" in msg:
-        return ModelError(
-            f"{model_dir}: llama.cpp's converter does not recognise this model's BPE pre-tokenizer "
-            "(get_vocab_base_pre), so llama.cpp would tokenize text differently from the original; "
-            "this convert-hf-to-gguf version cannot export it to GGUF"
-        )
-    return ModelError(f"{model_dir}: llama.cpp's converter cannot export this model: {msg}")
+        return ("llama.cpp's converter does not recognise this model's BPE pre-tokenizer (neither by the hash of "
+                "its token ids, get_vocab_base_pre, nor by its definition), so llama.cpp would tokenize text "
+                "differently from the original")
+    return f"llama.cpp's converter cannot export this model: {msg}"
 
 
 def _fix_spm_scores(model, model_dir: Path) -> None:

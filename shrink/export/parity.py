@@ -4,6 +4,13 @@ On the evaluation prompts, both runtimes read the same token ids (the student's)
 their next-token distributions are compared at every position: top-1 agreement and mean
 KL(student || export). Separately, the export's own tokenizer must give the student's
 ids. The figures go into the manifest; below the thresholds the export is not valid.
+
+The evaluation prompts are one task's text; a tokenizer can agree on all of them and
+still split other text differently (llama.cpp's SentencePiece adds a '▁' before a text
+that already starts with a space, Hugging Face's Metaspace does not). So the export's
+tokenizer is also compared with the student's on DRIFT_SUITE, texts chosen for where
+tokenizer implementations part ways; a difference there is a warning unless the
+threshold `min_suite_match` (1.0 with `shrink export --strict-tokenizer`) says otherwise.
 """
 
 from __future__ import annotations
@@ -16,12 +23,39 @@ from shrink.errors import ShrinkError
 
 MAX_PROMPTS = 64  # evaluation prompts compared (parity is about the math, not coverage)
 
+# (text, what it probes). Token ids only: each text through both tokenizers, no model.
+DRIFT_SUITE = (
+    ("  two leading spaces", "SentencePiece adds '▁' before any text; HF's Metaspace not before a space"),
+    (" one leading space", "the same, one space"),
+    ("trailing spaces   ", "a run of spaces at the end (no word after it)"),
+    ("repeated   spaces  between    words", "runs of spaces: '▁▁' pieces, or the split regex's \\s+(?!\\S)"),
+    ("tabs\tbetween\t\twords", "tabs, single and repeated"),
+    ("first line\n\nafter a blank line\n", "newlines and a blank line"),
+    ("  \n\t \n", "whitespace only"),
+    ("café naïve Ünïcödé façade", "precomposed accents (NFC)"),
+    ("cafe\u0301 nai\u0308ve", "decomposed accents (NFD): an NFC normalizer (Qwen) composes them, llama.cpp does not"),
+    ("日本語のテキストと中文字符", "CJK, no spaces"),
+    ("emoji 🙂🚀 👍🏽 👨\u200d👩\u200d👧", "emoji, a skin-tone modifier, a zero-width-joiner sequence"),
+    ("digits 7 42 3.14159 -0.5", "short numbers, decimals, signs"),
+    ("123456789012345678901234567890", "a long number: split per digit or in groups, by the pre-tokenizer"),
+    ("def f(x):\n    return x ** 2  # square\n", "code: indentation, operators, a comment"),
+    ('<div class="note">Tom &amp; Jerry</div>', "HTML: tags, attributes, an entity"),
+    ('{"key": [1, 2.5, null], "ok": true}', "JSON"),
+    ("I'm sure YOU'LL see it's DON'T we've", "contractions in mixed case (the split regexes match 's 'LL ...)"),
+    ("<s> </s> <unk> <pad> <bos> <eos>", "SentencePiece families' special tokens as plain text"),
+    ("<|endoftext|><|im_start|>user\nhi<|im_end|>", "Qwen's special tokens as plain text"),
+    ("<start_of_turn>user hi<end_of_turn>", "Gemma's turn markers as plain text"),
+    ("<|user|>hi<|end|><|assistant|>", "Phi-3's special tokens as plain text"),
+    ("[INST] hi [/INST]", "Llama 2 / Mistral's instruction markers"),
+)
+
 
 @dataclass(frozen=True)
 class Thresholds:
     min_top1: float  # fraction of positions whose argmax agrees
     max_kl: float  # mean KL(student || export) per position, nats
     min_token_match: float = 1.0  # fraction of prompts whose ids equal the student's
+    min_suite_match: float = 0.0  # fraction of drift-suite texts whose ids equal the student's (0: a warning)
 
 
 class ParityError(ShrinkError):
@@ -36,8 +70,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def measure(reference, candidate, prompts: list[str], where: list[str]) -> dict:
-    """Parity figures of `candidate` against `reference` (two Runtimes) on `prompts`;
+def suite_texts(tokenizer=None) -> list[str]:
+    """DRIFT_SUITE's texts, and with a tokenizer its own special tokens as plain text."""
+    texts = [text for text, _ in DRIFT_SUITE]
+    specials = [t for t in (tokenizer.all_special_tokens if tokenizer is not None else ()) if t]
+    if specials:
+        texts.append(" ".join(specials) + " " + "".join(specials))
+    return texts
+
+
+def drift(reference, candidate, texts: list[str]) -> dict:
+    """Whether `candidate`'s tokenizer gives `reference`'s token ids, text by text."""
+    results = [{"text": text, "ids_equal": candidate.encode(text) == reference.encode(text)} for text in texts]
+    equal = sum(r["ids_equal"] for r in results)
+    return {"texts": results, "equal": equal, "total": len(results),
+            "token_id_match": round(equal / len(results), 4) if results else 1.0}
+
+
+def measure(reference, candidate, prompts: list[str], where: list[str], suite: list[str] | None = None) -> dict:
+    """Parity figures of `candidate` against `reference` (two Runtimes) on `prompts`, and
+    the tokenizers' agreement on the drift suite (`suite`: default DRIFT_SUITE's texts);
     `where[i]` names prompt i (file:line) for the worst-example report."""
     agree = total = 0
     kls, worst = [], (-1.0, "")
@@ -60,6 +112,7 @@ def measure(reference, candidate, prompts: list[str], where: list[str]) -> dict:
         "mean_kl": round(float(np.mean(kls)), 5),
         "token_id_match": round(token_match / n, 4),
         "worst_example": {"where": worst[1], "mean_kl": round(worst[0], 5)},
+        "suite": drift(reference, candidate, suite if suite is not None else suite_texts()),
     }
 
 
@@ -72,4 +125,14 @@ def verdict(figures: dict, t: Thresholds) -> list[str]:
         failed.append(f"top-1 agreement {figures['top1_agreement']:.1%} < {t.min_top1:.0%}")
     if figures["mean_kl"] > t.max_kl:
         failed.append(f"mean KL {figures['mean_kl']:.4f} > {t.max_kl}")
+    suite = figures.get("suite")
+    if suite and suite["token_id_match"] < t.min_suite_match:
+        differ = drifted(figures)
+        named = ", ".join(repr(text) for text in differ[:3]) + (", ..." if len(differ) > 3 else "")
+        failed.append(f"tokenizer ids differ on {len(differ)} of {suite['total']} drift-suite texts ({named})")
     return failed
+
+
+def drifted(figures: dict) -> list[str]:
+    """The drift-suite texts whose ids differ."""
+    return [r["text"] for r in (figures.get("suite") or {}).get("texts", []) if not r["ids_equal"]]
