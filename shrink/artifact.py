@@ -6,15 +6,19 @@ and measured metrics. It carries a magic string and a schema version so that a f
 from another tool or another shrink version is recognised and explained, not misread.
 
 Folders are written atomically: everything goes into a temporary sibling folder, the
-manifest is written last, and the folder is renamed into place.
+manifest is written last, and the folder is renamed into place. A full disk (or quota)
+while writing becomes DiskFullError naming what was being written, once the temporary
+files are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -110,21 +114,86 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+class DiskFullError(ShrinkError):
+    """The disk (or the user's quota) filled up while writing; nothing half-written is left."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The same errors as text, from writers that do not raise OSError: safetensors (Rust's
+# "No space left on device (os error 28)"), llama.cpp's quantizer, the GGUF writer.
+NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b")
+# numpy's tofile (the GGUF converter's tensors) reports a short write without an errno.
+SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, says the disk or quota is full."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return False  # already explained
+        if isinstance(exc, OSError) and (exc.errno in NO_SPACE_ERRNOS
+                                         or (exc.errno is None and SHORT_WRITE.match(str(exc)))):
+            return True
+        if NO_SPACE_TEXT.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def out_of_space(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the filesystem of `folder` has less than `margin` bytes free: how a writer
+    that reports no errno (llama.cpp's quantizer: "basic_ios::clear") ran out of space."""
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
+def disk_full_error(what: str) -> DiskFullError:
+    return DiskFullError(f"no space left on device while writing {what}; "
+                         "the partial files were removed (free some space, or write elsewhere)")
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path, what: str) -> Iterator[None]:
+    """Remove the temporary file or folder `tmp` when the block fails; a full disk
+    becomes DiskFullError naming `what` was being written."""
+    try:
+        yield
+    except BaseException as e:
+        if Path(tmp).is_dir() and not Path(tmp).is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if is_disk_full(e):
+            raise disk_full_error(what) from None
+        raise
+
+
+def _make_temp(make, what: str, **kw) -> str:
+    """tempfile.mkstemp/mkdtemp, with a full disk explained."""
+    try:
+        return make(**kw)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(what) from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside `path`, renamed over it when the block succeeds (with the
     usual permissions) and removed when it fails: readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _make_temp(tempfile.mkstemp, str(path), prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    try:
+    with removed_on_failure(Path(tmp), str(path)):
         yield Path(tmp)
         os.chmod(tmp, default_mode())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -177,16 +246,18 @@ def check_output_free(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, force: bool) -> Iterator[Path]:
+def staged_folder(out: Path, force: bool, what: str = "the output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success move it to `out`, else delete it.
 
     The caller writes the manifest last, inside the block. An existing `out` is replaced
-    only when `force` is set, and only after the new folder is complete.
+    only when `force` is set, and only after the new folder is complete. `what` names the
+    folder in a full-disk error ("the student").
     """
     out = Path(out)
     check_output_free(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    what = f"{what} {out}"
+    tmp = Path(_make_temp(tempfile.mkdtemp, what, prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    with removed_on_failure(tmp, what):
         yield tmp
         _usual_permissions(tmp)
         if out.exists():
@@ -197,9 +268,6 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def finish(folder: Path, **fields: Any) -> dict[str, Any]:

@@ -22,7 +22,9 @@ DEBUG_ENV = "SHRINK_DEBUG"
 
 class ShrinkGroup(click.Group):
     """One error boundary for every command: typed errors and usage errors become a single
-    `Error: ...` line; anything else is a bug and keeps its traceback."""
+    `Error: ...` line, and so does a full disk that no writer explained (the last resort:
+    shrink.artifact removes its temporary files and raises DiskFullError first); anything
+    else is a bug and keeps its traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -48,6 +50,14 @@ class ShrinkGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as e:
+            from shrink.artifact import is_disk_full
+
+            if os.environ.get(DEBUG_ENV) == "1" or not is_disk_full(e):
+                raise
+            where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"Error: no space left on device{where} ({type(e).__name__}: {e})", err=True)
+            sys.exit(ShrinkError.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -297,11 +307,15 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
 @click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact's files against its manifest (trusted builds, for speed).")
-def run(artifact, prompt, max_tokens, threads, device, no_verify):
+@click.option("--truncate", is_flag=True, help="Cut a prompt too long for the context from the left, leaving MAX_TOKENS of room (said on stderr), instead of refusing it.")
+def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate):
     """Generate a completion of PROMPT greedily with the artifact's runtime.
 
-    A shrink artifact is first checked against its manifest: a changed file exits 1
-    naming it.
+    Generation ends at the model's end-of-generation tokens (its generation config's
+    EOS ids and the tokenizer's EOS), the same in every runtime. A prompt longer than
+    the runtime's context (llama.cpp's n_ctx, else the model's max_position_embeddings)
+    is refused unless --truncate. A shrink artifact is first checked against its
+    manifest: a changed file exits 1 naming it.
 
     \b
     Example:
@@ -309,13 +323,17 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify):
     """
     from shrink.artifact import verify_before_use
     from shrink.runtime import open_runtime
+    from shrink.runtime.base import fit_context
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-tokens")
     verify_before_use(artifact, skip=no_verify)
     rt = open_runtime(artifact, device=device, threads=threads)
     try:
-        click.echo(rt.generate(prompt, max_tokens))
+        ids, note = fit_context(rt, prompt, max_tokens, truncate)
+        if note:
+            click.echo(f"note: {note}", err=True)
+        click.echo(rt.generate(ids, max_tokens))
     finally:
         rt.close()
 

@@ -3,6 +3,7 @@
     {"prompt": "Review: great phone\\nSentiment:", "completion": " positive",
      "choices": [" positive", " negative"]}
 
+`prompt` and `completion` must not be empty (a model needs a prompt to continue).
 `choices` is optional; when present, `completion` must be one of them. Other keys are
 ignored. Every problem is reported with the file and line it is on.
 """
@@ -60,8 +61,9 @@ def _parse_line(line: str, where: str) -> Example:
             raise TaskDataError(f"{where}: missing key '{key}'")
         if not isinstance(obj[key], str):
             raise TaskDataError(f"{where}: '{key}' must be a string, got {type(obj[key]).__name__}")
-    if obj["completion"] == "":
-        raise TaskDataError(f"{where}: 'completion' is empty")
+    for key in ("prompt", "completion"):
+        if obj[key] == "":
+            raise TaskDataError(f"{where}: '{key}' is empty")
     choices = obj.get("choices")
     if choices is not None:
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):

@@ -82,3 +82,32 @@ def test_written_artifacts_get_the_usual_permissions(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(out) == 0o755
     assert mode(out / "model.bin") == mode(out / "manifest.json") == mode(tmp_path / "baseline.json") == 0o644
+
+
+def test_full_disk_in_atomic_file_names_the_path_and_leaves_nothing(tmp_path):
+    import errno
+
+    target = tmp_path / "baseline.json"
+    with pytest.raises(artifact.DiskFullError) as e:
+        with artifact.atomic_file(target) as tmp:
+            tmp.write_text("{half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value) == (f"no space left on device while writing {target}; "
+                            "the partial files were removed (free some space, or write elsewhere)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, full", [
+    (OSError(28, "No space left on device"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), True),  # safetensors
+    (OSError("131072 requested and 124432 written"), True),  # numpy tofile, as the GGUF writer calls it
+    (OSError(13, "Permission denied"), False),
+    (RuntimeError("131072 requested and 124432 written"), False),
+])
+def test_is_disk_full(error, full):
+    assert artifact.is_disk_full(error) is full
+    try:
+        raise RuntimeError("wrapped") from error
+    except RuntimeError as wrapped:
+        assert artifact.is_disk_full(wrapped) is full  # found through the chain too

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -170,3 +172,197 @@ def test_every_command_has_help_with_an_example():
         r = invoke(name, "--help")
         assert r.exit_code == 0
         assert command.help and "Example" in command.help, name
+
+
+# -- bad teachers and task files -----------------------------------------------------------
+
+
+def test_truncated_safetensors_names_the_file(workdir, task_files):
+    weights = workdir / "teacher" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size - 1000)
+    r = invoke(*distill_args(workdir, task_files))
+    assert_user_error(r, f"{weights}: not a valid safetensors file (truncated: {size - 1000:,} bytes, where its "
+                         f"header describes {size:,}); copy or download it again", exact=True)
+    assert entries(workdir) == ["teacher"]
+    r = invoke("run", workdir / "teacher", "Review:")  # the same check before any runtime loads it
+    assert_user_error(r, f"{weights}: not a valid safetensors file (truncated", exact=False)
+
+
+def test_corrupt_safetensors_header(workdir, task_files):
+    weights = workdir / "teacher" / "model.safetensors"
+    weights.write_bytes((40).to_bytes(8, "little") + b"{not json" + b"\0" * 100)
+    r = invoke(*distill_args(workdir, task_files))
+    assert_user_error(r, f"{weights}: not a valid safetensors file (its header is not JSON); copy or download it again",
+                      exact=True)
+    assert entries(workdir) == ["teacher"]
+
+
+def test_custom_code_config_is_refused(workdir, task_files):
+    config_file = workdir / "teacher" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(model_type="my_llama", auto_map={"AutoConfig": "configuration_my.MyConfig",
+                                                   "AutoModelForCausalLM": "modeling_my.MyForCausalLM"})
+    config_file.write_text(json.dumps(config))
+    r = invoke(*distill_args(workdir, task_files))
+    assert_user_error(r, f"{config_file}: model_type 'my_llama' is not built into transformers; it needs the custom "
+                         "code its auto_map names (AutoConfig, AutoModelForCausalLM), and shrink does not run code "
+                         "from model folders", exact=True)
+    assert entries(workdir) == ["teacher"]
+
+
+def test_empty_prompt_names_file_and_line(workdir, task_files):
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "", "completion": " b"}\n')
+    r = invoke(*distill_args(workdir, task_files, **{"--data": bad}))
+    assert_user_error(r, f"{bad}:2: 'prompt' is empty", exact=True)
+    r = invoke("eval", workdir / "teacher", "--data", bad)
+    assert_user_error(r, f"{bad}:2: 'prompt' is empty", exact=True)
+    assert entries(workdir) == ["bad.jsonl", "teacher"]
+
+
+# -- shrink run: the context ------------------------------------------------------------------
+
+LONG_PROMPT = "Review: the phone was great and the hotel room was lovely " * 40 + "\nSentiment:"
+
+
+def test_run_refuses_a_prompt_longer_than_the_context(workdir):
+    """torch: the context is the model's max_position_embeddings (256 in the tiny teacher)."""
+    from shrink.runtime.torch_runtime import TorchRuntime
+
+    n = len(TorchRuntime(workdir / "teacher", device="cpu").encode(LONG_PROMPT))
+    assert n > 256
+    r = invoke("run", workdir / "teacher", LONG_PROMPT, "--max-tokens", "4", "--device", "cpu")
+    assert_user_error(r, f"the prompt is {n} tokens, too long for the context of 256 tokens (torch); shorten it, "
+                         "or pass --truncate to keep its last 251 tokens", exact=True)
+    assert r.stdout == ""
+
+
+def test_run_truncate_keeps_the_end_of_the_prompt(workdir):
+    from shrink.runtime.torch_runtime import TorchRuntime
+
+    rt = TorchRuntime(workdir / "teacher", device="cpu")
+    ids = rt.encode(LONG_PROMPT)
+    expected = rt.generate(ids[:1] + ids[-251:], 4)  # BOS, then the last 251 tokens
+    r = invoke("run", workdir / "teacher", LONG_PROMPT, "--max-tokens", "4", "--device", "cpu", "--truncate")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == (f"note: the prompt ({len(ids)} tokens) was cut to its last 251 tokens, to leave 4 tokens "
+                        "of the context (256) for the output\n")
+    assert r.stdout == expected + "\n" and expected.strip()
+
+
+def test_run_refuses_a_prompt_longer_than_llama_cpp_context(workdir):
+    """llama.cpp printed nothing and exited 0: its n_ctx (2048 by default) is refused the same way."""
+    from shrink.export.gguf_convert import convert_hf_to_gguf
+    from shrink.runtime.llama_cpp import LlamaCppRuntime
+
+    gguf_file = workdir / "teacher.gguf"
+    convert_hf_to_gguf(workdir / "teacher", gguf_file, "f16")
+    prompt = LONG_PROMPT * 8
+    with LlamaCppRuntime(gguf_file, threads=2, n_ctx=64) as rt:
+        n = len(rt.encode(prompt))
+    assert n > 2048
+    r = invoke("run", gguf_file, prompt, "--max-tokens", "4", "--threads", "2")
+    assert_user_error(r, f"the prompt is {n} tokens, too long for the context of 2048 tokens (llama.cpp); shorten it, "
+                         "or pass --truncate to keep its last 2043 tokens", exact=True)
+    r = invoke("run", gguf_file, prompt, "--max-tokens", "4", "--threads", "2", "--truncate")
+    assert r.exit_code == 0 and r.stdout.strip(), r.output
+    assert r.stderr.startswith(f"note: the prompt ({n} tokens) was cut to its last 2043 tokens")
+
+
+def test_run_refuses_an_empty_prompt_without_bos(workdir):
+    tok_config = workdir / "teacher" / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()), "add_bos_token": False}))
+    tokenizer_json = workdir / "teacher" / "tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text())
+    spec["post_processor"] = None  # the template that adds BOS
+    tokenizer_json.write_text(json.dumps(spec))
+    r = invoke("run", workdir / "teacher", "", "--device", "cpu")
+    assert_user_error(r, "the prompt is empty and the tokenizer adds no BOS token: there is no token to predict from",
+                      exact=True)
+
+
+# -- a full disk: one line, exit 2, nothing half-written -------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs to write on; skipped where mounting is not permitted (needs root)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small tmpfs")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield disk
+    finally:
+        busy = subprocess.run(["umount", str(disk)], capture_output=True, text=True).returncode != 0
+        if busy:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+    assert not busy, "a file on the small disk was left open"
+
+
+NO_SPACE = "the partial files were removed (free some space, or write elsewhere)"
+
+
+def assert_failed_midway(result, message: str):
+    """A failure after the work started: its progress lines, then exactly `Error: {message}`."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"Error: {message}", result.stderr
+    assert sum(line.startswith("Error:") for line in lines) == 1 and "Traceback" not in result.output
+
+
+def test_full_disk_while_writing_a_checkpoint(workdir, task_files, small_disk):
+    out = small_disk / "student"
+    r = invoke(*distill_args(workdir, task_files, **{"--out": out}))
+    assert_failed_midway(r, f"no space left on device while writing the checkpoint {out}.checkpoint; {NO_SPACE}")
+    assert entries(small_disk) == []
+
+
+def test_full_disk_while_writing_an_export(workdir, small_disk):
+    out = small_disk / "q"
+    r = invoke("export", workdir / "teacher", "--target", "gguf", "--quant", "F16", "--out", out)
+    assert_failed_midway(r, f"no space left on device while writing the output folder {out}; {NO_SPACE}")
+    assert entries(small_disk) == []
+
+
+def test_full_disk_while_writing_the_student(workdir, task_files, monkeypatch):
+    """The student's weights hit a full disk halfway: its staging folder goes; the
+    checkpoint written before stays, for --resume once there is space."""
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    out = workdir / "student"
+    r = invoke(*distill_args(workdir, task_files))
+    assert_failed_midway(r, f"no space left on device while writing the student {out}; {NO_SPACE}")
+    assert entries(workdir) == ["student.checkpoint", "teacher"]
+
+
+def test_full_disk_anywhere_else_is_one_line(workdir, monkeypatch):
+    """The CLI's last resort, for a write no shrink writer wraps."""
+    import errno
+
+    import shrink.evaluate
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/file")
+
+    monkeypatch.setattr(shrink.evaluate, "evaluate_path", full)
+    data = workdir / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n')
+    r = invoke("eval", workdir / "teacher", "--data", data)
+    assert_user_error(r, "no space left on device while writing /somewhere/file (OSError: [Errno 28] No space left "
+                         "on device: '/somewhere/file')", exact=True)

@@ -107,7 +107,7 @@ def test_token_ids_and_decode_match_hf(rt, hf):
         ids = tok(text, split_special_tokens=True).input_ids
         assert rt.encode(text) == ids, text
         assert rt.decode(ids) == tok.decode(ids, skip_special_tokens=True), text
-    assert rt.eos_id == tok.eos_token_id and rt.name == "llama.cpp"
+    assert rt.stop_ids == {tok.eos_token_id} and rt.name == "llama.cpp"
 
 
 def test_f16_logits_close_to_torch(rt, hf):

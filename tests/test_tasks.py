@@ -26,6 +26,8 @@ def test_reads_examples_ignoring_extra_keys_and_blank_lines(tmp_path):
         ('{"completion": "b"}\n', "t.jsonl:1: missing key 'prompt'"),
         ('{"prompt": "a"}\n', "t.jsonl:1: missing key 'completion'"),
         ('{"prompt": 3, "completion": "b"}\n', "t.jsonl:1: 'prompt' must be a string, got int"),
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "", "completion": "b"}\n', "t.jsonl:2: 'prompt' is empty"),
+        ('{"prompt": "a", "completion": ""}\n', "t.jsonl:1: 'completion' is empty"),
         ('{"prompt": "a", "completion": "z", "choices": ["x", "y"]}\n', "t.jsonl:1: completion 'z' is not among the choices"),
         ('{"prompt": "a", "completion": "x", "choices": "x"}\n', "t.jsonl:1: 'choices' must be a non-empty list"),
         ("\n\n", "t.jsonl: empty file"),

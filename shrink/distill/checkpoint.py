@@ -2,7 +2,8 @@
 
 A checkpoint folder holds `student.safetensors`, `optimizer.safetensors` and
 `state.json`. It is written under a temporary name and renamed into place, so an
-interrupted save leaves the previous checkpoint intact.
+interrupted save leaves the previous checkpoint intact; a failed one (a full disk:
+DiskFullError) leaves no temporary folder either.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ STATE = "state.json"
 def save_checkpoint(folder: Path, model, optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file, save_model
 
+    from shrink.artifact import removed_on_failure
+
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "student.safetensors"))
-    tensors, scalars = _flatten_optimizer(optimizer)
-    if tensors:
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / STATE).write_text(json.dumps({**state, "optimizer_scalars": scalars}, indent=2))
+    with removed_on_failure(tmp, f"the checkpoint {folder}"):
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "student.safetensors"))
+        tensors, scalars = _flatten_optimizer(optimizer)
+        if tensors:
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / STATE).write_text(json.dumps({**state, "optimizer_scalars": scalars}, indent=2))
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

@@ -83,8 +83,12 @@ def bpe_steps(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return created
 
 
-def plan_pruning(tokenizer, texts: list[str]) -> VocabPruning:
-    """Choose the kept tokens for `texts` (prompts + completions as the model sees them)."""
+def plan_pruning(tokenizer, texts: list[str], eos_token_id: int | list[int] | None = None) -> VocabPruning:
+    """Choose the kept tokens for `texts` (prompts + completions as the model sees them).
+    `eos_token_id`: the generation config's (one id or a list); every id that ends a
+    generation is kept, special token or not."""
+    from shrink.runtime.base import end_of_generation
+
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
@@ -99,7 +103,7 @@ def plan_pruning(tokenizer, texts: list[str]) -> VocabPruning:
     used: set[int] = set()
     for text in texts:
         used.update(tokenizer(text, split_special_tokens=True, add_special_tokens=True).input_ids)
-    kept = set(used)
+    kept = set(used) | end_of_generation(eos_token_id, tokenizer)
     for token_id in used:
         if token_id in added_ids:
             continue

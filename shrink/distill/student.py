@@ -99,7 +99,22 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
                           "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
         console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels, "
                       f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
+    inherit_generation(student, teacher)
     return student, keep, info
+
+
+def inherit_generation(student, teacher) -> None:
+    """The student ends its generations where the teacher does: the teacher's generation
+    config (its EOS list: Gemma's <eos> and <end_of_turn>), which a model built from the
+    config alone would lose. Its config keeps no `auto_map`: the student is always a
+    built-in transformers class, and must never point at custom code."""
+    import copy
+
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    for config in {id(c): c for c in (student.config, student.config.get_text_config())}.values():
+        if getattr(config, "auto_map", None) is not None:
+            del config.auto_map
 
 
 def check_student_folder(student_dir, teacher_dir, examples, texts: int = 300) -> None:

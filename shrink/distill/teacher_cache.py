@@ -165,7 +165,7 @@ def _build(cfg: CacheConfig, ranks) -> dict[str, Any] | None:
         save_file(tensors, str(tmp / name), metadata=meta)
         ranks.barrier()  # every shard written
         return None
-    with artifact.staged_folder(Path(cfg.out), cfg.force) as tmp:
+    with artifact.staged_folder(Path(cfg.out), cfg.force, "the teacher cache") as tmp:
         _shared_path(ranks, tmp)
         save_file(tensors, str(tmp / name), metadata=meta)
         ranks.barrier()  # every shard written

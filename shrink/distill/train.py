@@ -240,7 +240,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
     student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
-        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts)  # never the eval data
+        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts, student.generation_config.eos_token_id)  # never the eval data
         prune_model(student, plan)
         student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
         console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
@@ -367,7 +367,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | N
         settings.update(vocab_kept=len(plan.kept), teacher_vocab=plan.teacher_vocab_size,
                         tokenizer_pre=teacher_pre_tokenizer(tokenizer),
                         vocab_sources=input_hashes.of_roles(checked.inputs, "data", "vocab-data"))
-    with artifact.staged_folder(cfg.out, cfg.force) as tmp:
+    with artifact.staged_folder(cfg.out, cfg.force, "the student") as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         student_tokenizer.save_pretrained(tmp)
         settings["tokenizer_files"] = keep_teacher_files(teacher_dir, tmp, plan)  # tokenizer.model, ...

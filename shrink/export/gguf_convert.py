@@ -95,6 +95,7 @@ def convert_hf_to_gguf(
                     model.prepare_metadata(vocab_only=False)  # vocabulary: may refuse the tokenizer
                     _fix_spm_scores(model, model_dir)
                     _write_layer_pattern(model)
+                    write_stop_ids(model, model_dir)
                     writer = model.gguf_writer
                     writing = True
                     writer.write_header_to_file(path=out_file)
@@ -108,6 +109,8 @@ def convert_hf_to_gguf(
                                      "cannot export it to GGUF") from None
         except BaseException:
             if writing:
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    writer.close()  # else the open file keeps its blocks (and the mount busy)
                 out_file.unlink(missing_ok=True)
             raise
     from rich.markup import escape
@@ -250,6 +253,44 @@ def _write_layer_pattern(model) -> None:
         return
     if any(t == "sliding_attention" for t in layer_types):
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+
+
+# The GGUF keys llama.cpp reads end-of-generation ids from (src/llama-vocab.cpp, "special
+# tokens"). It reads no list: beyond these it only adds tokens it recognises by their text
+# (<end_of_turn>, <|im_end|>, <|endoftext|>, ...) to its end-of-generation set.
+STOP_KEYS = ("EOS_ID", "EOT_ID", "EOM_ID")
+
+
+def write_stop_ids(model, model_dir: Path) -> None:
+    """Declare every token id that ends a generation of the model (shrink.runtime.base.
+    stop_ids: the generation config's EOS ids and the tokenizer's EOS) in the GGUF's eos,
+    eot and eom keys, so that llama.cpp stops where torch and onnxruntime do.
+
+    The converter writes the tokenizer's EOS (and an eot for a few families) but drops a
+    list in generation_config.json or config.json: a student whose EOS list holds
+    <end_of_turn>-like ids under other names would not stop in llama.cpp. The free keys
+    take the missing ids, the tokenizer's EOS first; ids beyond three are warned about.
+    """
+    import gguf
+
+    from shrink.hf import load_tokenizer
+    from shrink.runtime.base import stop_ids
+
+    writer = model.gguf_writer
+    kv = writer.kv_data[0]
+    keys = [getattr(gguf.Keys.Tokenizer, name) for name in STOP_KEYS]
+    tokenizer = load_tokenizer(model_dir)
+    n_vocab = len(kv[gguf.Keys.Tokenizer.LIST].value) if gguf.Keys.Tokenizer.LIST in kv else None
+    wanted = {i for i in stop_ids(model_dir, tokenizer) if n_vocab is None or i < n_vocab}
+    declared = {kv[key].value for key in keys if key in kv}
+    missing = sorted(wanted - declared, key=lambda i: (i != tokenizer.eos_token_id, i))
+    for key in keys:
+        if missing and key not in kv:
+            writer.add_uint32(key, missing.pop(0))
+    if missing:
+        logging.getLogger("hf-to-gguf").warning(
+            f"token ids {missing} end generation in torch and onnxruntime, but a GGUF declares at most three "
+            "(eos, eot, eom): llama.cpp stops at them only if it recognises their text")
 
 
 def _no_architecture(arch: str) -> str:

@@ -12,6 +12,7 @@ progress line; the tensor count comes from llama.cpp's per-tensor log lines
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import threading
@@ -100,7 +101,12 @@ def quantize_gguf(
             raise
 
     if "error" in outcome or outcome.get("rc") != 0:
+        from shrink.artifact import out_of_space
+
+        full = out_of_space(dst.parent)  # measured with the partial output still there
         dst.unlink(missing_ok=True)
+        if full:  # llama.cpp says "basic_ios::clear: iostream error"; the writers above explain ENOSPC
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst)) from None
         reason = _reason(errors) or str(outcome.get("error") or f"return code {outcome.get('rc')}")
         raise ShrinkError(f"llama.cpp could not quantize {src.name} to {qtype.name}: {reason}")
 

@@ -2,21 +2,29 @@
 
 Token ids are the runtime's own: each runtime tokenizes with the tokenizer it will be
 served with (llama.cpp's for GGUF), which is what the accuracy figures must reflect.
+
+End of generation is one notion for every runtime (`stop_ids`): the generation config's
+EOS ids (a list for chat models: Gemma's <eos> and <end_of_turn>) plus the tokenizer's
+EOS. torch and onnxruntime read them from the model folder; a GGUF carries them as its
+eos/eot/eom ids (shrink.export.gguf_convert.write_stop_ids), which llama.cpp's own
+end-of-generation test reads.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from shrink.errors import ModelError
+from shrink.errors import ModelError, ShrinkError
 
 
 class Runtime(Protocol):
     name: str  # "torch" | "torch+gptqmodel" | "llama.cpp" | "onnxruntime"
-    eos_id: int | None
+    stop_ids: frozenset[int]  # the token ids that end a generation (not part of its text)
+    context_length: int | None  # most tokens a sequence may hold, prompt and output (None: no limit)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with BOS when the model's tokenizer adds one.
@@ -33,9 +41,10 @@ class Runtime(Protocol):
         """Total log-probability of each continuation after the prompt."""
         ...
 
-    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
-        """Greedy completion of `prompt`: stops at EOS, after `max_tokens`, or before
-        the first stop string (which is not included)."""
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+        """Greedy completion of `prompt` (text, or its token ids from `encode`): stops at
+        one of `stop_ids`, after `max_tokens`, at the context length, or before the first
+        stop string (which is not included)."""
         ...
 
     def close(self) -> None: ...
@@ -47,6 +56,86 @@ def sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
     top = rows.max(axis=1, keepdims=True)  # (T, 1)
     lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))  # (T,)
     return float((rows[np.arange(len(targets)), targets] - lse).sum())
+
+
+def end_of_generation(eos_token_id, tokenizer) -> frozenset[int]:
+    """The token ids that end a generation: a generation config's `eos_token_id` (one id,
+    a list, or None) and the tokenizer's EOS."""
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return frozenset(int(i) for i in ids if isinstance(i, int) and i >= 0)
+
+
+def read_config(path: Path) -> dict:
+    """A model's JSON config file (config.json, generation_config.json) as a dict."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return config
+
+
+def generation_eos(folder: Path):
+    """A model folder's generation `eos_token_id` as transformers reads it: from
+    generation_config.json, else from config.json (or its text_config); None if neither says."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        config = read_config(path)
+        value = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+        if value is not None:
+            return value
+    return None
+
+
+def stop_ids(folder: Path, tokenizer) -> frozenset[int]:
+    """The token ids that end a generation of the model in `folder` (a Hugging Face or
+    ONNX folder), served with `tokenizer`: what every runtime stops at."""
+    return end_of_generation(generation_eos(folder), tokenizer)
+
+
+def context_of(config: dict) -> int | None:
+    """The longest sequence a model's config.json says it takes (max_position_embeddings)."""
+    value = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+    return value if isinstance(value, int) and value > 0 else None
+
+
+EMPTY_PROMPT = "the prompt is empty and the tokenizer adds no BOS token: there is no token to predict from"
+
+
+def prompt_ids(rt: Runtime, prompt: str | list[int]) -> list[int]:
+    """The token ids a generation starts from: `prompt` encoded, or as given when it is
+    ids already; refused when there are none."""
+    ids = rt.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if not ids:
+        raise ShrinkError(EMPTY_PROMPT)
+    return ids
+
+
+def fit_context(rt: Runtime, prompt: str, max_tokens: int, truncate: bool) -> tuple[list[int], str | None]:
+    """The prompt's token ids for `shrink run`, and a note when they were cut.
+
+    A prompt that leaves no room in the runtime's context for one new token is refused,
+    naming its length and the context. With `truncate`, a prompt that leaves less room
+    than `max_tokens` is cut from the left to leave that room (keeping BOS, and at least
+    one token of the prompt), and the note says so.
+    """
+    ids = prompt_ids(rt, prompt)
+    context = rt.context_length
+    if not context or len(ids) + (max_tokens if truncate else 1) <= context:
+        return ids, None
+    head = rt.encode("")  # what every encoding starts with: BOS, or nothing
+    head = head if ids[: len(head)] == head else []
+    keep = max(len(head) + 1, context - max_tokens)
+    if not truncate:
+        raise ShrinkError(f"the prompt is {len(ids)} tokens, too long for the context of {context} tokens "
+                          f"({rt.name}); shorten it, or pass --truncate to keep its last {keep - len(head)} tokens")
+    kept = head + ids[len(ids) - (keep - len(head)):]
+    return kept, (f"the prompt ({len(ids)} tokens) was cut to its last {keep - len(head)} tokens, to leave "
+                  f"{max_tokens} tokens of the context ({context}) for the output")
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
-from shrink.runtime.base import cut_at_stop, sum_logprobs
+from shrink.runtime.base import EMPTY_PROMPT, cut_at_stop, prompt_ids, sum_logprobs
 
 
 def find_gguf(path: str | Path) -> Path:
@@ -90,10 +90,18 @@ class LlamaCppRuntime:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
-        eos = self._llm.token_eos()
-        self.eos_id: int | None = eos if eos >= 0 else None
         self.n_vocab = self._llm.n_vocab()
-        self.n_ctx = self._llm.n_ctx()
+        self.n_ctx = self.context_length = self._llm.n_ctx()
+        self._stop_ids: frozenset[int] | None = None
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """llama.cpp's end-of-generation tokens (its eos, eot and eom ids from the GGUF,
+        plus tokens it recognises by their text), which `generate` stops at."""
+        if self._stop_ids is None:
+            is_eog = self._lib.llama_vocab_is_eog
+            self._stop_ids = frozenset(i for i in range(self.n_vocab) if is_eog(self._vocab, i))
+        return self._stop_ids
 
     # -- tokens ------------------------------------------------------------------------
 
@@ -166,7 +174,7 @@ class LlamaCppRuntime:
         self._need_all_logits("scoring continuations")
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
-            raise ValueError("prompt_ids is empty: the first continuation token needs a context")
+            raise ShrinkError(EMPTY_PROMPT)
         p = len(prompt)
         scores = []
         for cont in conts:
@@ -179,15 +187,12 @@ class LlamaCppRuntime:
             scores.append(sum_logprobs(rows, cont))
         return scores
 
-    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
         """Greedy completion; the text is what follows the prompt's own decoding
         (so a leading space of the first new token is kept)."""
-        prompt_ids = self.encode(prompt)
-        if not prompt_ids:
-            raise ValueError("empty prompt and no BOS token: nothing to condition on")
+        seq = prompt_ids(self, prompt)
         stops = [s for s in stop if s]
-        head = len(self.decode(prompt_ids))
-        seq = list(prompt_ids)
+        head = len(self.decode(seq))
         text = ""
         for _ in range(max_tokens):
             if len(seq) >= self.n_ctx:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import cut_at_stop, sum_logprobs
+from shrink.runtime.base import (EMPTY_PROMPT, context_of, cut_at_stop, prompt_ids, read_config, stop_ids,
+                                 sum_logprobs)
 from shrink.export.onnx_export import MODEL_FILE, io_names
 
 KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
@@ -39,9 +40,10 @@ def find_onnx(path: str | Path) -> Path:
 class OnnxRuntime:
     """An exported causal LM in onnxruntime (CPU), batch 1.
 
-    context_length: the longest sequence it takes (None: no limit of its own), as
-    llama.cpp's n_ctx; generation stops there. Unlike llama.cpp's, the past keys and
-    values are not allocated for it up front: they grow with the tokens held.
+    context_length: the longest sequence it takes, as llama.cpp's n_ctx (default: the
+    model's max_position_embeddings, from the config.json beside model.onnx); generation
+    stops there. Unlike llama.cpp's, the past keys and values are not allocated for it
+    up front: they grow with the tokens held.
     """
 
     name = "onnxruntime"
@@ -70,7 +72,9 @@ class OnnxRuntime:
         from shrink.hf import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.path.parent)
-        self.eos_id: int | None = self.tokenizer.eos_token_id
+        self.stop_ids = stop_ids(self.path.parent, self.tokenizer)
+        if self.context_length is None and (self.path.parent / "config.json").is_file():
+            self.context_length = context_of(read_config(self.path.parent / "config.json"))
 
     def _check_io(self) -> tuple[list[str], list[str]]:
         """The graph's input and output names, which must be the export's convention."""
@@ -122,7 +126,7 @@ class OnnxRuntime:
     def score_continuations(self, prompt_ids: list[int], conts: list[list[int]]) -> list[float]:
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
-            raise ValueError("prompt_ids is empty: the first continuation token needs a context")
+            raise ShrinkError(EMPTY_PROMPT)
         logits, past = self._run(prompt, None)
         first = logits[-1:]  # (1, vocab): predicts each continuation's first token
         scores = []
@@ -135,13 +139,11 @@ class OnnxRuntime:
             scores.append(sum_logprobs(rows, cont))  # rows: (len(cont), vocab)
         return scores
 
-    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
         """Greedy decoding with the KV cache, checking stop strings as text grows; the
         text is what decoding prompt + output adds to the prompt's own decoding (as
         TorchRuntime.generate)."""
-        ids = self.encode(prompt)
-        if not ids:
-            raise ValueError("empty prompt and no BOS token: nothing to condition on")
+        ids = prompt_ids(self, prompt)
         base = self.decode(ids)
         out: list[int] = []
         x, past = ids, None
@@ -150,7 +152,7 @@ class OnnxRuntime:
                 break
             logits, past = self._run(x, past)
             nxt = int(logits[-1].argmax())
-            if nxt == self.eos_id:
+            if nxt in self.stop_ids:
                 break
             out.append(nxt)
             if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):

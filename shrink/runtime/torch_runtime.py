@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer, quantization_method, resolve_device
-from shrink.runtime.base import cut_at_stop
+from shrink.runtime.base import EMPTY_PROMPT, context_of, cut_at_stop, end_of_generation, prompt_ids, stop_ids
 
 
 class TorchRuntime:
@@ -23,13 +24,17 @@ class TorchRuntime:
         if quantization_method(Path(path)) == "gptq":
             self.name = "torch+gptqmodel"  # GPTQModel's kernels inside transformers
         self.tokenizer = load_tokenizer(Path(path))
-        self.eos_id = self.tokenizer.eos_token_id
+        self.stop_ids = stop_ids(Path(path), self.tokenizer)
+        self.context_length = context_of(self.model.config.to_dict())
 
     @classmethod
     def from_model(cls, model, tokenizer, device: str) -> "TorchRuntime":
         """Wrap a model already in memory (the student right after training)."""
         rt = cls.__new__(cls)
-        rt.model, rt.tokenizer, rt.device, rt.eos_id = model, tokenizer, device, tokenizer.eos_token_id
+        rt.model, rt.tokenizer, rt.device = model, tokenizer, device
+        generation = getattr(model, "generation_config", None)
+        rt.stop_ids = end_of_generation(getattr(generation, "eos_token_id", None), tokenizer)
+        rt.context_length = context_of(model.config.to_dict())
         return rt
 
     def encode(self, text: str) -> list[int]:
@@ -75,6 +80,8 @@ class TorchRuntime:
         as one right-padded batch. Only the positions that are scored reach the head."""
         import torch
 
+        if not prompt_ids:
+            raise ShrinkError(EMPTY_PROMPT)
         with torch.inference_mode():
             if all(len(c) == 1 for c in conts):
                 ids = torch.tensor([prompt_ids], device=self.device)
@@ -94,23 +101,25 @@ class TorchRuntime:
                 scores.append(logp[torch.arange(len(cont)), torch.tensor(cont, device=self.device)].sum().item())
             return scores
 
-    def generate(self, prompt: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
         """Greedy decoding with a KV cache, checking stop strings as text grows. The text
         is what decoding prompt + output adds to the prompt's own decoding, so a leading
         space is kept (as llama.cpp returns it)."""
         import torch
 
-        ids = self.encode(prompt)
+        ids = prompt_ids(self, prompt)
         base = self.decode(ids)
         out: list[int] = []
         past = None
         x = torch.tensor([ids], device=self.device)
         with torch.inference_mode():
             for _ in range(max_tokens):
+                if self.context_length and len(ids) + len(out) >= self.context_length:
+                    break
                 res = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
                 past = res.past_key_values
                 nxt = int(res.logits[0, -1].argmax())
-                if nxt == self.eos_id:
+                if nxt in self.stop_ids:
                     break
                 out.append(nxt)
                 if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
