@@ -111,10 +111,26 @@ def inherit_generation(student, teacher) -> None:
     import copy
 
     if getattr(teacher, "generation_config", None) is not None:
-        student.generation_config = copy.deepcopy(teacher.generation_config)
+        student.generation_config = _savable(copy.deepcopy(teacher.generation_config))
     for config in {id(c): c for c in (student.config, student.config.get_text_config())}.values():
         if getattr(config, "auto_map", None) is not None:
             del config.auto_map
+
+
+def _savable(generation_config):
+    """The generation config, or its token ids alone when transformers would refuse to save
+    it (a Hub file may set top_p without do_sample: loading lets it pass, saving does not,
+    once an id has been changed, as --prune-vocab does). The teacher's file itself is kept
+    as it was (shrink.distill.tokenizer_files)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config.validate(strict=True)
+    except ValueError:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        return GenerationConfig(**{k: getattr(generation_config, k) for k in ids
+                                   if getattr(generation_config, k, None) is not None})
+    return generation_config
 
 
 def check_student_folder(student_dir, teacher_dir, examples, texts: int = 300) -> None:
