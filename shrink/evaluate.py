@@ -117,7 +117,7 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     from shrink.errors import ShrinkError
     from shrink.hf import check_model_dir
     from shrink.runtime import open_runtime
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task, with_prefix
 
     if teacher_runtime not in TEACHER_RUNTIMES:
         raise ShrinkError(f"--teacher-runtime must be one of {', '.join(TEACHER_RUNTIMES)}, got {teacher_runtime!r}")
@@ -138,12 +138,9 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
             check_model_dir(teacher, "teacher")
     teacher_examples = examples
     if teacher_prefix is not None:
-        import dataclasses
-
         if not Path(teacher_prefix).is_file():
             raise ShrinkError(f"--teacher-prefix: no such file {teacher_prefix}")
-        text = Path(teacher_prefix).read_text(encoding="utf-8")
-        teacher_examples = [dataclasses.replace(ex, prompt=text + ex.prompt) for ex in examples]
+        teacher_examples = with_prefix(examples, Path(teacher_prefix).read_text(encoding="utf-8"))
     rows = []
     for role, path in [("artifact", artifact)] + ([("teacher", teacher)] if teacher else []):
         rt = open_runtime(path, device=device, threads=threads)

@@ -84,3 +84,11 @@ def spread(items: Sequence[T], n: int) -> list[T]:
     if len(items) <= n:
         return list(items)
     return [items[k * len(items) // n] for k in range(n)]
+
+
+def with_prefix(examples, prefix: str):
+    """The examples as the teacher reads them: `prefix` (few-shot examples, instructions)
+    before every prompt."""
+    import dataclasses
+
+    return [dataclasses.replace(ex, prompt=prefix + ex.prompt) for ex in examples]

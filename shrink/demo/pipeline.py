@@ -100,10 +100,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def served_teacher_row(teacher: Path, data: Path, prefix: Path, threads: int | None) -> dict[str, Any]:
     """The teacher as a user serves it: its GGUF file in llama.cpp, with its few-shot prompt."""
-    from shrink.distill.train import with_prefix
     from shrink.evaluate import evaluate
     from shrink.runtime.llama_cpp import LlamaCppRuntime
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task, with_prefix
 
     examples = with_prefix(load_task(data), prefix.read_text(encoding="utf-8"))
     with LlamaCppRuntime(teacher, threads=threads) as rt:

@@ -50,7 +50,7 @@ from shrink.distill.student import build_student, even_layers
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
-from shrink.tasks import load_task
+from shrink.tasks import load_task, with_prefix
 
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
 MIN_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak learning rate
@@ -396,12 +396,6 @@ def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, ro
             outputs += [t.to(torch.float16) for t in logits.split(counts)]
             bar.advance(task, len(part))
     return outputs
-
-
-def with_prefix(examples, prefix: str):
-    """The examples as the teacher reads them: `prefix` (few-shot examples, instructions)
-    before every prompt."""
-    return [dataclasses.replace(ex, prompt=prefix + ex.prompt) for ex in examples]
 
 
 def check_aligned(student_seqs, teacher_seqs, data: Path) -> None:
