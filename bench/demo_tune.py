@@ -33,7 +33,8 @@ def main() -> int:
 
     from shrink.demo.pipeline import DemoConfig, demo_teacher
     from shrink.demo.task import write_task_files
-    from shrink.distill.train import DistillConfig, distill
+    from shrink.distill.config import DistillConfig
+    from shrink.distill.train import distill
 
     shutil.rmtree(args.out, ignore_errors=True)
     files = write_task_files(args.out / "data")  # dev and train only are used below

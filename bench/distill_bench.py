@@ -42,7 +42,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from shrink.demo.pipeline import demo_teacher
-    from shrink.distill.train import DistillConfig, distill
+    from shrink.distill.config import DistillConfig
+    from shrink.distill.train import distill
 
     teacher = demo_teacher()
     shutil.rmtree(args.out, ignore_errors=True)

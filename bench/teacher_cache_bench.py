@@ -48,10 +48,10 @@ def child(kind: str, options: dict, result: Path) -> None:
         manifest = build_cache(CacheConfig(**{k: Path(v) if k in ("teacher", "data", "out", "teacher_prefix") and v else v
                                               for k, v in options.items()}))
     else:
-        from shrink.distill.train import DistillConfig, distill
+        from shrink.distill.config import DistillConfig
+        from shrink.distill.train import distill
 
-        paths = ("teacher", "data", "out", "teacher_prefix", "teacher_cache")
-        manifest = distill(DistillConfig(**{k: Path(v) if k in paths and v else v for k, v in options.items()}))
+        manifest = distill(DistillConfig.from_dict(options))
     out = {
         "wall_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),

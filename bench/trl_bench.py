@@ -54,7 +54,8 @@ def need_trl():
 
 
 def run_shrink(args, work: Path) -> dict:
-    from shrink.distill.train import DistillConfig, distill
+    from shrink.distill.config import DistillConfig
+    from shrink.distill.train import distill
 
     cfg = DistillConfig(teacher=args.teacher, data=args.data, eval_data=args.eval, out=work / "shrink-student",
                         layers=args.layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -7,6 +7,7 @@ set SHRINK_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -76,43 +77,36 @@ def cli() -> None:
     """
 
 
+def _config_options(command):
+    """One option per field of DistillConfig (shrink.distill.config), in field order:
+    `--field-name` (or the field's `flag`), its type, default, choices and help text."""
+    from shrink.distill.config import FIELDS, kind
+
+    for f in reversed(FIELDS.values()):  # decorators apply bottom-up
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        want, required = kind(f.name), f.default is dataclasses.MISSING
+        kw: dict = {"help": meta["help"] + ("  [required, here or in --config]" if required else "")}
+        if want is bool:
+            kw["is_flag"] = True
+        elif want is tuple:  # of paths: a repeatable option
+            kw.update(type=Path, multiple=True)
+        else:
+            kw["type"] = click.Choice(meta["choices"]) if meta["choices"] else want
+            if f.default not in (None, dataclasses.MISSING):
+                kw.update(default=f.default, show_default=True)
+        command = click.option(meta["flag"] or "--" + f.name.replace("_", "-"), f.name, **kw)(command)
+    return command
+
+
 @cli.command()
-@click.option("--teacher", required=True, type=Path, help="Teacher: a Hugging Face model folder or a GGUF file (converted once, then cached).")
-@click.option("--data", required=True, type=Path, help="Training task data (JSONL).")
-@click.option("--eval", "eval_data", type=Path, help="Held-out task data; student and teacher accuracy go into the manifest.")
-@click.option("--out", required=True, type=Path, help="Student folder to write.")
-@click.option("--layers", type=int, help="Decoder layers the student keeps (required unless --student).")
-@click.option("--layer-selection", type=click.Choice(["even", "importance"]), default="even", show_default=True,
-              help="Which teacher layers to keep: evenly spaced, or those that change the hidden state most on the task data (always the first and the last).")
-@click.option("--ffn-ratio", default=1.0, show_default=True, help="Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
-@click.option("--heads-ratio", default=1.0, show_default=True, help="Fraction of attention heads kept, in whole key/value groups, by activation on the task (1 = all).")
-@click.option("--student", "student_dir", type=Path, help="Start from this smaller model folder (it must share the teacher's tokenizer) instead of cutting the teacher.")
-@click.option("--steps", type=int, help="Optimizer steps (instead of --epochs).")
-@click.option("--epochs", type=float, help="Passes over the training data.  [default: 2]")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
-@click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (AdamW, warm-up then cosine).")
-@click.option("--temperature", default=2.0, show_default=True, help="Softens teacher and student distributions in the KL term.")
-@click.option("--alpha", default=0.9, show_default=True, help="Weight of the KL term; 1 - alpha weights cross-entropy on the reference.")
-@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "skl"]), default="fkl", show_default=True,
-              help="Divergence to the teacher: forward KL, reverse KL, generalized Jensen-Shannon, skew KL.")
-@click.option("--beta", default=0.5, show_default=True, help="jsd: the mixture's teacher weight; skl: the skew. Strictly between 0 and 1.")
-@click.option("--hidden-weight", default=0.0, show_default=True, help="Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
-@click.option("--max-length", default=512, show_default=True, help="Tokens per sequence; longer prompts are trimmed on the left.")
-@click.option("--save-every", default=200, show_default=True, help="Steps between checkpoints.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (few-shot examples the student should not need).")
-@click.option("--prune-vocab", is_flag=True, help="Keep only the tokens the training data needs (plus special and byte tokens; never --eval's).")
-@click.option("--vocab-data", type=Path, multiple=True, help="With --prune-vocab: more in-domain text whose tokens are kept too (.jsonl task-like rows, else one text per line). Repeatable.")
-@click.option("--teacher-cache", type=Path, help="Train from a `shrink teacher-cache` folder instead of running the teacher (made from the same data, teacher, --teacher-prefix and --max-length).")
-@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the student over the processes (FSDP2) instead of replicating it on each (DDP).")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint an interrupted run left (OUT.checkpoint).")
-@click.option("--force", is_flag=True, help="Replace an existing output folder or stale checkpoint.")
+@click.option("--config", "config_file", type=Path,
+              help="TOML file of these options by field name (batch_size = 8, eval_data = \"eval.jsonl\"); "
+                   "options given here override it; relative paths are relative to its folder.")
+@_config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, heads_ratio, student_dir, steps, epochs,
-            batch_size, lr, temperature, alpha, loss, beta, hidden_weight,
-            max_length, save_every, device, seed, teacher_prefix, prune_vocab, vocab_data,
-            teacher_cache, fsdp, resume, force, as_json):
+def distill(config_file, as_json, **options):
     """Train a smaller student that imitates the teacher on a task.
 
     The student is the teacher with LAYERS decoder layers kept (evenly spaced, or the
@@ -121,7 +115,9 @@ def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, h
     on the completion tokens (--loss at TEMPERATURE) mixed with cross-entropy on the
     reference completions. --prune-vocab shrinks the vocabulary to the tokens of the
     training data (and --vocab-data). --resume continues an interrupted run when its
-    inputs are byte for byte the same.
+    inputs are byte for byte the same. --config reads the options from a TOML file
+    (keys: the options' names with underscores, --eval's is eval_data), and options
+    given on the command line override it.
 
     \b
     Examples:
@@ -133,22 +129,22 @@ def distill(teacher, data, eval_data, out, layers, layer_selection, ffn_ratio, h
           --prune-vocab --vocab-data unlabeled-reviews.txt
       torchrun --nproc_per_node 4 -m shrink distill --teacher ./teacher \\
           --data train.jsonl --out student --layers 4 --batch-size 32
+      shrink distill --config distill.toml --steps 20 --out quick-student
     """
-    from shrink.distill.train import DistillConfig, distill as run_distill
+    from shrink.distill.config import FIELDS, DistillConfig, merge, read_file
+    from shrink.distill.train import distill as run_distill
 
-    if steps is not None and epochs is not None:
+    ctx = click.get_current_context()
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    if "steps" in given and "epochs" in given:
         raise click.UsageError("--steps and --epochs cannot be used together")
-    cfg = DistillConfig(
-        teacher=teacher, data=data, out=out, layers=layers, eval_data=eval_data, steps=steps,
-        epochs=2.0 if epochs is None else epochs, batch_size=batch_size, lr=lr,
-        temperature=temperature, alpha=alpha, max_length=max_length, save_every=save_every,
-        device=device, seed=seed, teacher_prefix=teacher_prefix, prune_vocab=prune_vocab, vocab_data=vocab_data,
-        resume=resume, force=force,
-        loss=loss, beta=beta, hidden_weight=hidden_weight, layer_selection=layer_selection, ffn_ratio=ffn_ratio,
-        heads_ratio=heads_ratio, student=student_dir, teacher_cache=teacher_cache, fsdp=fsdp,
-    )
+    values = merge(read_file(config_file) if config_file else {}, given)
+    for param in ctx.command.params:
+        if param.name in FIELDS and FIELDS[param.name].default is dataclasses.MISSING and param.name not in values:
+            raise click.MissingParameter(ctx=ctx, param=param)
+    cfg = DistillConfig(**values)
     manifest = run_distill(cfg)
-    _report_artifact(out, manifest, as_json)
+    _report_artifact(cfg.out, manifest, as_json)
 
 
 @cli.command("teacher-cache")

@@ -10,12 +10,12 @@ Every schema error in a file is reported at once, each with the file and the key
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.toml_files import read_toml
 
 DEFAULT_FILE = Path(__file__).with_name("targets.toml")
 
@@ -82,12 +82,7 @@ def quant_fits_format(fmt: str, quant: str) -> bool:
 def load_targets(path: Path | None = None) -> dict[str, Target]:
     """All targets of `path` (default: the shipped file), checked against the schema."""
     path = Path(path) if path is not None else DEFAULT_FILE
-    if not path.is_file():
-        raise TargetsError(f"--targets: no such file {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise TargetsError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(path, "--targets", TargetsError)
     problems: list[str] = []
     extra = sorted(set(data) - {"targets"})
     if extra:

@@ -44,7 +44,8 @@ def demo_teacher() -> Path:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from shrink.demo.report import write_plot
     from shrink.demo.task import write_task_files
-    from shrink.distill.train import DistillConfig, distill
+    from shrink.distill.config import DistillConfig
+    from shrink.distill.train import distill
     from shrink.export.flow import ExportOptions, export
 
     out = Path(cfg.out)

@@ -25,7 +25,6 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import shutil
@@ -40,6 +39,7 @@ from shrink.console import console, progress, spinner
 from shrink.distill.batches import batch_order, collate, encode_examples
 from shrink.distill import distributed, input_hashes, teacher_cache
 from shrink.distill.checkpoint import read_state
+from shrink.distill.config import DistillConfig
 from shrink.distill.logits import selected_logits
 from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.loss import distill_loss
@@ -55,54 +55,6 @@ from shrink.tasks import load_task, with_prefix
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
 MIN_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak learning rate
 GRAD_CLIP = 1.0  # max global gradient norm
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    teacher: Path  # Hugging Face model folder or GGUF file
-    data: Path  # task JSONL used for training
-    out: Path  # student folder to write
-    layers: int | None = None  # decoder layers the student keeps (None with `student`)
-    eval_data: Path | None = None  # held-out task JSONL for accuracy after training
-    steps: int | None = None  # optimizer steps; None = derived from epochs
-    epochs: float = 2.0  # passes over the data when steps is None
-    batch_size: int = 8  # sequences per step
-    lr: float = 2e-4  # peak AdamW learning rate
-    temperature: float = 2.0  # softens both distributions in the KL term
-    alpha: float = 0.9  # weight of the KL term; 1 - alpha goes to cross-entropy
-    loss: str = "fkl"  # divergence to the teacher: fkl | rkl | jsd | skl (shrink.distill.loss)
-    beta: float = 0.5  # jsd's mixture weight and skl's skew, in (0, 1)
-    hidden_weight: float = 0.0  # weight of hidden-state alignment to the teacher's layers; 0 = off
-    layer_selection: str = "even"  # which teacher layers to keep: even | importance
-    ffn_ratio: float = 1.0  # fraction of MLP intermediate channels kept (Minitron); 1 = all
-    heads_ratio: float = 1.0  # fraction of attention heads kept, in whole KV groups; 1 = all
-    student: Path | None = None  # start from this model folder (teacher's tokenizer) instead of a cut
-    max_length: int = 512  # tokens per sequence; longer prompts are trimmed on the left
-    save_every: int = 200  # steps between checkpoints
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    prune_vocab: bool = False  # keep only the tokens the training data (and vocab_data) needs
-    vocab_data: tuple[Path, ...] = ()  # more text the pruned vocabulary covers: .jsonl rows or text lines
-    teacher_prefix: Path | None = None  # text file put before every prompt for the teacher only
-    teacher_memory_mb: int = 2048  # teacher outputs up to this size are computed once and kept
-    teacher_cache: Path | None = None  # a `shrink teacher-cache` folder read instead of running the teacher
-    fsdp: bool = False  # under torchrun: shard the student (FSDP2) instead of replicating it (DDP)
-    resume: bool = False
-    force: bool = False
-
-    def settings(self) -> dict[str, Any]:
-        """What decides the result (paths as given, not the run-control flags)."""
-        d = dataclasses.asdict(self)
-        for k in ("resume", "force", "out", "device", "teacher_memory_mb", "fsdp"):
-            d.pop(k)
-        return {k: _plain(v) for k, v in d.items()}
-
-
-def _plain(value):
-    """Paths as strings and tuples as lists, as they read back from JSON."""
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
 
 
 def checkpoint_dir(out: Path) -> Path:
