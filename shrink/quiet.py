@@ -34,7 +34,16 @@ from collections.abc import Callable, Iterator
 
 from shrink.errors import ShrinkError
 
-# enum ggml_log_level in ggml.h (this llama.cpp): NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5.
+DEBUG_ENV = "SHRINK_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """SHRINK_DEBUG set to anything but empty or 0: every library's own output is shown,
+    and the CLI lets errors out with their traceback."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+# llama.cpp's log: enum ggml_log_level in ggml.h (this llama.cpp): NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5.
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
 
 Listener = Callable[[int, str], None]
@@ -43,15 +52,6 @@ _lock = threading.Lock()
 _listeners: list[Listener] = []
 _callback = None  # the ctypes callback object; must stay referenced while installed
 _last_level = INFO  # CONT messages continue the previous message's level
-
-
-DEBUG_ENV = "SHRINK_DEBUG"
-
-
-def debug_enabled() -> bool:
-    """SHRINK_DEBUG set to anything but empty or 0: every library's own output is shown,
-    and the CLI lets errors out with their traceback."""
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def install_llama_log() -> None:
