@@ -4,7 +4,7 @@ demo's student, measured in one run on one machine.
     python bench/export_bench.py [--student bench/demo-run/student] [--threads N]
 
 Every artifact is exported with shrink's own flow (parity included) and then measured in
-a process of its own (shrink.runtime.measure): accuracy on the demo's 300 evaluation
+a process of its own (shrink.measure): accuracy on the demo's 300 evaluation
 reviews, examples/s with the same thread count for every runtime, and peak RAM. Ratios
 are taken within this run. Goals:
 - ONNX int8 >= 1.3x the examples/s of ONNX fp32, losing at most 1 point of accuracy;
@@ -38,7 +38,7 @@ def main() -> int:
     import os
 
     from shrink.export.flow import ExportOptions, export
-    from shrink.runtime.measure import measure_artifact
+    from shrink.measure import measure_artifact
 
     threads = args.threads or os.cpu_count()
     shutil.rmtree(args.out, ignore_errors=True)

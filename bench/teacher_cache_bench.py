@@ -39,7 +39,7 @@ def child(kind: str, options: dict, result: Path) -> None:
     """Run one measured job in this process and write what it measured to `result`."""
     import torch
 
-    from shrink.runtime.measure import peak_rss_bytes
+    from shrink.measure import peak_rss_bytes
 
     started = time.perf_counter()
     if kind == "cache":

@@ -343,3 +343,34 @@ def file_names(folder: Path) -> list[str]:
     """Relative paths of the files under `folder`, the manifest excepted."""
     return [p.relative_to(folder).as_posix() for p in sorted(Path(folder).rglob("*"))
             if p.is_file() and p.name != MANIFEST]
+
+
+def collect_artifacts(build_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Every shrink artifact under `build_dir` (recursively), its manifest keyed by its
+    folder's path relative to `build_dir`. Hidden folders (staging and `.old` folders
+    left by an interrupted write) are skipped, and so are `manifest.json` files of other
+    tools; a shrink manifest that is corrupt or of another version is an error."""
+    build_dir = Path(build_dir)
+    if not build_dir.is_dir():
+        raise ShrinkError(f"build folder {build_dir} does not exist")
+    found = {}
+    for path in sorted(build_dir.rglob(MANIFEST)):
+        rel = path.parent.relative_to(build_dir)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if not is_shrink_manifest(path):
+            continue  # another tool's manifest.json
+        found[rel.as_posix()] = read_manifest(path.parent)
+    if not found:
+        raise ShrinkError(f"build folder {build_dir} holds no shrink artifacts (no {MANIFEST} found)")
+    return found
+
+
+def quant_label(manifest: dict[str, Any]) -> str | None:
+    """The quantization in a few characters: Q4_K_M, int8, 4-bit; None for a student."""
+    settings = manifest.get("settings") or {}
+    if settings.get("quant"):
+        return str(settings["quant"])
+    if settings.get("bits"):
+        return f"{settings['bits']}-bit"
+    return None

@@ -4,9 +4,10 @@
 its files against the manifest, and compares accuracy, retention, size, examples/s,
 validity and device-target constraints with a baseline file the user commits. A
 changed file, figures measured on another evaluation file than the baseline's, or a
-regression beyond the tolerances fails the check (exit code 1). Only
-collect_artifacts, read_baseline, check_build, update_baseline and print_rows read,
-write or print; the rest are pure (manifests and dicts in, rows and text out).
+regression beyond the tolerances fails the check (exit code 1). Only read_baseline,
+check_build, update_baseline and print_rows read, write or print (the build's manifests
+come from shrink.artifact.collect_artifacts); the rest are pure (manifests and dicts in,
+rows and text out).
 
 The baseline file:
 
@@ -124,44 +125,13 @@ class CheckResult:
 # Reading the build and the baseline
 
 
-def collect_artifacts(build_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every shrink artifact under `build_dir` (recursively), its manifest keyed by its
-    folder's path relative to `build_dir`. Hidden folders (staging and `.old` folders
-    left by an interrupted write) are skipped, and so are `manifest.json` files of other
-    tools; a shrink manifest that is corrupt or of another version is an error."""
-    build_dir = Path(build_dir)
-    if not build_dir.is_dir():
-        raise ShrinkError(f"build folder {build_dir} does not exist")
-    found = {}
-    for path in sorted(build_dir.rglob(artifact.MANIFEST)):
-        rel = path.parent.relative_to(build_dir)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if not artifact.is_shrink_manifest(path):
-            continue  # another tool's manifest.json
-        found[rel.as_posix()] = artifact.read_manifest(path.parent)
-    if not found:
-        raise ShrinkError(f"build folder {build_dir} holds no shrink artifacts (no {artifact.MANIFEST} found)")
-    return found
-
-
-def quant_label(manifest: dict[str, Any]) -> str | None:
-    """The quantization in a few characters: Q4_K_M, int8, 4-bit; None for a student."""
-    settings = manifest.get("settings") or {}
-    if settings.get("quant"):
-        return str(settings["quant"])
-    if settings.get("bits"):
-        return f"{settings['bits']}-bit"
-    return None
-
-
 def baseline_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the baseline keeps of one artifact's manifest."""
     m = manifest.get("metrics") or {}
     return {
         "kind": manifest.get("kind"),
         "format": manifest.get("format"),
-        "quant": quant_label(manifest),
+        "quant": artifact.quant_label(manifest),
         "accuracy": m.get("accuracy"),
         "retention": m.get("retention"),
         "size_bytes": m.get("size_bytes"),
@@ -592,7 +562,7 @@ def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Pa
     if junit is not None:
         _check_writable(Path(junit), "--junit")
     baseline = read_baseline(baseline_path)
-    manifests = collect_artifacts(build_dir)
+    manifests = artifact.collect_artifacts(build_dir)
     problems = None if skip_verify else {key: artifact.verify(Path(build_dir) / key) for key in manifests}
     result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol, problems))
     if junit is not None:
@@ -614,7 +584,7 @@ def update_baseline(build_dir: Path, baseline_path: Path,
     against nothing)."""
     baseline_path = Path(baseline_path)
     _check_writable(baseline_path, "--baseline")
-    manifests = collect_artifacts(build_dir)
+    manifests = artifact.collect_artifacts(build_dir)
     for key in manifests:
         artifact.verify_before_use(Path(build_dir) / key, skip=skip_verify)
     new = build_baseline(manifests)

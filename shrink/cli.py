@@ -2,7 +2,7 @@
 
 Every command parses its options, calls one library function and prints the result.
 Library errors (ShrinkError) become one line `Error: ...` on stderr with exit code 2;
-set SHRINK_DEBUG=1 to see the traceback instead.
+set SHRINK_DEBUG=1 (any value but empty or 0) to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import click
 
 from shrink import __version__
 from shrink.errors import ShrinkError
-
-DEBUG_ENV = "SHRINK_DEBUG"
+from shrink.quiet import debug_enabled
 
 
 class ShrinkGroup(click.Group):
@@ -33,7 +32,7 @@ class ShrinkGroup(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except ShrinkError as e:
-            if os.environ.get(DEBUG_ENV) == "1":
+            if debug_enabled():
                 raise
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
@@ -41,7 +40,7 @@ class ShrinkGroup(click.Group):
             click.echo(e.ctx.get_help())
             sys.exit(0)
         except click.ClickException as e:
-            if os.environ.get(DEBUG_ENV) == "1":
+            if debug_enabled():
                 raise
             click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
@@ -54,7 +53,7 @@ class ShrinkGroup(click.Group):
         except Exception as e:
             from shrink.artifact import is_disk_full
 
-            if os.environ.get(DEBUG_ENV) == "1" or not is_disk_full(e):
+            if debug_enabled() or not is_disk_full(e):
                 raise
             where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"Error: no space left on device{where} ({type(e).__name__}: {e})", err=True)

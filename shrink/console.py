@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -51,3 +54,14 @@ def progress(unit: str, *fields: str) -> Progress:
 def spinner() -> Progress:
     """For steps with no count (a single C call): a spinner and the elapsed time."""
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
+
+
+@contextlib.contextmanager
+def progress_step(console: Console | None, text: str) -> Iterator[None]:
+    """A spinner for one long call that reports no progress of its own, on `console`
+    (default: shrink's stderr console)."""
+    bar = spinner() if console is None else Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
+    with bar:
+        bar.add_task(text, total=None)
+        yield

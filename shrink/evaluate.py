@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from shrink.console import progress
-from shrink.distill.prefix import common_prefix
+from shrink.prefix import common_prefix
 from shrink.runtime.base import Runtime
 from shrink.tasks import Example
 

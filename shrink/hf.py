@@ -1,4 +1,4 @@
-"""Loading Hugging Face model folders: checked up front, safetensors only, quiet."""
+"""Loading Hugging Face model folders (GPTQ checkpoints too): checked up front, safetensors only, quiet."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from shrink.errors import ModelError
+from shrink.errors import ModelError, requires
+from shrink.quiet import gptqmodel_output, quiet_transformers
 
 
 def check_model_dir(path: str | Path, what: str = "model") -> Path:
@@ -83,26 +84,6 @@ def check_safetensors(file: Path) -> None:
         raise bad(f"{state}{size:,} bytes, where its header describes {expected:,}")
 
 
-# Loggers of libraries imported along the way whose warnings are about their own
-# internals (torchao registering enums with torch, tokenicer fixing a pad token).
-NOISY_LOGGERS = ("torch.utils._pytree", "torch.utils.cpp_extension", "tokenicer", "tokenicer.tokenicer")
-
-
-def quiet_transformers() -> None:
-    """Keep transformers' (and its plug-ins') progress bars and warnings off the terminal
-    (shrink shows its own)."""
-    if os.environ.get("SHRINK_DEBUG") == "1":
-        return
-    import logging
-
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -132,8 +113,6 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype=None):
     quiet_transformers()
     check_model_dir(path)
     if quantization_method(path) == "gptq":
-        from shrink.quantize.gptq import load_gptq
-
         return load_gptq(path, device)
     from safetensors import SafetensorError
 
@@ -145,6 +124,57 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype=None):
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load {path} as a causal language model: {detail}") from None
     return model.to(device).eval()
+
+
+# GPTQModel's CPU pool needs at least 2 workers ("Virtual pool 'model_loader:cpu'
+# requests 2 workers but parent 'cpu' only has 1" on a 2-core machine otherwise).
+MIN_CPU_WORKERS = 2
+
+
+def prepare_environment() -> None:
+    """Settings GPTQModel reads at import: enough CPU workers for its pools."""
+    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(MIN_CPU_WORKERS, (os.cpu_count() or 1) // 2))
+
+
+def import_gptqmodel():
+    """GPTQModel, imported quietly; MissingDependency when it is not installed."""
+    prepare_environment()
+    quiet_transformers()
+    with gptqmodel_output():
+        return requires("gptqmodel", "gptq")
+
+
+# On the CPU, GPTQModel's plain-torch kernel: its AVX-512 kernel is faster but compiles a
+# C++ extension on first use (about 90 s on 2 cores), which a one-off eval never recovers.
+CPU_BACKEND = "gptq_torch"
+
+
+def load_gptq(path: Path, device: str):
+    """A GPTQ checkpoint through transformers (which hands the layers to GPTQModel)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    import_gptqmodel()
+    requires("optimum", "gptq")
+    qc = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    backend = CPU_BACKEND if device == "cpu" else "auto"
+    with gptqmodel_output(), warnings.catch_warnings():
+        # transformers warns that the folder's own quantization_config wins over the one
+        # passed, which only carries the backend (the point of passing it).
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, device_map=device, use_safetensors=True, local_files_only=True,
+                dtype=torch.float32 if device == "cpu" else torch.float16,
+                quantization_config=GPTQConfig(bits=qc["bits"], backend=backend),
+            )
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ModelError(f"cannot load the GPTQ checkpoint {path}: {e}") from None
+    return model.eval()
 
 
 def resolve_device(device: str) -> str:

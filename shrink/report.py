@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from shrink import artifact
-from shrink.check import collect_artifacts, quant_label
 from shrink.tables import human_bytes, pct
 
 REPORT = "report.md"
@@ -80,7 +79,7 @@ def teacher_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def artifact_row(key: str, m: dict[str, Any]) -> dict[str, Any]:
     metrics = m.get("metrics") or {}
     return {
-        "artifact": key, "kind": m.get("kind"), "format": m.get("format"), "quant": quant_label(m),
+        "artifact": key, "kind": m.get("kind"), "format": m.get("format"), "quant": artifact.quant_label(m),
         "size_bytes": metrics.get("size_bytes"), "accuracy": metrics.get("accuracy"),
         "retention": metrics.get("retention"), "examples_per_s": metrics.get("examples_per_s"),
         "runtime": metrics.get("eval_runtime"), "valid": m.get("valid", True) is not False,
@@ -112,7 +111,7 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict[s
     """Write OUT/report.md and OUT/pareto.png (atomically) for the artifacts under
     `build_dir`; returns the paths and the Pareto front's labels."""
     build_dir = Path(build_dir)
-    manifests = collect_artifacts(build_dir)
+    manifests = artifact.collect_artifacts(build_dir)
     out = build_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = teacher_rows(manifests) + [artifact_row(k, manifests[k]) for k in sorted(manifests)]

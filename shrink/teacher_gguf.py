@@ -235,7 +235,7 @@ def _convert(path: Path, out: Path, loader: str, metadata: dict) -> dict:
     import torch
 
     from shrink.console import progress, spinner
-    from shrink.hf import quiet_transformers
+    from shrink.quiet import quiet_transformers
 
     quiet_transformers()
     folder, name = str(path.parent), path.name

@@ -146,7 +146,7 @@ def test_serving_measurement_runs_the_script_as_python_would(tmp_path):
     shrink on its path, and reports its own peak resident memory."""
     import shrink
     from shrink.errors import ShrinkError
-    from shrink.runtime.measure import serving_peak_ram_mb
+    from shrink.measure import serving_peak_ram_mb
 
     seen = tmp_path / "seen.json"
     script = tmp_path / "run.py"

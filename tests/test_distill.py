@@ -176,7 +176,7 @@ def test_resume_names_a_teacher_weight_file_that_came_or_went():
 
 
 def test_selected_logits_match_the_full_forward(teacher, task_files):
-    from shrink.distill.logits import selected_logits
+    from shrink.logits import selected_logits
 
     model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
     ids, attn, mask = collate(encode_examples(tok, load_task(task_files["eval"])[:6], 512), tok.pad_token_id, "cpu")
@@ -208,8 +208,8 @@ def test_shared_prefix_cache_gives_the_full_forward(teacher):
     """The teacher's prefix run once (training) and in the torch runtime (evaluation)
     give the same numbers as running every token."""
     from shrink.distill.batches import Sequence
-    from shrink.distill.logits import selected_logits
-    from shrink.distill.prefix import PrefixCache, common_prefix, usable_prefix
+    from shrink.logits import selected_logits
+    from shrink.prefix import PrefixCache, common_prefix, usable_prefix
     from shrink.runtime.torch_runtime import TorchRuntime
 
     model, tok = load_causal_lm(teacher), load_tokenizer(teacher)

@@ -15,13 +15,13 @@ from shrink.cli import cli
 from shrink.distill.batches import collate, encode_examples
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.importance import important_layers, layer_distances, task_batches
-from shrink.distill.logits import selected_logits
-from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.student import cut_student, even_layers
 from shrink.distill.train import DistillConfig, distill, with_prefix
 from shrink.distill.width import Widths, activation_scores, ffn_width, prune_width, target_widths, widths_of
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer
+from shrink.logits import selected_logits
+from shrink.prefix import PrefixCache, usable_prefix
 from shrink.tasks import load_task
 from test_distill import mean_kl
 

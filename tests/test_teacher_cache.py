@@ -89,9 +89,9 @@ def test_dense_logprobs_equal_the_teacher_with_every_token(teacher, task_files):
     """The dense form of a full cache is the teacher's log-softmax, and with a vocabulary
     plan it is the teacher read on the kept rows, renormalised by the loss's softmax."""
     from shrink.distill.batches import collate, encode_examples
-    from shrink.distill.logits import selected_logits
     from shrink.distill.prune_vocab import VocabPruning
     from shrink.hf import load_causal_lm, load_tokenizer
+    from shrink.logits import selected_logits
     from shrink.tasks import load_task
 
     model, tok = load_causal_lm(teacher), load_tokenizer(teacher)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
-from shrink.distill.prefix import common_prefix
+from shrink.errors import ShrinkError
+from shrink.prefix import common_prefix
 from shrink.tasks import Example
 
 
@@ -58,3 +60,11 @@ def collate(seqs: list[Sequence], pad_id: int, device: str):
         attn[row, : len(s.ids)] = 1
         loss_mask[row, s.start - 1 : len(s.ids) - 1] = True  # logits here predict completion tokens
     return ids.to(device), attn.to(device), loss_mask.to(device)
+
+
+def check_aligned(student_seqs, teacher_seqs, data: Path) -> None:
+    """The completion must be the same tokens whether or not the teacher prefix is there,
+    so that teacher and student distributions are compared position by position."""
+    for line, (s, t) in enumerate(zip(student_seqs, teacher_seqs), start=1):
+        if s.ids[s.start :] != t.ids[t.start :]:
+            raise ShrinkError(f"{data}:{line}: the completion tokenizes differently after --teacher-prefix")

@@ -31,7 +31,7 @@ class HiddenAlignment:
     forward pass of each."""
 
     def __init__(self, student, teacher, pairs: list[int]):
-        from shrink.distill.importance import decoder_layers
+        from shrink.distill.layers import decoder_layers
 
         self.pairs = list(pairs)
         self.student_out: dict[int, object] = {}

@@ -38,20 +38,12 @@ def task_batches(tokenizer, examples: list, device: str, max_length: int = 512, 
         yield ids, attn
 
 
-def decoder_layers(model):
-    """The decoder layers, model.layers.N as shrink.distill.student cuts them."""
-    from shrink.errors import ModelError
-
-    try:
-        return model.get_submodule("model.layers")
-    except AttributeError:
-        raise ModelError(f"{type(model).__name__}: no decoder layers at model.layers") from None
-
-
 def layer_distances(model, batches) -> list[float]:
     """Mean angular distance between each decoder layer's input and output hidden state,
     over the non-pad tokens of `batches` ((ids, attention mask) pairs)."""
     import torch
+
+    from shrink.distill.layers import decoder_layers
 
     layers = decoder_layers(model)
     sums = [0.0] * len(layers)

@@ -4,11 +4,8 @@ an existing smaller model that reads the teacher's token ids (--student)."""
 
 from __future__ import annotations
 
-import re
-
+from shrink.distill.layers import LAYER_KEY, model_from_state
 from shrink.errors import ModelError
-
-LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")  # llama, qwen2, gemma*, mistral, phi3
 
 
 def even_layers(total: int, keep: int) -> list[int]:
@@ -43,25 +40,6 @@ def cut_student(teacher, keep: list[int]):
         )
 
     return model_from_state(config, state, "cut")
-
-
-def model_from_state(config, state: dict, what: str):
-    """A new float32 model of `config` on the CPU holding the weights in `state`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("cpu"):
-        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    try:
-        missing, unexpected = student.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a shape mismatch
-        raise ModelError(f"{what} student: weights do not fit its config: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if "rotary_emb" not in k]
-    if missing or unexpected:
-        raise ModelError(f"student weights do not match the {what} config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if getattr(config, "tie_word_embeddings", False):
-        student.tie_weights()
-    return student
 
 
 def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device: str):

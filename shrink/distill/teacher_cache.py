@@ -126,10 +126,10 @@ def _build(cfg: CacheConfig, ranks) -> dict[str, Any] | None:
     import torch
 
     from shrink.console import console, spinner
-    from shrink.distill.batches import encode_examples
-    from shrink.distill.prefix import PrefixCache, usable_prefix
-    from shrink.distill.train import check_aligned, with_prefix
+    from shrink.distill.batches import check_aligned, encode_examples
     from shrink.hf import load_causal_lm, load_tokenizer, resolve_device
+    from shrink.prefix import PrefixCache, usable_prefix
+    from shrink.tasks import with_prefix
 
     examples, folder = distributed.main_first(ranks, _validate, cfg)
     device = resolve_device(cfg.device)
@@ -217,7 +217,7 @@ def _run_teacher(teacher, seqs, indices, top_k: int, batch_size: int, pad: int, 
 
     from shrink.console import progress
     from shrink.distill.batches import collate
-    from shrink.distill.logits import selected_logits
+    from shrink.logits import selected_logits
 
     indices = list(indices)
     ids_out, logp_out, rest_out, counts = [], [], [], []

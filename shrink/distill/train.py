@@ -36,12 +36,10 @@ from typing import Any
 
 from shrink import artifact
 from shrink.console import console, progress, spinner
-from shrink.distill.batches import batch_order, collate, encode_examples
+from shrink.distill.batches import batch_order, check_aligned, collate, encode_examples
 from shrink.distill import distributed, input_hashes, teacher_cache
 from shrink.distill.checkpoint import read_state
 from shrink.distill.config import DistillConfig
-from shrink.distill.logits import selected_logits
-from shrink.distill.prefix import PrefixCache, usable_prefix
 from shrink.distill.loss import distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
@@ -50,6 +48,8 @@ from shrink.distill.student import build_student, even_layers
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
+from shrink.logits import selected_logits
+from shrink.prefix import PrefixCache, usable_prefix
 from shrink.tasks import load_task, with_prefix
 
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
@@ -350,14 +350,6 @@ def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, ro
     return outputs
 
 
-def check_aligned(student_seqs, teacher_seqs, data: Path) -> None:
-    """The completion must be the same tokens whether or not the teacher prefix is there,
-    so that teacher and student distributions are compared position by position."""
-    for line, (s, t) in enumerate(zip(student_seqs, teacher_seqs), start=1):
-        if s.ids[s.start :] != t.ids[t.start :]:
-            raise ShrinkError(f"{data}:{line}: the completion tokenizes differently after --teacher-prefix")
-
-
 def teacher_pre_tokenizer(tokenizer) -> str | None:
     """The name llama.cpp's converter gives the teacher's BPE pre-tokenizer (it recognises
     tokenizers by hashing their output, which a pruned vocabulary changes), so that the
@@ -365,7 +357,7 @@ def teacher_pre_tokenizer(tokenizer) -> str | None:
     or not needed (SentencePiece-style tokenizers take another path)."""
     from conversion.base import TextModel
 
-    from shrink.export.gguf_convert import quiet_converter
+    from shrink.quiet import quiet_converter
 
     with quiet_converter():  # the converter logs a banner for unknown hashes
         try:

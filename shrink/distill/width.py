@@ -89,7 +89,7 @@ def activation_scores(model, batches) -> list[dict]:
     non-pad tokens of `batches` ((ids, attention mask) pairs)."""
     import torch
 
-    from shrink.distill.importance import decoder_layers
+    from shrink.distill.layers import decoder_layers
 
     w = widths_of(model)
     layers = decoder_layers(model)
@@ -129,7 +129,7 @@ def activation_scores(model, batches) -> list[dict]:
 
 
 def check_layout(model) -> None:
-    from shrink.distill.importance import decoder_layers
+    from shrink.distill.layers import decoder_layers
 
     layer = decoder_layers(model)[0]
     names = {n for n, _ in layer.named_modules()}
@@ -144,7 +144,7 @@ def prune_width(model, target: Widths, scores: list[dict]):
     with the highest scores (in their original order), weights copied."""
     import torch
 
-    from shrink.distill.student import LAYER_KEY, model_from_state
+    from shrink.distill.layers import LAYER_KEY, model_from_state
 
     now = widths_of(model)
     per_group = now.heads // now.kv_heads

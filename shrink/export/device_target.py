@@ -1,7 +1,7 @@
 """`shrink export STUDENT --target NAME`: the smallest artifact that meets a device target.
 
 Every rung of the target's ladder (format x quantization) is built with the format's own
-module, then measured (shrink.runtime.measure): accuracy and examples/s through the
+module, then measured (shrink.measure): accuracy and examples/s through the
 runtime that will serve it, in a process of its own with the target's thread count and
 context length; peak resident memory of a process running the candidate's run.py, as
 the bundle will ship it; and parity against the student. Each constraint is checked
@@ -186,7 +186,7 @@ def _measure(cand: Candidate, opts: ExportOptions, target: Target, threads, serv
     keeps every position's logits, which scoring continuations needs and serving does not."""
     from shrink.evaluate import artifact_size, retention
     from shrink.runtime import open_runtime
-    from shrink.runtime.measure import measure_artifact, serving_peak_ram_mb
+    from shrink.measure import measure_artifact, serving_peak_ram_mb
 
     cand.size_bytes = artifact_size(cand.folder)
     script = write_run_script(cand.folder, cand.format, examples[0].prompt, serve)

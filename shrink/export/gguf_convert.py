@@ -14,7 +14,7 @@ them. Its `ModelBase.write()` is run step by step instead of whole, for three re
 folder's architecture and vocabulary can be converted at all.
 
 The converter logs at INFO through `logging`; its loggers are raised to WARNING (and
-their warnings are shown after the bar) unless SHRINK_DEBUG=1.
+their warnings are shown after the bar) unless SHRINK_DEBUG (shrink.quiet.quiet_converter).
 """
 
 from __future__ import annotations
@@ -22,24 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shrink.errors import ModelError, ShrinkError
+from shrink.quiet import CONVERTER_LOGGERS, quiet_converter
 
 # outtype -> name of the gguf.LlamaFileType member
 OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16"}
-
-# Loggers of conversion/* ("hf-to-gguf"), gguf/* ("gguf.*") and gguf/metadata.py ("metadata").
-_LOGGERS = ("hf-to-gguf", "gguf", "metadata")
-# Warnings the converter prints for every Llama-style model; they do not affect the file.
-_BENIGN = (
-    re.compile(r"^Unknown RoPE type: default$"),
-    re.compile(r"^Unknown separator token .* TemplateProcessing<pair>$"),
-    # Gemma 3: the converter writes some hyperparameters twice, with the same values.
-    re.compile(r"^Duplicated key name '[\w.]+', overwriting it with new value"),
-)
 
 # llama.cpp's BPE pre-tokenizers, recognised by the definition in tokenizer.json when the
 # converter's hash of a fixed text's token ids cannot recognise them (the hash depends on
@@ -195,7 +185,7 @@ def _find_pre_tokenizer(model, given: str | None = None) -> None:
     by_hash = model.get_vocab_base_pre
 
     def find(tokenizer) -> str:
-        log = logging.getLogger(_LOGGERS[0])
+        log = logging.getLogger(CONVERTER_LOGGERS[0])
         try:
             log.disabled = True  # its banner for an unknown hash: the definition may still be known
             return by_hash(tokenizer)
@@ -369,45 +359,6 @@ class _Counted:
         result = self._tensor.tofile(*args, **kwargs)
         self._advance(self.nbytes)
         return result
-
-
-@contextlib.contextmanager
-def quiet_converter() -> Iterator[list[str]]:
-    """Raise the converter's loggers to WARNING and collect their warnings (not with SHRINK_DEBUG)."""
-    from shrink.runtime.llama_log import debug_enabled
-
-    warnings: list[str] = []
-    if debug_enabled():
-        handler: logging.Handler = logging.StreamHandler()
-        level = logging.DEBUG
-    else:
-        handler = _ListHandler(warnings)
-        level = logging.WARNING
-    saved = []
-    for name in _LOGGERS:
-        log = logging.getLogger(name)
-        saved.append((log, log.level, log.propagate))
-        log.setLevel(level)
-        log.propagate = False
-        log.addHandler(handler)
-    try:
-        yield warnings
-    finally:
-        for log, old_level, old_propagate in saved:
-            log.removeHandler(handler)
-            log.setLevel(old_level)
-            log.propagate = old_propagate
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self, sink: list[str]):
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if not any(p.search(msg) for p in _BENIGN) and msg not in self.sink:
-            self.sink.append(msg)
 
 
 @contextlib.contextmanager

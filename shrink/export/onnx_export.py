@@ -37,20 +37,17 @@ Quantization (int8, int4) is `shrink.quantize.onnx_quant`, applied to that fp32 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import os
 import shutil
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shrink.console import progress_step
 from shrink.errors import ModelError, ShrinkError, requires
 from shrink.export.parity import ParityError
 from shrink.hf import check_model_dir
+from shrink.quiet import debug_enabled, quiet_exporters
+from shrink.runtime.onnx_runtime import MODEL_FILE, io_names
 
 # model_type in config.json -> class transformers builds; each is checked against torch in
 # tests/test_onnx.py. Others may well export, but nothing vouches for them.
@@ -61,16 +58,12 @@ ARCHITECTURES = {
 }
 OPSET = 18  # torch.onnx's default; onnxruntime >= 1.14, onnxruntime-genai and ORT mobile run it
 ATTENTION = "eager"
-MODEL_FILE = "model.onnx"
 # Copied next to model.onnx so the folder runs on its own. config.json matters for the
 # ids too: transformers 5 picks the tokenizer class from its model_type (Qwen2Tokenizer
 # for qwen2, which pre-tokenizes differently from the bare tokenizer.json).
 COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "config.json", "generation_config.json")
 SELF_CHECK_TOL = 1e-3  # max |onnx - torch| / max |torch| over the check logits, for fp32
-
-# Loggers that report every step of an export or a quantization at INFO/WARNING.
-_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir", "onnxruntime", "root")
 
 
 def export_onnx(student: Path, dst: Path, quant: str = "fp32", console=None) -> dict[str, Any]:
@@ -181,13 +174,6 @@ def _wrapper(model):
     return WithPast(model).eval()
 
 
-def io_names(layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names for a model with `layers` decoder layers."""
-    kv = [(i, k) for i in range(layers) for k in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv]
-    return inputs, ["logits"] + [f"present.{i}.{k}" for i, k in kv]
-
-
 def _example_inputs(model) -> dict[str, Any]:
     """Batch 2, a past of 5 real keys/values and 3 new tokens: sizes other than 0 and 1,
     which torch.export would specialize on. The past comes from running the model."""
@@ -230,7 +216,7 @@ def _export(model, example: dict[str, Any], path: Path) -> None:
         program.save(str(path))
     except Exception as e:  # noqa: BLE001 - torch.export and onnxscript raise many types
         path.unlink(missing_ok=True)
-        if os.environ.get("SHRINK_DEBUG") == "1":
+        if debug_enabled():
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ShrinkError(f"torch.onnx could not export {model.config.model_type}: {first}") from None
@@ -261,37 +247,3 @@ def _self_check(model, path: Path, example: dict[str, Any]) -> dict[str, Any]:
     worst = max(diffs, key=diffs.get)
     return {"max_abs_diff": diffs[worst], "worst_step": worst, "logit_scale": float(np.abs(expected).max()),
             "tolerance": SELF_CHECK_TOL}
-
-
-@contextlib.contextmanager
-def quiet_exporters() -> Iterator[None]:
-    """Keep torch.onnx's, onnxscript's and onnxruntime's progress prints, warnings and
-    INFO logs off the terminal (shrink shows its own progress), unless SHRINK_DEBUG=1."""
-    if os.environ.get("SHRINK_DEBUG") == "1":
-        yield
-        return
-    loggers = [logging.getLogger(name if name != "root" else None) for name in _NOISY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-@contextlib.contextmanager
-def progress_step(console, text: str) -> Iterator[None]:
-    """A spinner for one long call that reports no progress of its own."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from shrink.console import spinner
-
-    bar = spinner() if console is None else Progress(
-        SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console)
-    with bar:
-        bar.add_task(text, total=None)
-        yield

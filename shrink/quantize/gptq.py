@@ -10,25 +10,20 @@ GPTQModel writes a standard GPTQ checkpoint (config.json with `quantization_conf
 safetensors), which transformers loads when GPTQModel and optimum are installed.
 
 GPTQModel logs to stdout on import and while it works; that output goes to a log file
-(kept next to nothing: shown with SHRINK_DEBUG=1, and its tail on failure) so that
+(shrink.quiet.gptqmodel_output: shown with SHRINK_DEBUG, and its tail on failure) so that
 `--json` stays clean and shrink's own progress bar is the only thing on the terminal.
+Loading a GPTQ checkpoint is shrink.hf's (`load_gptq`), as for every model folder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shrink.errors import ModelError, ShrinkError, requires
+from shrink.errors import ModelError, ShrinkError
 
-# GPTQModel's CPU pool needs at least 2 workers ("Virtual pool 'model_loader:cpu'
-# requests 2 workers but parent 'cpu' only has 1" on a 2-core machine otherwise).
-MIN_CPU_WORKERS = 2
 MAX_CALIBRATION = 256  # sequences: GPTQ's Hessians settle well before this on one task
 
 
@@ -43,55 +38,6 @@ class GptqSettings:
             raise ShrinkError(f"--bits {self.bits}: GPTQ exports take 4 or 8")
         if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
             raise ShrinkError(f"--group-size {self.group_size}: use -1 or a power of two >= 16 (32, 64, 128)")
-
-
-def prepare_environment() -> None:
-    """Settings GPTQModel reads at import: enough CPU workers for its pools."""
-    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(MIN_CPU_WORKERS, (os.cpu_count() or 1) // 2))
-
-
-@contextlib.contextmanager
-def gptqmodel_output():
-    """Send everything GPTQModel prints to a log file, unless SHRINK_DEBUG=1: Python's
-    sys.stdout (which may be replaced, as by a test runner) and file descriptor 1 (native
-    code). On an exception, the log's tail joins the error."""
-    if os.environ.get("SHRINK_DEBUG") == "1":
-        yield
-        return
-    sys.stdout.flush()
-    log = tempfile.TemporaryFile(mode="w+b")
-    text = io.TextIOWrapper(log, encoding="utf-8", errors="replace", write_through=True)
-    saved = os.dup(1)
-    os.dup2(log.fileno(), 1)
-    try:
-        with contextlib.redirect_stdout(text):
-            yield
-    except Exception as e:
-        tail = _tail(log, saved)
-        if isinstance(e, ShrinkError) or not tail:
-            raise
-        raise ShrinkError(f"GPTQModel failed: {e} (last log lines: {' | '.join(tail)})") from e
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        text.close()
-
-
-def _tail(log, saved_fd: int, lines: int = 5) -> list[str]:
-    os.dup2(saved_fd, 1)
-    log.seek(0)
-    return log.read().decode("utf-8", "replace").strip().splitlines()[-lines:]
-
-
-def import_gptqmodel():
-    """GPTQModel, imported quietly; MissingDependency when it is not installed."""
-    from shrink.hf import quiet_transformers
-
-    prepare_environment()
-    quiet_transformers()
-    with gptqmodel_output():
-        return requires("gptqmodel", "gptq")
 
 
 def calibration_rows(tokenizer, texts: list[str], max_rows: int = MAX_CALIBRATION) -> list[dict]:
@@ -112,7 +58,8 @@ def quantize_gptq(student: Path, dst: Path, settings: GptqSettings, texts: list[
     """Write the GPTQ checkpoint of `student` into the existing folder `dst`, calibrated on
     `texts`; returns the settings to record. Progress: one step per decoder layer."""
     from shrink.console import progress
-    from shrink.hf import load_tokenizer, quiet_transformers
+    from shrink.hf import import_gptqmodel, load_tokenizer
+    from shrink.quiet import gptqmodel_output, quiet_transformers
 
     settings.check()
     gptqmodel = import_gptqmodel()
@@ -187,36 +134,3 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-# On the CPU, GPTQModel's plain-torch kernel: its AVX-512 kernel is faster but compiles a
-# C++ extension on first use (about 90 s on 2 cores), which a one-off eval never recovers.
-CPU_BACKEND = "gptq_torch"
-
-
-def load_gptq(path: Path, device: str):
-    """A GPTQ checkpoint through transformers (which hands the layers to GPTQModel)."""
-    import json
-    import warnings
-
-    import torch
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
-    import_gptqmodel()
-    requires("optimum", "gptq")
-    qc = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-    backend = CPU_BACKEND if device == "cpu" else "auto"
-    with gptqmodel_output(), warnings.catch_warnings():
-        # transformers warns that the folder's own quantization_config wins over the one
-        # passed, which only carries the backend (the point of passing it).
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, device_map=device, use_safetensors=True, local_files_only=True,
-                dtype=torch.float32 if device == "cpu" else torch.float16,
-                quantization_config=GPTQConfig(bits=qc["bits"], backend=backend),
-            )
-        except (ValueError, OSError, KeyError, RuntimeError) as e:
-            raise ModelError(f"cannot load the GPTQ checkpoint {path}: {e}") from None
-    return model.eval()

@@ -51,7 +51,7 @@ def quantize_gguf(
         BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
     )
 
-    from shrink.runtime import llama_log
+    from shrink import quiet
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype
@@ -86,7 +86,7 @@ def quantize_gguf(
         TimeElapsedColumn(), console=console, transient=True,
         disable=not console.is_interactive,  # logs and pipes get no bar (rich would print blank lines)
     )
-    with llama_log.capture_errors() as errors, llama_log.listen(on_log), progress:
+    with quiet.llama_errors() as errors, quiet.llama_listen(on_log), progress:
         task = progress.add_task(f"Quantizing to {qtype.name} (llama.cpp)", total=None)
         # daemon: on Ctrl-C the C call cannot be stopped, but it must not keep the process alive.
         worker = threading.Thread(target=work, name="llama-quantize", daemon=True)

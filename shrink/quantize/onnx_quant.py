@@ -41,7 +41,8 @@ def quantize_onnx(src_model: Path, dst_model: Path, quant: str, *, external_data
     """Write `dst_model`, the fp32 ONNX `src_model` with its MatMul weights quantized to
     `quant` (int8 or int4). `external_data`: store the weights in `<dst_model>.data`
     (models over the 2 GiB protobuf limit). Returns the settings to record."""
-    from shrink.export.onnx_export import progress_step, quiet_exporters
+    from shrink.console import progress_step
+    from shrink.quiet import quiet_exporters
 
     src_model, dst_model = Path(src_model), Path(dst_model)
     if quant not in QUANTS or quant == "fp32":

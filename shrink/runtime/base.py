@@ -1,4 +1,4 @@
-"""What every runtime offers, and how an artifact path is matched to its runtime.
+"""What every runtime offers, and how an artifact path is matched to its format.
 
 Token ids are the runtime's own: each runtime tokenizes with the tokenizer it will be
 served with (llama.cpp's for GGUF), which is what the accuracy figures must reflect.
@@ -171,22 +171,3 @@ def artifact_format(path: Path) -> str:
     if list(path.glob("*.gguf")):
         return "gguf"
     raise ModelError(f"{path}: no config.json, .gguf or model.onnx file in this folder")
-
-
-def open_runtime(path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 context_length: int | None = None) -> Runtime:
-    """Open an artifact in the runtime that serves its format. context_length: llama.cpp's
-    n_ctx (default DEFAULT_CONTEXT) and onnxruntime's longest sequence; torch has none."""
-    path = Path(path)
-    fmt = artifact_format(path)
-    if fmt in ("hf", "gptq"):
-        from shrink.runtime.torch_runtime import TorchRuntime
-
-        return TorchRuntime(path, device=device)
-    if fmt == "onnx":
-        from shrink.runtime.onnx_runtime import OnnxRuntime
-
-        return OnnxRuntime(path, threads=threads, context_length=context_length)
-    from shrink.runtime.llama_cpp import DEFAULT_CONTEXT, LlamaCppRuntime
-
-    return LlamaCppRuntime(path, threads=threads, n_ctx=context_length or DEFAULT_CONTEXT)

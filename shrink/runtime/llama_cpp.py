@@ -71,18 +71,18 @@ class LlamaCppRuntime:
         self.path = find_gguf(path)
         import llama_cpp
 
-        from shrink.runtime import llama_log
+        from shrink import quiet
 
         self._lib = llama_cpp
         self.logits_all = logits_all
         threads = threads or os.cpu_count() or 1
-        with llama_log.capture_errors() as errors:
+        with quiet.llama_errors() as errors:
             try:
                 # logits_all: Llama.eval copies every position's logits into llm.scores,
                 # an (n_ctx, vocab) float32 buffer; rows are touched (paid for) only when used.
                 self._llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                    logits_all=logits_all, verbose=llama_log.debug_enabled(),
+                    logits_all=logits_all, verbose=quiet.debug_enabled(),
                 )
             except Exception as e:  # noqa: BLE001 - llama_cpp raises ValueError/RuntimeError
                 detail = "; ".join(errors[-3:]) or str(e)

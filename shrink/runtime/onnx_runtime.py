@@ -10,7 +10,6 @@ token a step.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,18 @@ import numpy as np
 from shrink.errors import ModelError, ShrinkError, requires
 from shrink.runtime.base import (EMPTY_PROMPT, context_of, cut_at_stop, prompt_ids, read_config, stop_ids,
                                  sum_logprobs)
-from shrink.export.onnx_export import MODEL_FILE, io_names
+from shrink.quiet import debug_enabled
 
 KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
+MODEL_FILE = "model.onnx"
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names for a model with `layers` decoder layers: the
+    convention shrink.export.onnx_export writes (and optimum and onnxruntime-genai read)."""
+    kv = [(i, k) for i in range(layers) for k in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in kv]
+    return inputs, ["logits"] + [f"present.{i}.{k}" for i, k in kv]
 
 
 def find_onnx(path: str | Path) -> Path:
@@ -56,7 +64,7 @@ class OnnxRuntime:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 0 if os.environ.get("SHRINK_DEBUG") == "1" else 3
+        opts.log_severity_level = 0 if debug_enabled() else 3
         try:
             self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind exception types

@@ -57,7 +57,7 @@ class TorchRuntime:
     def share_prefix(self, ids: list[int]) -> None:
         """Run a prefix every following prompt starts with once (few-shot examples,
         instructions) and reuse its keys and values, as llama.cpp reuses its KV cache."""
-        from shrink.distill.prefix import PrefixCache
+        from shrink.prefix import PrefixCache
 
         self.prefix = PrefixCache(self.model, ids, self.device) if len(ids) >= PrefixCache.MIN_TOKENS else None
 
@@ -71,7 +71,7 @@ class TorchRuntime:
         return self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, 0
 
     def _head(self, h):
-        from shrink.distill.logits import head_logits
+        from shrink.logits import head_logits
 
         return head_logits(self.model, h)
 

@@ -3,14 +3,13 @@
 Peak resident memory is what a device target's `max_ram_mb` limits, and it must be what
 a user running the bundle's `run.py` sees. So it is read from a process that runs that
 very script and nothing else (`serve`): the parent starts `python -m
-shrink.runtime.measure serve run.py RESULT`, which runs the script as `python run.py`
+shrink.measure serve run.py RESULT`, which runs the script as `python run.py`
 would (as __main__, no arguments: its default prompt) and then reports its own
 high-water mark (VmHWM in /proc/self/status, which starts afresh at exec). Not the
 parent's view of the child's ru_maxrss: Linux carries the forked parent's peak across
 exec into it, so a parent holding a model in memory would inflate every figure. The
 figure includes the Python interpreter and the runtime's libraries, as serving has them;
-the only addition is this module's import (the standard library and numpy, which every
-run.py imports anyway through its runtime).
+the only addition is this module's import (the standard library and shrink.errors).
 
 Accuracy is measured in a second process (`score`), with the same context length and
 threads. It needs what serving does not: llama.cpp's logits at every continuation
@@ -75,7 +74,7 @@ def serving_peak_ram_mb(script: Path) -> float:
 def _child(args: list[str], what: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="shrink-measure-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "shrink.runtime.measure", *args, str(result)]
+        cmd = [sys.executable, "-m", "shrink.measure", *args, str(result)]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None, env=_same_shrink())
         if proc.returncode != 0 or not result.is_file():
             raise ShrinkError(f"{what} failed (exit code {proc.returncode}; see the error above)")
@@ -129,7 +128,7 @@ def _score(args) -> dict:
 def _main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m shrink.runtime.measure")
+    p = argparse.ArgumentParser(prog="python -m shrink.measure")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a script (a bundle's run.py); report the peak resident memory")
     serve.add_argument("script", type=Path)
