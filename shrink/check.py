@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from shrink import __version__, artifact
+from shrink.atomic import write_json_atomic, write_text_atomic
 from shrink.errors import ShrinkError
+from shrink.manifest import MANIFEST, Manifest, is_shrink_manifest
 from shrink.tables import human_bytes, pct
 
 BASELINE_KIND = "shrink-baseline"
@@ -124,7 +126,7 @@ class CheckResult:
 # Reading the build and the baseline
 
 
-def collect_artifacts(build_dir: str | Path) -> dict[str, dict[str, Any]]:
+def collect_artifacts(build_dir: str | Path) -> dict[str, Manifest]:
     """Every shrink artifact under `build_dir` (recursively), its manifest keyed by its
     folder's path relative to `build_dir`. Hidden folders (staging and `.old` folders
     left by an interrupted write) are skipped, and so are `manifest.json` files of other
@@ -133,21 +135,21 @@ def collect_artifacts(build_dir: str | Path) -> dict[str, dict[str, Any]]:
     if not build_dir.is_dir():
         raise ShrinkError(f"build folder {build_dir} does not exist")
     found = {}
-    for path in sorted(build_dir.rglob(artifact.MANIFEST)):
+    for path in sorted(build_dir.rglob(MANIFEST)):
         rel = path.parent.relative_to(build_dir)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if not artifact.is_shrink_manifest(path):
+        if not is_shrink_manifest(path):
             continue  # another tool's manifest.json
-        found[rel.as_posix()] = artifact.read_manifest(path.parent)
+        found[rel.as_posix()] = Manifest.read(path.parent)
     if not found:
-        raise ShrinkError(f"build folder {build_dir} holds no shrink artifacts (no {artifact.MANIFEST} found)")
+        raise ShrinkError(f"build folder {build_dir} holds no shrink artifacts (no {MANIFEST} found)")
     return found
 
 
-def quant_label(manifest: dict[str, Any]) -> str | None:
+def quant_label(manifest: Manifest) -> str | None:
     """The quantization in a few characters: Q4_K_M, int8, 4-bit; None for a student."""
-    settings = manifest.get("settings") or {}
+    settings = manifest.settings
     if settings.get("quant"):
         return str(settings["quant"])
     if settings.get("bits"):
@@ -155,20 +157,20 @@ def quant_label(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def baseline_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+def baseline_entry(manifest: Manifest) -> dict[str, Any]:
     """What the baseline keeps of one artifact's manifest."""
-    m = manifest.get("metrics") or {}
+    m = manifest.metrics
     return {
-        "kind": manifest.get("kind"),
-        "format": manifest.get("format"),
+        "kind": manifest.kind,
+        "format": manifest.format,
         "quant": quant_label(manifest),
         "accuracy": m.get("accuracy"),
         "retention": m.get("retention"),
         "size_bytes": m.get("size_bytes"),
         "examples_per_s": m.get("examples_per_s"),
         "eval_data_sha256": m.get("eval_data_sha256"),
-        "valid": manifest.get("valid", True) is not False,
-        "target": _target_summary(manifest.get("target")),
+        "valid": manifest.valid,
+        "target": _target_summary(manifest.target),
     }
 
 
@@ -180,7 +182,7 @@ def _target_summary(target: Any) -> dict[str, Any] | None:
     return {"name": target.get("name"), "constraints": target.get("constraints") or {}, "met": target.get("met")}
 
 
-def build_baseline(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_baseline(manifests: dict[str, Manifest]) -> dict[str, Any]:
     """The baseline file's contents for a build."""
     return {
         "kind": BASELINE_KIND,
@@ -260,7 +262,7 @@ def validate_baseline(data: Any, name: str) -> None:
 # Comparing
 
 
-def compare(baseline: dict[str, Any], manifests: dict[str, dict[str, Any]], tol: Tolerances,
+def compare(baseline: dict[str, Any], manifests: dict[str, Manifest], tol: Tolerances,
             problems: dict[str, list[str]] | None = None) -> list[Row]:
     """One row per artifact and metric: baseline artifacts in order, then new ones.
     `problems`: each artifact's files that differ from its manifest (artifact.verify);
@@ -299,7 +301,7 @@ def _not_compared(key: str, f: str, b: dict, n: dict) -> Row:
                "not compared (measured on another evaluation file)")
 
 
-def _files_row(key: str, manifest: dict, problems: dict[str, list[str]] | None) -> Row:
+def _files_row(key: str, manifest: Manifest, problems: dict[str, list[str]] | None) -> Row:
     """The artifact's files against its manifest's sha256: after a change, the manifest's
     figures are no longer those of the files in the folder."""
     if problems is None:
@@ -307,7 +309,7 @@ def _files_row(key: str, manifest: dict, problems: dict[str, list[str]] | None) 
     found = problems[key]
     if found:
         return Row(key, "files", None, found, "", FAIL, "; ".join(found))
-    n = len(manifest.get("files") or {})
+    n = len(manifest.files)
     return Row(key, "files", None, found, "", PASS, f"{n} of {n} files match the manifest")
 
 
@@ -596,7 +598,7 @@ def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Pa
     problems = None if skip_verify else {key: artifact.verify(Path(build_dir) / key) for key in manifests}
     result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol, problems))
     if junit is not None:
-        artifact.write_text_atomic(junit, render_junit(result))
+        write_text_atomic(junit, render_junit(result))
     if step_summary is not None:
         try:
             with open(step_summary, "a", encoding="utf-8") as f:
@@ -623,5 +625,5 @@ def update_baseline(build_dir: Path, baseline_path: Path,
         old = read_baseline(baseline_path) if baseline_path.exists() else None
     except ShrinkError as e:
         old, note = None, [f"! the old baseline could not be read ({e}); replaced"]
-    artifact.write_json_atomic(baseline_path, new)
+    write_json_atomic(baseline_path, new)
     return new, note + baseline_changes(old, new)
