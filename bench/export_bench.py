@@ -49,7 +49,7 @@ def main() -> int:
         m = measure_artifact(path, args.data, threads, device="cpu", label=f"measuring {name}")
         from shrink.evaluate import artifact_size
 
-        parity = (manifest or {}).get("metrics", {}).get("parity") or {}
+        parity = (manifest.metrics.get("parity") if manifest else None) or {}
         rows.append({"name": name, "format": fmt, "size_bytes": artifact_size(path), "accuracy": m.accuracy,
                      "examples_per_s": m.examples_per_s, "peak_ram_mb": m.peak_ram_mb, "build_s": round(seconds, 1),
                      "top1_agreement": parity.get("top1_agreement"), "mean_kl": parity.get("mean_kl")})

@@ -56,7 +56,7 @@ def child(kind: str, options: dict, result: Path) -> None:
         "wall_s": round(time.perf_counter() - started, 2),
         "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
         "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 1e6, 1) if torch.cuda.is_available() else None,
-        "metrics": manifest["metrics"],
+        "metrics": manifest.metrics,
     }
     result.write_text(json.dumps(out))
 
@@ -114,15 +114,17 @@ def main() -> int:
         "cached": measure("distill", {**train, "out": str(args.work / "cached"), "teacher_cache": cache_dir},
                           args.work),
     }
-    cache_manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    from shrink.manifest import Manifest
+
+    cache_manifest = Manifest.read(cache_dir)
     record = {
         "bench": "teacher-cache",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                      if k not in ("child", "options", "result")},
-        "cache": {k: cache_manifest["settings"][k] for k in ("top_k", "vocab_size", "examples", "positions")}
-        | {"size_bytes": cache_manifest["metrics"]["size_bytes"]},
+        "cache": {k: cache_manifest.settings[k] for k in ("top_k", "vocab_size", "examples", "positions")}
+        | {"size_bytes": cache_manifest.metrics["size_bytes"]},
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)

@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from shrink import __version__, artifact
+from shrink.atomic import write_json_atomic, write_text_atomic
 from shrink.errors import ShrinkError
+from shrink.manifest import MANIFEST, Manifest, is_shrink_manifest
 from shrink.tables import human_bytes, pct
 
 BASELINE_KIND = "shrink-baseline"
@@ -125,20 +127,20 @@ class CheckResult:
 # Reading the build and the baseline
 
 
-def baseline_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+def baseline_entry(manifest: Manifest) -> dict[str, Any]:
     """What the baseline keeps of one artifact's manifest."""
-    m = manifest.get("metrics") or {}
+    m = manifest.metrics
     return {
-        "kind": manifest.get("kind"),
-        "format": manifest.get("format"),
+        "kind": manifest.kind,
+        "format": manifest.format,
         "quant": artifact.quant_label(manifest),
         "accuracy": m.get("accuracy"),
         "retention": m.get("retention"),
         "size_bytes": m.get("size_bytes"),
         "examples_per_s": m.get("examples_per_s"),
         "eval_data_sha256": m.get("eval_data_sha256"),
-        "valid": manifest.get("valid", True) is not False,
-        "target": _target_summary(manifest.get("target")),
+        "valid": manifest.valid,
+        "target": _target_summary(manifest.target),
     }
 
 
@@ -150,7 +152,7 @@ def _target_summary(target: Any) -> dict[str, Any] | None:
     return {"name": target.get("name"), "constraints": target.get("constraints") or {}, "met": target.get("met")}
 
 
-def build_baseline(manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_baseline(manifests: dict[str, Manifest]) -> dict[str, Any]:
     """The baseline file's contents for a build."""
     return {
         "kind": BASELINE_KIND,
@@ -230,7 +232,7 @@ def validate_baseline(data: Any, name: str) -> None:
 # Comparing
 
 
-def compare(baseline: dict[str, Any], manifests: dict[str, dict[str, Any]], tol: Tolerances,
+def compare(baseline: dict[str, Any], manifests: dict[str, Manifest], tol: Tolerances,
             problems: dict[str, list[str]] | None = None) -> list[Row]:
     """One row per artifact and metric: baseline artifacts in order, then new ones.
     `problems`: each artifact's files that differ from its manifest (artifact.verify);
@@ -269,7 +271,7 @@ def _not_compared(key: str, f: str, b: dict, n: dict) -> Row:
                "not compared (measured on another evaluation file)")
 
 
-def _files_row(key: str, manifest: dict, problems: dict[str, list[str]] | None) -> Row:
+def _files_row(key: str, manifest: Manifest, problems: dict[str, list[str]] | None) -> Row:
     """The artifact's files against its manifest's sha256: after a change, the manifest's
     figures are no longer those of the files in the folder."""
     if problems is None:
@@ -277,7 +279,7 @@ def _files_row(key: str, manifest: dict, problems: dict[str, list[str]] | None) 
     found = problems[key]
     if found:
         return Row(key, "files", None, found, "", FAIL, "; ".join(found))
-    n = len(manifest.get("files") or {})
+    n = len(manifest.files)
     return Row(key, "files", None, found, "", PASS, f"{n} of {n} files match the manifest")
 
 
@@ -566,7 +568,7 @@ def check_build(build_dir: Path, baseline_path: Path, tol: Tolerances, junit: Pa
     problems = None if skip_verify else {key: artifact.verify(Path(build_dir) / key) for key in manifests}
     result = CheckResult(str(build_dir), str(baseline_path), tol, compare(baseline, manifests, tol, problems))
     if junit is not None:
-        artifact.write_text_atomic(junit, render_junit(result))
+        write_text_atomic(junit, render_junit(result))
     if step_summary is not None:
         try:
             with open(step_summary, "a", encoding="utf-8") as f:
@@ -593,5 +595,5 @@ def update_baseline(build_dir: Path, baseline_path: Path,
         old = read_baseline(baseline_path) if baseline_path.exists() else None
     except ShrinkError as e:
         old, note = None, [f"! the old baseline could not be read ({e}); replaced"]
-    artifact.write_json_atomic(baseline_path, new)
+    write_json_atomic(baseline_path, new)
     return new, note + baseline_changes(old, new)

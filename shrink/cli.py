@@ -17,6 +17,7 @@ import click
 
 from shrink import __version__
 from shrink.errors import ShrinkError
+from shrink.manifest import Manifest
 from shrink.quiet import debug_enabled
 
 
@@ -51,7 +52,7 @@ class ShrinkGroup(click.Group):
             click.echo("Interrupted.", err=True)
             sys.exit(130)
         except Exception as e:
-            from shrink.artifact import is_disk_full
+            from shrink.atomic import is_disk_full
 
             if debug_enabled() or not is_disk_full(e):
                 raise
@@ -490,14 +491,14 @@ def verify(bundle, as_json):
     if problems:
         raise artifact.VerifyError(f"{bundle}: {len(problems)} problem(s): " + "; ".join(problems))
     if not as_json:
-        click.echo(f"{bundle}: all {len(artifact.read_manifest(bundle)['files'])} files match the manifest", err=True)
+        click.echo(f"{bundle}: all {len(Manifest.read(bundle).files)} files match the manifest", err=True)
 
 
-def _report_artifact(out: Path, manifest: dict | None, as_json: bool) -> None:
+def _report_artifact(out: Path, manifest: Manifest | None, as_json: bool) -> None:
     if manifest is None:  # a torchrun process other than rank 0: rank 0 reports
         return
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
     from shrink.tables import print_artifact_summary
 

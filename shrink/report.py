@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from shrink import artifact
+from shrink.atomic import atomic_file, write_text_atomic
+from shrink.manifest import Manifest
 from shrink.tables import human_bytes, pct
 
 REPORT = "report.md"
@@ -53,15 +55,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def teacher_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def teacher_rows(manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
     """The teachers the students' manifests describe (accuracy, parameters), one per
     distinct teacher; its size is its bf16 weights."""
     seen: dict[tuple, dict[str, Any]] = {}
     for key, m in manifests.items():
-        metrics = m.get("metrics") or {}
-        if m.get("kind") != "student" or metrics.get("teacher_parameters") is None:
+        metrics = m.metrics
+        if m.kind != "student" or metrics.get("teacher_parameters") is None:
             continue
-        ident = ((m.get("settings") or {}).get("teacher_folder"), metrics["teacher_parameters"],
+        ident = (m.settings.get("teacher_folder"), metrics["teacher_parameters"],
                  metrics.get("teacher_accuracy"))
         seen.setdefault(ident, {
             "artifact": "teacher", "from": key, "kind": "teacher", "format": "hf", "quant": "bf16",
@@ -76,14 +78,14 @@ def teacher_rows(manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def artifact_row(key: str, m: dict[str, Any]) -> dict[str, Any]:
-    metrics = m.get("metrics") or {}
+def artifact_row(key: str, m: Manifest) -> dict[str, Any]:
+    metrics = m.metrics
     return {
-        "artifact": key, "kind": m.get("kind"), "format": m.get("format"), "quant": artifact.quant_label(m),
+        "artifact": key, "kind": m.kind, "format": m.format, "quant": artifact.quant_label(m),
         "size_bytes": metrics.get("size_bytes"), "accuracy": metrics.get("accuracy"),
         "retention": metrics.get("retention"), "examples_per_s": metrics.get("examples_per_s"),
-        "runtime": metrics.get("eval_runtime"), "valid": m.get("valid", True) is not False,
-        "target": m.get("target"),
+        "runtime": metrics.get("eval_runtime"), "valid": m.valid,
+        "target": m.target,
     }
 
 
@@ -119,7 +121,7 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict[s
     candidates = [p for p in points if p.role != "invalid"]  # a failed export is no option
     front = [candidates[i] for i in pareto_front([(p.size_bytes, p.accuracy) for p in candidates])]
     write_pareto_plot(points, front, out / PLOT, title=f"shrink report: {build_dir.name or build_dir}")
-    artifact.write_text_atomic(out / REPORT, render_markdown(build_dir, rows, points, front))
+    write_text_atomic(out / REPORT, render_markdown(build_dir, rows, points, front))
     return {"report": str(out / REPORT), "plot": str(out / PLOT), "front": [p.label for p in front]}
 
 
@@ -184,7 +186,7 @@ def write_pareto_plot(points: list[Point], front: list[Point], path: Path, title
                      [f"{p.label}\n{p.size_bytes / 1e6:,.1f} MB, {100 * p.accuracy:.1f}%" for p in points])
         ax.legend(loc="best", fontsize=8)
     try:
-        with artifact.atomic_file(path) as tmp:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)

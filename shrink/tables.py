@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from shrink.console import console
+from shrink.manifest import Manifest
 
 
 def human_bytes(n: int | None) -> str:
@@ -37,12 +38,12 @@ def print_eval_table(result: dict) -> None:
         console.print(f"retention (artifact / teacher accuracy): [bold]{pct(result['retention'])}[/bold]")
 
 
-def print_artifact_summary(out: Path, manifest: dict) -> None:
-    m = manifest["metrics"]
-    table = Table(title=f"{manifest['kind']} written to {out}", show_header=False)
+def print_artifact_summary(out: Path, manifest: Manifest) -> None:
+    m = manifest.metrics
+    table = Table(title=f"{manifest.kind} written to {out}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("format", manifest["format"])
+    table.add_row("format", manifest.format)
     table.add_row("size", human_bytes(m.get("size_bytes")))
     for key, label in [("accuracy", "accuracy"), ("teacher_accuracy", "teacher accuracy"), ("retention", "retention")]:
         if m.get(key) is not None:
@@ -52,7 +53,7 @@ def print_artifact_summary(out: Path, manifest: dict) -> None:
     if (p := m.get("parity")) is not None:
         table.add_row("parity", f"top-1 {pct(p['top1_agreement'])}, mean KL {p['mean_kl']}, "
                                 f"{'passed' if p.get('passed') else 'FAILED'}")
-    if (t := manifest.get("target")) is not None:
+    if (t := manifest.target) is not None:
         table.add_row("target", f"{t['name']}: {'all constraints met' if t['met'] else 'NOT met'}")
     if m.get("peak_ram_mb") is not None:
         table.add_row("peak RAM", f"{m['peak_ram_mb']:,.0f} MB")

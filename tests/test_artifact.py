@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from shrink import artifact
+from shrink import artifact, atomic
 from shrink.errors import ArtifactError, ShrinkError
+from shrink.manifest import Manifest
 
 
 def test_staged_folder_writes_manifest_last_and_renames(tmp_path):
@@ -13,9 +14,9 @@ def test_staged_folder_writes_manifest_last_and_renames(tmp_path):
         (tmp / "w.bin").write_bytes(b"abc")
         m = artifact.finish(tmp, kind="student", format="hf", source=None, settings={"x": 1}, metrics={"accuracy": 0.5})
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "w.bin"]
-    assert m["files"]["w.bin"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert m["metrics"] == {"size_bytes": 3, "accuracy": 0.5}
-    assert artifact.read_manifest(out)["settings"] == {"x": 1}
+    assert m.files["w.bin"].sha256 == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert m.metrics == {"size_bytes": 3, "accuracy": 0.5}
+    assert Manifest.read(out).settings == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
 
 
@@ -48,20 +49,20 @@ def test_source_hash_and_bad_manifests(tmp_path):
     dst = tmp_path / "dst"
     with artifact.staged_folder(dst, False) as tmp:
         m = artifact.finish(tmp, kind="export", format="gguf", source=src, settings={}, metrics={})
-    assert m["source"]["manifest_sha256"] == artifact.manifest_hash(src)
+    assert m.source.manifest_sha256 == artifact.manifest_hash(src)
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(ArtifactError, match="not a shrink manifest"):
-        artifact.read_manifest(tmp_path / "other")
+        Manifest.read(tmp_path / "other")
     data = json.loads((dst / "manifest.json").read_text())
     data["schema_version"] = 99
     (dst / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="schema version 99"):
-        artifact.read_manifest(dst)
+        Manifest.read(dst)
     (dst / "manifest.json").write_text("{broken")
     with pytest.raises(ArtifactError, match="corrupt manifest"):
-        artifact.read_manifest(dst)
+        Manifest.read(dst)
 
 
 def test_written_artifacts_get_the_usual_permissions(tmp_path):
@@ -76,7 +77,7 @@ def test_written_artifacts_get_the_usual_permissions(tmp_path):
             (tmp / "model.bin").write_bytes(b"x")
             os.chmod(tmp / "model.bin", 0o600)
             artifact.finish(tmp, kind="export", format="gguf", source=None, settings={}, metrics={})
-        artifact.write_json_atomic(tmp_path / "baseline.json", {"a": 1})
+        atomic.write_json_atomic(tmp_path / "baseline.json", {"a": 1})
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
@@ -88,8 +89,8 @@ def test_full_disk_in_atomic_file_names_the_path_and_leaves_nothing(tmp_path):
     import errno
 
     target = tmp_path / "baseline.json"
-    with pytest.raises(artifact.DiskFullError) as e:
-        with artifact.atomic_file(target) as tmp:
+    with pytest.raises(atomic.DiskFullError) as e:
+        with atomic.atomic_file(target) as tmp:
             tmp.write_text("{half")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert str(e.value) == (f"no space left on device while writing {target}; "
@@ -106,8 +107,8 @@ def test_full_disk_in_atomic_file_names_the_path_and_leaves_nothing(tmp_path):
     (RuntimeError("131072 requested and 124432 written"), False),
 ])
 def test_is_disk_full(error, full):
-    assert artifact.is_disk_full(error) is full
+    assert atomic.is_disk_full(error) is full
     try:
         raise RuntimeError("wrapped") from error
     except RuntimeError as wrapped:
-        assert artifact.is_disk_full(wrapped) is full  # found through the chain too
+        assert atomic.is_disk_full(wrapped) is full  # found through the chain too

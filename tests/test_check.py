@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from shrink import artifact
 from shrink import check as gate
 from shrink.cli import cli
+from shrink.manifest import Manifest
 
 
 def invoke(*args):
@@ -61,10 +62,7 @@ def write_artifact(folder, *, kind="export", fmt="gguf", quant="Q4_K_M", size=10
         (tmp / f"model-{quant}.gguf").write_bytes(b"\0" * size)
         m = artifact.finish(tmp, kind=kind, format=fmt, source=None,
                             settings={"target": fmt, "quant": quant} if kind == "export" else {},
-                            metrics=metrics, valid=valid)
-        if target_record is not None:
-            m["target"] = target_record
-            artifact.write_json_atomic(tmp / artifact.MANIFEST, m)
+                            metrics=metrics, valid=valid, target=target_record)
     return m
 
 
@@ -130,11 +128,11 @@ def test_real_build_update_then_check_passes(real_build, tmp_path, task_files):
     data = json.loads(base.read_text())
     assert data["kind"] == "shrink-baseline" and data["version"] == 1
     assert sorted(data["artifacts"]) == ["student", "student-q4"]
-    q4 = artifact.read_manifest(real_build / "student-q4")
+    q4 = Manifest.read(real_build / "student-q4").metrics
     entry = data["artifacts"]["student-q4"]
-    assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "accuracy": q4["metrics"]["accuracy"],
-                     "retention": q4["metrics"]["retention"], "size_bytes": q4["metrics"]["size_bytes"],
-                     "examples_per_s": q4["metrics"]["examples_per_s"],
+    assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "accuracy": q4["accuracy"],
+                     "retention": q4["retention"], "size_bytes": q4["size_bytes"],
+                     "examples_per_s": q4["examples_per_s"],
                      "eval_data_sha256": artifact.sha256_file(task_files["eval"]), "valid": True, "target": None}
     assert data["artifacts"]["student"]["eval_data_sha256"] == entry["eval_data_sha256"]
     r, res = check_json(real_build, base, "--check-speed", "--speed-tolerance", "1")
@@ -534,11 +532,11 @@ def test_corrupt_manifest_in_build_is_a_user_error(baseline, tmp_path):
 
 
 def test_compare_is_pure(tmp_path):
-    """compare() on dicts alone: the tolerance boundary, and a baseline constraint not met
-    that is still not met."""
-    manifests = {"q4": {"kind": "export", "format": "gguf", "settings": {"quant": "Q4_K_M"}, "valid": True,
-                        "metrics": {"size_bytes": 1050, "accuracy": 0.80, "retention": 0.85},
-                        "target": target(0.85, 0.001)}}
+    """compare() on manifests in memory alone: the tolerance boundary, and a baseline
+    constraint not met that is still not met."""
+    manifests = {"q4": Manifest(kind="export", format="gguf", settings={"quant": "Q4_K_M"}, valid=True,
+                                metrics={"size_bytes": 1050, "accuracy": 0.80, "retention": 0.85},
+                                target=target(0.85, 0.001))}
     base = gate.build_baseline(manifests)
     base["artifacts"]["q4"].update(size_bytes=1000, accuracy=0.81)
     rows = gate.compare(base, manifests, gate.Tolerances(), problems={"q4": []})

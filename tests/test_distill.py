@@ -14,6 +14,7 @@ from shrink.distill.student import cut_student, even_layers
 from shrink.distill.train import DistillConfig, checkpoint_dir, distill
 from shrink.errors import ModelError
 from shrink.hf import load_causal_lm, load_tokenizer
+from shrink.manifest import Manifest
 from shrink.tasks import load_task
 
 
@@ -62,11 +63,11 @@ def test_distillation_pulls_student_towards_teacher(teacher, task_files, tmp_pat
     kl_after = mean_kl(trained, t_model, tok, held_out)
     assert kl_after < 0.5 * kl_before, (kl_before, kl_after)  # measured: about 0.28x
 
-    assert manifest["kind"] == "student" and manifest["format"] == "hf"
-    assert manifest["settings"]["layers_kept"] == [0, 3]
-    assert manifest["settings"]["data_sha256"] == artifact.sha256_file(task_files["train"])
-    on_disk = artifact.read_manifest(tmp_path / "s")
-    assert on_disk["files"]["model.safetensors"]["sha256"] == artifact.sha256_file(tmp_path / "s" / "model.safetensors")
+    assert manifest.kind == "student" and manifest.format == "hf"
+    assert manifest.settings["layers_kept"] == [0, 3]
+    assert manifest.settings["data_sha256"] == artifact.sha256_file(task_files["train"])
+    on_disk = Manifest.read(tmp_path / "s")
+    assert on_disk.files["model.safetensors"].sha256 == artifact.sha256_file(tmp_path / "s" / "model.safetensors")
     assert not checkpoint_dir(tmp_path / "s").exists()
 
 
@@ -103,8 +104,8 @@ def test_resume_continues_to_the_same_weights(teacher, task_files, tmp_path, mon
     b = load_causal_lm(tmp_path / "resumed").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    log = artifact.read_manifest(tmp_path / "resumed")
-    assert log["settings"]["steps"] == 12
+    log = Manifest.read(tmp_path / "resumed")
+    assert log.settings["steps"] == 12
 
 
 def test_resume_refuses_inputs_that_changed(teacher, task_files, tmp_path, monkeypatch):

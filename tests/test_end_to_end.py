@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from shrink import artifact
 from shrink.cli import cli
+from shrink.manifest import Manifest
 
 
 def ok(*args):
@@ -38,7 +39,7 @@ def test_student_manifest_and_accuracy(built):
     assert m["metrics"]["accuracy"] >= 0.9
     assert m["metrics"]["retention"] == pytest.approx(m["metrics"]["accuracy"] / m["metrics"]["teacher_accuracy"], abs=1e-3)
     assert m["metrics"]["parameters"] < m["metrics"]["teacher_parameters"]
-    assert artifact.read_manifest(d / "student") == m
+    assert Manifest.read(d / "student").to_dict() == m
 
 
 def test_exports_are_complete_artifacts(built):

@@ -15,6 +15,7 @@ from shrink import artifact
 from shrink.cli import cli
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm
+from shrink.manifest import Manifest
 
 pytest.importorskip("gptqmodel")
 
@@ -90,8 +91,8 @@ def test_planted_mismatch_is_caught(teacher, small_eval, task_files, tmp_path, m
     assert r.exit_code == 1, r.output
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"Error: {out}: parity with {teacher} failed (") and f"worst example {small_eval}:" in line
-    m = artifact.read_manifest(out)
-    assert m["valid"] is False and m["metrics"]["parity"]["thresholds"]["min_top1"] == 0.97
+    m = Manifest.read(out)
+    assert m.valid is False and m.metrics["parity"]["thresholds"]["min_top1"] == 0.97
 
 
 def test_calibration_source_order(tmp_path, task_files):
@@ -101,7 +102,8 @@ def test_calibration_source_order(tmp_path, task_files):
     train = tmp_path / "train.jsonl"
     shutil.copy(task_files["train"], train)
     opts = ExportOptions("gptq")
-    manifest = {"settings": {"data": str(train), "data_sha256": artifact.sha256_file(train)}}
+    manifest = Manifest(kind="student", format="hf",
+                        settings={"data": str(train), "data_sha256": artifact.sha256_file(train)})
     assert calibration_source(opts, manifest, task_files["eval"]) == train  # the student's own training data
     flag = ExportOptions("gptq", calibration=task_files["eval_gen"])
     assert calibration_source(flag, manifest, task_files["eval"]) == task_files["eval_gen"]

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import tiny
 
-from shrink import artifact
 from shrink.cli import cli
+from shrink.manifest import Manifest
 
 pytest.importorskip("onnxruntime")
 
@@ -59,7 +59,7 @@ def test_planted_mismatch_is_caught(teacher, task_files, tmp_path, monkeypatch):
     assert r.exit_code == 1, r.output
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"Error: {out}: parity with {teacher} failed (") and "top-1 agreement" in line
-    assert artifact.read_manifest(out)["valid"] is False
+    assert Manifest.read(out).valid is False
 
 
 def test_unknown_onnx_quant_is_refused(teacher, tmp_path):

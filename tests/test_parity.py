@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 import tiny
 
-from shrink import artifact
 from shrink.cli import cli
 from shrink.export.parity import DRIFT_SUITE, Thresholds, drift, drifted, verdict
+from shrink.manifest import Manifest
 
 
 def export(student, out, eval_file, *extra):
@@ -49,8 +49,8 @@ def test_planted_mismatch_is_caught(teacher, task_files, tmp_path, monkeypatch):
     line = r.stderr.strip().splitlines()[-1]  # after the evaluation progress bar
     assert line.startswith(f"Error: {tmp_path / 'q8'}: parity with {teacher} failed (")
     assert "top-1 agreement" in line and f"worst example {task_files['eval']}:" in line
-    m = artifact.read_manifest(tmp_path / "q8")
-    assert m["valid"] is False and m["metrics"]["parity"]["passed"] is False
+    m = Manifest.read(tmp_path / "q8")
+    assert m.valid is False and m.metrics["parity"]["passed"] is False
 
     # A threshold loose enough lets it through, and says so in the manifest.
     r = export(teacher, tmp_path / "q8b", task_files["eval"], "--min-top1", "0", "--max-kl", "1000")

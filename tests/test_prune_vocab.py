@@ -128,7 +128,7 @@ def test_pruned_student_gguf_has_tokenizer_parity(pruned_student, task_files):
 
     d, _ = pruned_student
     m = export(d / "student", d / "f16", ExportOptions("gguf", quant="F16"), eval_data=d / "eval.jsonl")
-    assert m["metrics"]["accuracy"] >= 0.9
+    assert m.metrics["accuracy"] >= 0.9
     hf = load_tokenizer(d / "student")
     novel = texts_of(d / "eval.jsonl")[-2 * len(NOVEL):]  # the eval rows with NOVEL words
     for text in novel:  # their words were pruned: they encode in byte-fallback pieces, and decode back

@@ -70,7 +70,7 @@ def test_distill_with_importance_records_layers_and_scores(teacher, task_files, 
     folder = edited_teacher(teacher, tmp_path / "t", make_identity(2))
     m = distill(DistillConfig(teacher=folder, data=task_files["train"], out=tmp_path / "s", layers=3, steps=2,
                               layer_selection="importance", device="cpu"))
-    s = m["settings"]
+    s = m.settings
     assert s["layer_selection"] == "importance" and s["layers_kept"] == [0, 1, 3]
     assert len(s["layer_scores"]) == 4 and s["layer_scores"][2] == pytest.approx(0.0, abs=1e-6)
     assert load_causal_lm(tmp_path / "s").config.num_hidden_layers == 3
@@ -178,8 +178,8 @@ def test_width_pruned_student_loads_with_its_widths(narrow_student):
     config = json.loads((d / "s" / "config.json").read_text())
     assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (256, 2, 1)
     assert config["head_dim"] == 64 and config["num_hidden_layers"] == 3
-    assert manifest["settings"]["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1]}
-    assert (manifest["settings"]["ffn_ratio"], manifest["settings"]["heads_ratio"]) == (0.5, 0.5)
+    assert manifest.settings["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1]}
+    assert (manifest.settings["ffn_ratio"], manifest.settings["heads_ratio"]) == (0.5, 0.5)
     model = load_causal_lm(d / "s")
     assert model.model.layers[0].self_attn.o_proj.weight.shape == (256, 128)
     assert model.model.layers[0].mlp.down_proj.weight.shape == (256, 256)
@@ -190,8 +190,8 @@ def test_width_pruned_student_converts_to_gguf_with_parity(narrow_student, task_
 
     d, _ = narrow_student
     m = export(d / "s", d / "gguf", ExportOptions("gguf", quant="F16"), eval_data=task_files["eval"])
-    parity = m["metrics"]["parity"]
-    assert m["valid"] is True and parity["passed"] is True
+    parity = m.metrics["parity"]
+    assert m.valid is True and parity["passed"] is True
     assert parity["token_id_match"] == 1.0 and parity["top1_agreement"] >= 0.99 and parity["mean_kl"] <= 0.01
 
 
@@ -237,7 +237,7 @@ def test_hidden_alignment_term_decreases_with_training(teacher, task_files, tmp_
                               batch_size=16, lr=1e-3, hidden_weight=1.0, device="cpu"))
     after = alignment(load_causal_lm(tmp_path / "s"), model, [0, 3], tok, held_out)
     assert after < 0.7 * before, (before, after)  # measured: 0.030 -> 0.016; without the term it rises to 0.061
-    assert m["settings"]["hidden_weight"] == 1.0
+    assert m.settings["hidden_weight"] == 1.0
 
 
 def test_hidden_alignment_with_prune_vocab_and_teacher_prefix(teacher, task_files, tmp_path):
@@ -266,7 +266,7 @@ def test_student_folder_is_distilled_with_pruned_vocabulary_and_heads(teacher, t
     start = small_model(tmp_path / "small", tok)
     m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", student=start,
                               steps=20, batch_size=16, lr=1e-3, prune_vocab=True, heads_ratio=0.5, device="cpu"))
-    s = m["settings"]
+    s = m.settings
     assert s["student"] == str(start) and s["layers"] is None and s["layers_kept"] is None
     trained = load_causal_lm(tmp_path / "s")
     assert trained.config.hidden_size == 128 and trained.config.num_hidden_layers == 2

@@ -15,6 +15,7 @@ from shrink.cli import cli
 from shrink.distill.teacher_cache import CacheConfig, build_cache, dense_logprobs, shard_name
 from shrink.distill.train import DistillConfig, distill
 from shrink.errors import ShrinkError
+from shrink.manifest import Manifest
 
 # Measured on the tiny teacher (768 tokens), 10 steps: with K = 768 (float16 log-probs)
 # the per-step losses are the online ones to at most 1.3e-3 relative (5e-5 at step 1,
@@ -35,15 +36,15 @@ def run(teacher, task_files, out, **kw) -> list[float]:
     cfg = DistillConfig(teacher=teacher, data=task_files["train"], out=out, layers=2, steps=10, batch_size=8,
                         lr=1e-3, device="cpu", **kw)
     manifest = distill(cfg)
-    assert manifest["settings"]["teacher_cache"] == (str(kw["teacher_cache"]) if kw.get("teacher_cache") else None)
+    assert manifest.settings["teacher_cache"] == (str(kw["teacher_cache"]) if kw.get("teacher_cache") else None)
     return [h["loss"] for h in json.loads((out / "training_log.json").read_text())]
 
 
 def test_manifest_and_files(caches, teacher, task_files):
     folder, manifest = caches["top128"]
-    assert manifest == artifact.read_manifest(folder)
-    assert manifest["kind"] == "teacher-cache" and manifest["format"] == "safetensors"
-    s = manifest["settings"]
+    assert manifest == Manifest.read(folder)
+    assert manifest.kind == "teacher-cache" and manifest.format == "safetensors"
+    s = manifest.settings
     assert s["data_sha256"] == artifact.sha256_file(task_files["train"])
     assert s["teacher"] == str(teacher) and s["teacher_fingerprint"]["config_sha256"] == artifact.sha256_file(teacher / "config.json")
     assert s["teacher_fingerprint"]["tokenizer_sha256"]["tokenizer.json"] == artifact.sha256_file(teacher / "tokenizer.json")
@@ -51,9 +52,9 @@ def test_manifest_and_files(caches, teacher, task_files):
     assert s["format_version"] == 2
     assert (s["top_k"], s["vocab_size"], s["max_length"], s["logprob_dtype"]) == (128, 768, 512, "float16")
     assert s["teacher_prefix"] is None and s["teacher_prefix_sha256"] is None
-    assert s["shards"] == [shard_name(0, 1)] and list(manifest["files"]) == s["shards"]
+    assert s["shards"] == [shard_name(0, 1)] and list(manifest.files) == s["shards"]
     assert s["examples"] == 600 and s["positions"] == 1200  # " positive"/" negative" and EOS
-    assert caches["full"][1]["settings"]["top_k"] == 768  # --top-k above the vocabulary: all of it
+    assert caches["full"][1].settings["top_k"] == 768  # --top-k above the vocabulary: all of it
 
     from safetensors import safe_open
 

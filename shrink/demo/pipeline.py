@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shrink import artifact
+from shrink.atomic import write_json_atomic
 from shrink.console import console
 from shrink.errors import ShrinkError, requires
 
@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         teacher=teacher, data=train, eval_data=test, out=out / "student", layers=cfg.layers,
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, prune_vocab=True, teacher_prefix=prefix,
     ))
-    sm = student["metrics"]
+    sm = student.metrics
     rows = [
         {"model": "teacher", "runtime": "transformers fp32", "size_bytes": 2 * sm["teacher_parameters"],
          "size_note": "bf16 weights", "accuracy": sm["teacher_accuracy"], "examples_per_s": sm["teacher_examples_per_s"]},
@@ -78,8 +78,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for quant in cfg.quants:
         m = export(out / "student", out / f"student-{quant}", ExportOptions("gguf", quant=quant, threads=cfg.threads),
                    eval_data=test)
-        rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m["metrics"]["size_bytes"],
-                     "accuracy": m["metrics"]["accuracy"], "examples_per_s": m["metrics"]["examples_per_s"]})
+        rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m.metrics["size_bytes"],
+                     "accuracy": m.metrics["accuracy"], "examples_per_s": m.metrics["examples_per_s"]})
 
     add_ratios(rows)
     result = {
@@ -88,13 +88,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "train_examples": sum(1 for _ in open(train, encoding="utf-8")),
         "eval_examples": sm["eval_examples"],
         "eval_split": "test",  # settings were chosen on the dev split (bench/demo_tune.py), never on this one
-        "student": {"layers_kept": student["settings"]["layers_kept"], "vocab_kept": student["settings"]["vocab_kept"],
-                    "teacher_vocab": student["settings"]["teacher_vocab"], "parameters": sm["parameters"],
+        "student": {"layers_kept": student.settings["layers_kept"], "vocab_kept": student.settings["vocab_kept"],
+                    "teacher_vocab": student.settings["teacher_vocab"], "parameters": sm["parameters"],
                     "teacher_parameters": sm["teacher_parameters"], "train_tokens_per_s": sm["train_tokens_per_s"]},
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    artifact.write_json_atomic(out / "results.json", result)
+    write_json_atomic(out / "results.json", result)
     write_plot(result, out / "accuracy_vs_size.png")
     return result
 

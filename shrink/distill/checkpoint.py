@@ -22,7 +22,7 @@ STATE = "state.json"
 def save_checkpoint(folder: Path, model, optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file, save_model
 
-    from shrink.artifact import removed_on_failure
+    from shrink.atomic import removed_on_failure
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")

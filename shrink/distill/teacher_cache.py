@@ -52,6 +52,7 @@ from typing import Any
 from shrink import artifact
 from shrink.distill import distributed, input_hashes
 from shrink.errors import ArtifactError, ShrinkError
+from shrink.manifest import Manifest
 
 KIND = "teacher-cache"
 FORMAT_VERSION = 2  # of the safetensors layout above and the manifest's teacher fingerprint; bump on any change
@@ -90,7 +91,7 @@ def teacher_fingerprint(folder: Path, weights_sha256: dict[str, str]) -> dict[st
     }
 
 
-def build_cache(cfg: CacheConfig) -> dict[str, Any] | None:
+def build_cache(cfg: CacheConfig) -> Manifest | None:
     """Run the teacher over the data and write the cache; returns its manifest (None on
     ranks other than 0 under torchrun: each writes its own shard, rank 0 the manifest)."""
     with distributed.process_group(cfg.device) as ranks:
@@ -122,7 +123,7 @@ def _validate(cfg: CacheConfig):
     return examples, resolve_teacher(teacher_path)
 
 
-def _build(cfg: CacheConfig, ranks) -> dict[str, Any] | None:
+def _build(cfg: CacheConfig, ranks) -> Manifest | None:
     import torch
 
     from shrink.console import console, spinner
@@ -252,14 +253,14 @@ def _run_teacher(teacher, seqs, indices, top_k: int, batch_size: int, pad: int, 
 # --- reading the cache for training -----------------------------------------------------
 
 
-def read_cache_manifest(folder: Path) -> dict[str, Any]:
+def read_cache_manifest(folder: Path) -> Manifest:
     folder = Path(folder)
     if not folder.is_dir():
         raise ShrinkError(f"--teacher-cache: no such folder {folder}")
-    manifest = artifact.read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise ArtifactError(f"--teacher-cache: {folder} is a {manifest.get('kind')!r} artifact, not a teacher cache")
-    settings = manifest.get("settings") or {}
+    manifest = Manifest.read(folder)
+    if manifest.kind != KIND:
+        raise ArtifactError(f"--teacher-cache: {folder} is a {manifest.kind!r} artifact, not a teacher cache")
+    settings = manifest.settings
     if settings.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"--teacher-cache: {folder} has format version {settings.get('format_version')!r}, "
                             f"this shrink reads {FORMAT_VERSION}; rebuild it with shrink teacher-cache")
@@ -276,7 +277,7 @@ def check_matches(cfg, teacher_folder: Path, inputs: list[dict[str, str]]) -> No
     if getattr(cfg, "teacher_cache", None) is None:
         return
     folder = Path(cfg.teacher_cache)
-    s = read_cache_manifest(folder)["settings"]
+    s = read_cache_manifest(folder).settings
     rebuild = f"; rebuild it: shrink teacher-cache --teacher {cfg.teacher} --data {cfg.data} --out DIR"
     if getattr(cfg, "hidden_weight", 0):
         raise ShrinkError("--hidden-weight needs the teacher's hidden states every batch; a --teacher-cache holds "
@@ -314,7 +315,7 @@ class CachedTeacher:
         from safetensors import safe_open
 
         folder = Path(folder)
-        settings = read_cache_manifest(folder)["settings"]
+        settings = read_cache_manifest(folder).settings
         self.vocab, self.top_k, self.device = settings["vocab_size"], settings["top_k"], device
         self.id_map = None if id_map is None else id_map.to(device)
         self.out_vocab = self.vocab if id_map is None else int((id_map >= 0).sum())
@@ -370,8 +371,8 @@ def dense_logprobs(top_ids, top_logprobs, rest_logprob, vocab: int, id_map=None)
     return dense
 
 
-def describe(manifest: dict[str, Any]) -> str:
-    s = manifest["settings"]
+def describe(manifest: Manifest) -> str:
+    s = manifest.settings
     return (f"teacher cache: {s['examples']:,} examples, {s['positions']:,} positions, top {s['top_k']} of "
             f"{s['vocab_size']:,} tokens, {len(s['shards'])} shard(s)")
 

@@ -50,6 +50,7 @@ from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
 from shrink.logits import selected_logits
 from shrink.prefix import PrefixCache, usable_prefix
+from shrink.manifest import Manifest
 from shrink.tasks import load_task, with_prefix
 
 WARMUP_FRACTION = 0.05  # of all steps, linear warm-up before the cosine decay
@@ -162,7 +163,7 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def distill(cfg: DistillConfig) -> dict[str, Any] | None:
+def distill(cfg: DistillConfig) -> Manifest | None:
     """Run the recipe; returns the student's manifest. Under torchrun (shrink.distill.
     distributed) every process trains on its share of each batch; rank 0 alone evaluates
     and writes, the others return None once it is done."""
@@ -172,7 +173,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any] | None:
     return manifest
 
 
-def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> dict[str, Any] | None:
+def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     import torch
 
     checked = distributed.main_first(ranks, validate, cfg, ranks.is_main)

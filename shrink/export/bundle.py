@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink import artifact
+from shrink.manifest import Manifest
 from shrink.tables import human_bytes, pct
 
 RUN_SCRIPT = "run.py"
@@ -62,8 +63,8 @@ def write_run_script(folder: Path, fmt: str, prompt: str, serve: Serving) -> Pat
 
 
 def write_bundle(folder: Path, name: str, student: Path, target, chosen, candidates, baseline: dict,
-                 source_manifest: dict | None, *, serve: Serving, targets_file: Path, eval_data: Path,
-                 thread_note: str | None) -> dict[str, Any]:
+                 source_manifest: Manifest | None, *, serve: Serving, targets_file: Path, eval_data: Path,
+                 thread_note: str | None) -> Manifest:
     """Write the bundle's own files into the staging `folder` (which already holds the
     model files and the run.py that was measured), then the manifest, last. `name`: the
     bundle folder's final name."""
@@ -97,17 +98,17 @@ def write_bundle(folder: Path, name: str, student: Path, target, chosen, candida
         model_card(name, target_section, provenance, metrics, chosen, model_files, prompt), encoding="utf-8")
     return artifact.finish(folder, kind="bundle", format=chosen.format, source=student, settings=settings,
                            metrics=metrics, valid=bool(chosen.parity and chosen.parity["passed"]),
-                           extra={"target": target_section, "provenance": provenance})
+                           target=target_section, provenance=provenance)
 
 
 def _gguf_name(folder: Path) -> str:
     return next(p.name for p in folder.glob("*.gguf"))
 
 
-def _provenance(student: Path, source_manifest: dict | None, chosen) -> list[dict[str, Any]]:
+def _provenance(student: Path, source_manifest: Manifest | None, chosen) -> list[dict[str, Any]]:
     """teacher -> student -> artifact, each with what identifies it."""
-    s = (source_manifest or {}).get("settings") or {}
-    teacher = ((source_manifest or {}).get("source") or {}).get("path")
+    s = source_manifest.settings if source_manifest else {}
+    teacher = source_manifest.source.path if source_manifest and source_manifest.source else None
     chain = []
     if teacher:
         chain.append({"stage": "teacher", "path": teacher, "cached_folder": s.get("teacher_folder")})

@@ -26,6 +26,7 @@ from shrink.export.bundle import RUN_SCRIPT, Serving, serving, write_bundle, wri
 from shrink.export.flow import ExportOptions, format_module, read_source_manifest
 from shrink.export.parity import measure, verdict
 from shrink.hf import check_model_dir
+from shrink.manifest import Manifest
 from shrink.targets import GPTQ_QUANTS, Target
 from shrink.tasks import load_task
 
@@ -76,7 +77,7 @@ def _fmt(x) -> str:
 
 
 def export_for_target(student: Path, out: Path, target: Target, eval_data: Path | None,
-                      targets_file: Path, force: bool = False) -> dict[str, Any]:
+                      targets_file: Path, force: bool = False) -> Manifest:
     student, out = Path(student), Path(out)
     if eval_data is None:
         raise ShrinkError(f"--target {target.name}: needs --eval (the constraints are checked on measured figures)")
@@ -158,10 +159,10 @@ def _imatrix(student: Path, scratch: Path, options: list[ExportOptions]) -> Path
     return path
 
 
-def _baseline(student: Path, examples, eval_path: Path, source_manifest: dict | None) -> dict[str, Any]:
+def _baseline(student: Path, examples, eval_path: Path, source_manifest: Manifest | None) -> dict[str, Any]:
     """The teacher's and the unquantized student's accuracy on the evaluation file: from
     the student's manifest when measured on the same file, else the student's measured now."""
-    metrics = (source_manifest or {}).get("metrics") or {}
+    metrics = source_manifest.metrics if source_manifest else {}
     same = metrics.get("eval_data_sha256") == artifact.sha256_file(eval_path)
     teacher = metrics.get("teacher_accuracy") if same else None
     student_acc = metrics.get("accuracy") if same else None

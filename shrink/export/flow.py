@@ -21,6 +21,7 @@ from shrink import artifact
 from shrink.errors import ShrinkError
 from shrink.export.parity import ParityError, Thresholds, drifted, measure, suite_texts, verdict
 from shrink.hf import check_model_dir
+from shrink.manifest import Manifest
 from shrink.tasks import load_task
 
 TARGETS = ("gguf", "onnx", "gptq")
@@ -75,7 +76,7 @@ def export(
     min_top1: float | None = None,
     max_kl: float | None = None,
     strict_tokenizer: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Build the `opts.target` artifact of `student` in `out`; returns its manifest.
     `strict_tokenizer`: token ids that differ on the drift suite fail parity."""
     student, out = Path(student), Path(out)
@@ -152,7 +153,7 @@ def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: Ex
         reference.close()
 
 
-def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: dict | None,
+def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: Manifest | None,
                       opts: ExportOptions) -> dict[str, Any]:
     """Accuracy through the artifact's runtime, with the teacher's figure carried over
     from the student's manifest when it was measured on the same evaluation file."""
@@ -171,7 +172,7 @@ def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: di
         "eval_data_sha256": artifact.sha256_file(eval_path),
         "eval_runtime": res.runtime,
     }
-    src = (source_manifest or {}).get("metrics", {})
+    src = source_manifest.metrics if source_manifest else {}
     if src.get("eval_data_sha256") == metrics["eval_data_sha256"] and src.get("teacher_accuracy") is not None:
         metrics["teacher_accuracy"] = src["teacher_accuracy"]
         metrics["retention"] = retention(res.accuracy, src["teacher_accuracy"])
@@ -179,9 +180,9 @@ def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: di
     return metrics
 
 
-def read_source_manifest(student: Path) -> dict | None:
+def read_source_manifest(student: Path) -> Manifest | None:
     """The student's manifest when it was made by shrink (a plain Hugging Face folder has none)."""
     try:
-        return artifact.read_manifest(student)
+        return Manifest.read(student)
     except ShrinkError:
         return None

@@ -14,6 +14,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
+from shrink.manifest import Manifest
 
 DEFAULT_QUANT = "Q4_K_M"
 UNQUANTIZED = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # written by the converter itself
@@ -25,7 +26,7 @@ THRESHOLDS = {"F32": Thresholds(0.99, 0.01), "F16": Thresholds(0.99, 0.01), "BF1
 QUANTIZED = Thresholds(0.85, 0.15)  # the other types
 
 
-def check(opts, source_manifest: dict | None, eval_data: Path | None):
+def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
     """The options with the default type filled in; an unknown type is refused here."""
     from shrink.quantize.gguf_types import quant_type
 
@@ -46,14 +47,14 @@ def thresholds(opts) -> Thresholds:
     return THRESHOLDS.get(opts.quant, QUANTIZED)
 
 
-def build(student: Path, tmp: Path, opts, source_manifest: dict | None) -> dict[str, Any]:
+def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> dict[str, Any]:
     from shrink.quantize.gguf_types import quant_type
 
     qtype = quant_type(opts.quant)
     file_name = f"model-{qtype.name}.gguf"
     # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
     # check; distill recorded its name.
-    tokenizer_pre = ((source_manifest or {}).get("settings") or {}).get("tokenizer_pre")
+    tokenizer_pre = source_manifest.settings.get("tokenizer_pre") if source_manifest else None
     imatrix, settings = _importance(student, tmp, opts)
     vocabulary = _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix)
     return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre,

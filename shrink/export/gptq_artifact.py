@@ -16,13 +16,14 @@ from shrink import artifact
 from shrink.console import console
 from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
+from shrink.manifest import Manifest
 from shrink.tasks import load_task
 
 # 8-bit GPTQ is close to exact; 4-bit with groups of 128 loses about as much as Q4_K_M.
 THRESHOLDS = {8: Thresholds(0.97, 0.02), 4: Thresholds(0.85, 0.15)}
 
 
-def check(opts, source_manifest: dict | None, eval_data: Path | None):
+def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
     """Defaults filled in and the calibration file chosen and read, before any work."""
     from shrink.quantize.gptq import GptqSettings
 
@@ -41,11 +42,11 @@ def thresholds(opts) -> Thresholds:
     return THRESHOLDS[opts.bits]
 
 
-def calibration_source(opts, source_manifest: dict | None, eval_data: Path | None) -> Path:
+def calibration_source(opts, source_manifest: Manifest | None, eval_data: Path | None) -> Path:
     """The task file GPTQ calibrates on (see the module docstring for the order)."""
     if opts.calibration is not None:
         return Path(opts.calibration)
-    settings = (source_manifest or {}).get("settings") or {}
+    settings = source_manifest.settings if source_manifest else {}
     train = settings.get("data")
     if train and Path(train).is_file() and artifact.sha256_file(Path(train)) == settings.get("data_sha256"):
         return Path(train)
@@ -57,7 +58,7 @@ def calibration_source(opts, source_manifest: dict | None, eval_data: Path | Non
     raise ShrinkError("GPTQ needs calibration data: pass --calibration FILE (task JSONL) or --eval FILE")
 
 
-def build(student: Path, tmp: Path, opts, source_manifest: dict | None) -> dict[str, Any]:
+def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> dict[str, Any]:
     from shrink.hf import resolve_device
     from shrink.quantize.gptq import GptqSettings, quantize_gptq
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
+from shrink.manifest import Manifest
 from shrink.quantize.onnx_quant import QUANTS
 
 DEFAULT_QUANT = "int8"
@@ -24,7 +25,7 @@ DEFAULT_QUANT = "int8"
 THRESHOLDS = {"fp32": Thresholds(0.99, 0.01), "int8": Thresholds(0.90, 0.10), "int4": Thresholds(0.85, 0.15)}
 
 
-def check(opts, source_manifest: dict | None, eval_data: Path | None):
+def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
     quant = (opts.quant or DEFAULT_QUANT).lower()
     if quant not in QUANTS:
         raise ShrinkError(f"--quant {opts.quant}: not an ONNX quantization (valid: {', '.join(QUANTS)})")
@@ -35,7 +36,7 @@ def thresholds(opts) -> Thresholds:
     return THRESHOLDS[opts.quant]
 
 
-def build(student: Path, tmp: Path, opts, source_manifest: dict | None) -> dict[str, Any]:
+def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> dict[str, Any]:
     from shrink.console import console
     from shrink.export.onnx_export import export_onnx
 

@@ -101,7 +101,7 @@ def quantize_gguf(
             raise
 
     if "error" in outcome or outcome.get("rc") != 0:
-        from shrink.artifact import out_of_space
+        from shrink.atomic import out_of_space
 
         full = out_of_space(dst.parent)  # measured with the partial output still there
         dst.unlink(missing_ok=True)

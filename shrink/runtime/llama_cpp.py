@@ -36,11 +36,11 @@ def find_gguf(path: str | Path) -> Path:
         return files[0]
     if not files:
         raise ModelError(f"{path}: no .gguf file in this folder")
-    from shrink.artifact import read_manifest
     from shrink.errors import ArtifactError
+    from shrink.manifest import Manifest
 
     try:
-        named = read_manifest(path).get("settings", {}).get("file")
+        named = Manifest.read(path).settings.get("file")
     except ArtifactError:
         named = None
     if named and (path / named) in files:
