@@ -121,9 +121,9 @@ def test_example_config_trains_and_the_manifest_settings_are_the_config(teacher,
     monkeypatch.chdir(tmp_path.parent)
     r = invoke("distill", "--config", tmp_path / "distill.toml", "--layers", 2, "--steps", 2, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
-    from shrink import artifact
+    from shrink.manifest import Manifest
 
-    settings = artifact.read_manifest(tmp_path / "student")["settings"]
+    settings = Manifest.read(tmp_path / "student").settings
     cfg = used[0]
     assert {k: settings[k] for k in cfg.settings()} == cfg.settings()
     assert settings["teacher"] == str(tmp_path / "teacher") and settings["layer_selection"] == "importance"
