@@ -63,10 +63,9 @@ def evaluate(rt: Runtime, examples: list[Example], label: str = "evaluating") ->
     """Accuracy and examples/s (the clock includes tokenization and any prefix set-up)."""
     correct = 0
     start = time.perf_counter()
-    if hasattr(rt, "share_prefix"):
-        prompts = [rt.encode(ex.prompt) for ex in examples]
-        # Keep one token before each prompt's end out of the prefix: it must be computed.
-        rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
+    prompts = [rt.encode(ex.prompt) for ex in examples]
+    # Keep one token before each prompt's end out of the prefix: it must be computed.
+    rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
     with progress("ex") as bar:
         task = bar.add_task(f"{label} ({rt.name})", total=len(examples))
         for ex in examples:

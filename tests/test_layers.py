@@ -27,7 +27,7 @@ LAYERS = [
     ("evaluate",),
     ("quantize", "runtime"),
     ("tasks", "prefix", "logits", "teacher_gguf", "artifact", "hf", "tables", "console", "quiet", "errors",
-     "toml_files", "manifest", "atomic", "__init__"),
+     "toml_files", "manifest", "atomic", "gguf_owner", "__init__"),
 ]
 BASE = "base"  # the last layer's name in the README line
 

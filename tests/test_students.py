@@ -298,17 +298,20 @@ def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, t
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ([], "--layers is required (or --student DIR"),
-    (["--layers", "2", "--student", "{teacher}"], "--layers and --student cannot be used together"),
-    (["--student", "{teacher}", "--layer-selection", "importance"], "--layer-selection: not with --student"),
-    (["--student", "{teacher}", "--hidden-weight", "1"], "--hidden-weight: not with --student"),
-    (["--layers", "2", "--ffn-ratio", "0"], "--ffn-ratio must be above 0 and at most 1"),
-    (["--layers", "2", "--heads-ratio", "1.5"], "--heads-ratio must be above 0 and at most 1"),
-    (["--layers", "2", "--hidden-weight", "-1"], "--hidden-weight must be 0 (off) or positive"),
+    ([], "--layers is required (or --student DIR, to start from an existing smaller model)"),
+    (["--layers", "2", "--student", "{teacher}"],
+     "--layers and --student cannot be used together: --student starts from that model, no layers are cut"),
+    (["--student", "{teacher}", "--layer-selection", "importance"],
+     "--layer-selection: not with --student (no layers are cut from the teacher)"),
+    (["--student", "{teacher}", "--hidden-weight", "1"],
+     "--hidden-weight: not with --student (its layers were not copied from the teacher's)"),
+    (["--layers", "2", "--ffn-ratio", "0"], "--ffn-ratio must be above 0 and at most 1 (1 keeps every one), got 0.0"),
+    (["--layers", "2", "--heads-ratio", "1.5"], "--heads-ratio must be above 0 and at most 1 (1 keeps every one), got 1.5"),
+    (["--layers", "2", "--hidden-weight", "-1"], "--hidden-weight must be 0 (off) or positive, got -1.0"),
 ])
 def test_student_options_refused_on_the_command_line(args, message, teacher, task_files, tmp_path):
     r = CliRunner().invoke(cli, [str(a).format(teacher=teacher) for a in (
         "distill", "--teacher", teacher, "--data", task_files["train"], "--out", tmp_path / "s", *args)])
     assert r.exit_code == 2, r.output
-    assert r.stderr.startswith("Error: " + message), r.stderr
+    assert r.stderr.strip().splitlines() == ["Error: " + message], r.stderr
     assert not (tmp_path / "s").exists()

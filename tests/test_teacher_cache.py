@@ -127,7 +127,11 @@ def test_a_cache_for_another_run_is_refused(caches, teacher, task_files, tmp_pat
     result = CliRunner().invoke(cli, ["distill", "--teacher", str(teacher), "--data", str(task_files["eval"]),
                                       "--out", str(tmp_path / "s"), "--layers", "2", "--teacher-cache", str(folder)])
     assert result.exit_code == 2
-    assert f"Error: --teacher-cache {folder} was made from other data ({task_files['train']}" in result.output
+    train, data = task_files["train"], task_files["eval"]
+    assert result.stderr.strip().splitlines() == [
+        f"Error: --teacher-cache {folder} was made from other data ({train}, sha256 {artifact.sha256_file(train)[:12]}...), "
+        f"not {data} (sha256 {artifact.sha256_file(data)[:12]}...); rebuild it: shrink teacher-cache --teacher {teacher} "
+        f"--data {data} --out DIR"]
     assert not (tmp_path / "s").exists()
 
     def refused(**kw):

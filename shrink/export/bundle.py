@@ -193,7 +193,7 @@ def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, c
     figures = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# {name}
 
-A task-specific student model built by [shrink](https://github.com/) for the
+A task-specific student model built by shrink (`shrink export --target`) for the
 **{target['name']}** target ({target['description']}).
 
 - Format: {chosen.format} {chosen.quant}, served by {target['runtime']}.

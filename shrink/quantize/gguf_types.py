@@ -1,9 +1,9 @@
 """The GGUF quantization types shrink offers, and how a user's spelling maps to one.
 
-`ftype` is the value of llama.cpp's `llama_ftype` enum (llama.h), as exposed by
-llama-cpp-python: `llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>` (F32 is `LLAMA_FTYPE_ALL_F32`).
-The numbers are written out here so that importing this module (for `--help`, for
-argument checking) does not load llama.cpp; tests/test_gguf.py checks them against llama_cpp.
+`ftype` is the value of llama.cpp's `llama_ftype` enum (llama.h), read from gguf-py's
+copy of it, `gguf.LlamaFileType.MOSTLY_<NAME>` (F32 is `ALL_F32`), when a file is
+quantized: importing this module (for `--help`, for argument checking) loads neither
+gguf nor llama.cpp. tests/test_gguf.py checks the values against llama_cpp's constants.
 
 `bits` is nominal: the bits per weight of the ggml block type that dominates the file
 (e.g. Q4_K: 144 bytes per 256 weights = 4.5). The K-quant mixes (_S/_M/_L) keep some
@@ -24,44 +24,50 @@ from shrink.errors import ShrinkError
 @dataclass(frozen=True)
 class QuantType:
     name: str  # canonical spelling, as llama.cpp's llama-quantize accepts it
-    ftype: int  # llama_ftype value passed to llama_model_quantize
     bits: float  # nominal bits per weight
     needs_imatrix: bool
     description: str
 
+    @property
+    def ftype(self) -> int:
+        """The llama_ftype value passed to llama_model_quantize (gguf.LlamaFileType)."""
+        from shrink.gguf_owner import import_gguf
+
+        return int(import_gguf().LlamaFileType["ALL_F32" if self.name == "F32" else f"MOSTLY_{self.name}"])
+
 
 _Q = QuantType
 # fmt: off
-#     name        ftype  bits    imatrix  description                                       # llama_cpp constant
+#     name       bits    imatrix description    (ftype: gguf.LlamaFileType.MOSTLY_<name>)
 _TABLE = [
-    _Q("F32",        0, 32.0,    False, "32-bit float, no rounding at all (large)"),         # LLAMA_FTYPE_ALL_F32
-    _Q("F16",        1, 16.0,    False, "16-bit float, practically lossless"),               # LLAMA_FTYPE_MOSTLY_F16
-    _Q("BF16",      32, 16.0,    False, "bfloat16, lossless for bf16-trained weights"),      # LLAMA_FTYPE_MOSTLY_BF16
-    _Q("Q8_0",       7,  8.5,    False, "8-bit, near lossless"),                             # LLAMA_FTYPE_MOSTLY_Q8_0
-    _Q("Q6_K",      18,  6.5625, False, "6-bit k-quant, near lossless"),                     # LLAMA_FTYPE_MOSTLY_Q6_K
-    _Q("Q5_K_M",    17,  5.5,    False, "5-bit k-quant mix, very small loss"),               # LLAMA_FTYPE_MOSTLY_Q5_K_M
-    _Q("Q5_K_S",    16,  5.5,    False, "5-bit k-quant, small loss"),                        # LLAMA_FTYPE_MOSTLY_Q5_K_S
-    _Q("Q5_0",       8,  5.5,    False, "5-bit legacy quant"),                               # LLAMA_FTYPE_MOSTLY_Q5_0
-    _Q("Q4_K_M",    15,  4.5,    False, "4-bit k-quant mix, the usual size/quality balance"),  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    _Q("Q4_K_S",    14,  4.5,    False, "4-bit k-quant, a little smaller than Q4_K_M"),      # LLAMA_FTYPE_MOSTLY_Q4_K_S
-    _Q("Q4_0",       2,  4.5,    False, "4-bit legacy quant, fast on many CPUs"),            # LLAMA_FTYPE_MOSTLY_Q4_0
-    _Q("IQ4_XS",    30,  4.25,   False, "4-bit non-linear i-quant, smaller than Q4_K_S"),    # LLAMA_FTYPE_MOSTLY_IQ4_XS
-    _Q("IQ4_NL",    25,  4.5,    False, "4-bit non-linear i-quant"),                         # LLAMA_FTYPE_MOSTLY_IQ4_NL
-    _Q("Q3_K_L",    13,  3.4375, False, "3-bit k-quant mix, larger/better of the 3-bit"),    # LLAMA_FTYPE_MOSTLY_Q3_K_L
-    _Q("Q3_K_M",    12,  3.4375, False, "3-bit k-quant mix, noticeable loss"),               # LLAMA_FTYPE_MOSTLY_Q3_K_M
-    _Q("Q3_K_S",    11,  3.4375, False, "3-bit k-quant, high loss"),                         # LLAMA_FTYPE_MOSTLY_Q3_K_S
-    _Q("IQ3_M",     27,  3.4375, False, "3-bit i-quant mix"),                                # LLAMA_FTYPE_MOSTLY_IQ3_M
-    _Q("IQ3_S",     26,  3.4375, False, "3.4-bit i-quant"),                                  # LLAMA_FTYPE_MOSTLY_IQ3_S
-    _Q("Q2_K",      10,  2.625,  False, "2-bit k-quant mix, very high loss"),                # LLAMA_FTYPE_MOSTLY_Q2_K
-    _Q("IQ3_XS",    22,  3.0625, True,  "3.3-bit i-quant mix"),                              # LLAMA_FTYPE_MOSTLY_IQ3_XS
-    _Q("IQ3_XXS",   23,  3.0625, True,  "3-bit i-quant"),                                    # LLAMA_FTYPE_MOSTLY_IQ3_XXS
-    _Q("Q2_K_S",    21,  2.625,  True,  "2-bit k-quant, smallest k-quant"),                  # LLAMA_FTYPE_MOSTLY_Q2_K_S
-    _Q("IQ2_M",     29,  2.5,    True,  "2.7-bit i-quant mix"),                              # LLAMA_FTYPE_MOSTLY_IQ2_M
-    _Q("IQ2_S",     28,  2.5,    True,  "2.5-bit i-quant"),                                  # LLAMA_FTYPE_MOSTLY_IQ2_S
-    _Q("IQ2_XS",    20,  2.3125, True,  "2.3-bit i-quant"),                                  # LLAMA_FTYPE_MOSTLY_IQ2_XS
-    _Q("IQ2_XXS",   19,  2.0625, True,  "2-bit i-quant"),                                    # LLAMA_FTYPE_MOSTLY_IQ2_XXS
-    _Q("IQ1_M",     31,  1.75,   True,  "1.75-bit i-quant, extreme loss"),                   # LLAMA_FTYPE_MOSTLY_IQ1_M
-    _Q("IQ1_S",     24,  1.5625, True,  "1.56-bit i-quant, extreme loss"),                   # LLAMA_FTYPE_MOSTLY_IQ1_S
+    _Q("F32",      32.0,   False, "32-bit float, no rounding at all (large)"),
+    _Q("F16",      16.0,   False, "16-bit float, practically lossless"),
+    _Q("BF16",     16.0,   False, "bfloat16, lossless for bf16-trained weights"),
+    _Q("Q8_0",     8.5,    False, "8-bit, near lossless"),
+    _Q("Q6_K",     6.5625, False, "6-bit k-quant, near lossless"),
+    _Q("Q5_K_M",   5.5,    False, "5-bit k-quant mix, very small loss"),
+    _Q("Q5_K_S",   5.5,    False, "5-bit k-quant, small loss"),
+    _Q("Q5_0",     5.5,    False, "5-bit legacy quant"),
+    _Q("Q4_K_M",   4.5,    False, "4-bit k-quant mix, the usual size/quality balance"),
+    _Q("Q4_K_S",   4.5,    False, "4-bit k-quant, a little smaller than Q4_K_M"),
+    _Q("Q4_0",     4.5,    False, "4-bit legacy quant, fast on many CPUs"),
+    _Q("IQ4_XS",   4.25,   False, "4-bit non-linear i-quant, smaller than Q4_K_S"),
+    _Q("IQ4_NL",   4.5,    False, "4-bit non-linear i-quant"),
+    _Q("Q3_K_L",   3.4375, False, "3-bit k-quant mix, larger/better of the 3-bit"),
+    _Q("Q3_K_M",   3.4375, False, "3-bit k-quant mix, noticeable loss"),
+    _Q("Q3_K_S",   3.4375, False, "3-bit k-quant, high loss"),
+    _Q("IQ3_M",    3.4375, False, "3-bit i-quant mix"),
+    _Q("IQ3_S",    3.4375, False, "3.4-bit i-quant"),
+    _Q("Q2_K",     2.625,  False, "2-bit k-quant mix, very high loss"),
+    _Q("IQ3_XS",   3.0625, True,  "3.3-bit i-quant mix"),
+    _Q("IQ3_XXS",  3.0625, True,  "3-bit i-quant"),
+    _Q("Q2_K_S",   2.625,  True,  "2-bit k-quant, smallest k-quant"),
+    _Q("IQ2_M",    2.5,    True,  "2.7-bit i-quant mix"),
+    _Q("IQ2_S",    2.5,    True,  "2.5-bit i-quant"),
+    _Q("IQ2_XS",   2.3125, True,  "2.3-bit i-quant"),
+    _Q("IQ2_XXS",  2.0625, True,  "2-bit i-quant"),
+    _Q("IQ1_M",    1.75,   True,  "1.75-bit i-quant, extreme loss"),
+    _Q("IQ1_S",    1.5625, True,  "1.56-bit i-quant, extreme loss"),
 ]
 # fmt: on
 

@@ -94,7 +94,12 @@ def quantize_gptq(student: Path, dst: Path, settings: GptqSettings, texts: list[
 def _logs_outside_cwd():
     """GPTQModel writes per-run log files into ./logs (a path fixed in
     gptqmodel.looper.loop_processor); point it at a temporary folder instead of
-    littering the user's working directory."""
+    littering the user's working directory.
+
+    A patch of a private name, kept because GPTQModel has no setting for it: the folder
+    became the module constant `_PROJECT_LOG_DIR = Path("logs")` in ModelCloud/GPTQModel#2865
+    ("store logs file in ./logs, not in root dir"), relative to the working directory. A
+    GPTQModel without the name is left as it is."""
     import importlib
 
     mod = importlib.import_module("gptqmodel.looper.loop_processor")

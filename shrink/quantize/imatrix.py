@@ -7,9 +7,9 @@ llama.cpp's `llama-imatrix` collects (sums of squares / count per column), compu
 with forward hooks on the Hugging Face student, so that no GGUF has to be run first.
 
 The result is keyed by GGUF tensor name ("blk.0.attn_q.weight"), mapped from the Hugging
-Face module names with the converter's own `gguf` tensor-name map, and handed to
-`llama_model_quantize` as `llama_model_imatrix_data` entries (a NULL-name-terminated
-array). The output head is left out, as `llama-imatrix` does by default.
+Face module names with the converter's own tables (its class for the architecture, and
+gguf-py's tensor-name map), and handed to `llama_model_quantize` as
+`llama_model_imatrix_data` entries (a NULL-name-terminated array). The output head is left out, as `llama-imatrix` does by default.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ import numpy as np
 from shrink.errors import ModelError, ShrinkError
 
 MAX_ROWS = 256  # calibration texts: the column means settle long before this on one task
-
-# Hugging Face model_type -> the converter's architecture (for tensor names).
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
-                 "gemma": "GEMMA", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "gemma3_text": "GEMMA3"}
 
 
 def compute_imatrix(student: Path, texts: list[str], max_rows: int = MAX_ROWS) -> dict[str, np.ndarray]:
@@ -67,15 +63,20 @@ def compute_imatrix(student: Path, texts: list[str], max_rows: int = MAX_ROWS) -
 
 
 def _gguf_names(model) -> dict[str, str]:
-    """Hugging Face linear-module name -> GGUF tensor name, for the decoder's layers."""
-    import gguf
+    """Hugging Face linear-module name -> GGUF tensor name, for the decoder's layers: the
+    converter's class for the config's architecture gives its gguf.MODEL_ARCH, and gguf's
+    tensor map for that architecture gives the names (as the converter writes them)."""
     import torch
+    from conversion import ModelType, get_model_architecture, get_model_class
 
+    from shrink.gguf_owner import import_gguf
+
+    gguf = import_gguf()
     model_type = model.config.model_type
-    if model_type not in ARCHITECTURES:
-        raise ModelError(f"importance matrix: no GGUF tensor names known for model_type {model_type!r} "
-                         f"(known: {', '.join(sorted(ARCHITECTURES))})")
-    arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[model_type])
+    try:
+        arch = get_model_class(get_model_architecture(model.config.to_dict(), ModelType.TEXT), mmproj=False).model_arch
+    except (ValueError, NotImplementedError) as e:
+        raise ModelError(f"importance matrix: no GGUF tensor names known for model_type {model_type!r} ({e})") from None
     table = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = {}
     for name, module in model.named_modules():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -46,6 +46,14 @@ class Runtime(Protocol):
         one of `stop_ids`, after `max_tokens`, at the context length, or before the first
         stop string (which is not included)."""
         ...
+
+    def share_prefix(self, ids: list[int]) -> None:
+        """Told once before an evaluation: every following prompt starts with `ids` (few-shot
+        examples, instructions), so a runtime may compute them once and reuse their keys
+        and values. Only a speed-up: the results equal those without it (to float rounding).
+        This default does nothing, for the runtimes that cannot share (onnxruntime) or
+        that reuse their cache for a shared prefix by themselves (llama.cpp)."""
+        return None
 
     def close(self) -> None: ...
 
@@ -142,6 +150,33 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """`text` up to the first of the stop strings (excluded), as generate() returns it."""
     cut = min((text.find(s) for s in stop if s in text), default=-1)
     return text if cut < 0 else text[:cut]
+
+
+def greedy_generate(rt: Runtime, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...],
+                    next_logits: Callable[[list[int], Any], tuple[Any, Any]]) -> str:
+    """`Runtime.generate` over a runtime's decoding step: `next_logits(new_ids, cache)`
+    returns the logits after the last of `new_ids` (vocab,) and the cache extended by
+    them (it starts as None: the prompt, then one token a step).
+
+    The text is what decoding prompt + output adds to the prompt's own decoding, so a
+    leading space is kept (as llama.cpp returns it); stop strings are checked as it grows.
+    """
+    ids = prompt_ids(rt, prompt)
+    base = rt.decode(ids)
+    out: list[int] = []
+    new, cache = ids, None
+    for _ in range(max_tokens):
+        if rt.context_length and len(ids) + len(out) >= rt.context_length:
+            break
+        logits, cache = next_logits(new, cache)
+        nxt = int(logits.argmax())
+        if nxt in rt.stop_ids:
+            break
+        out.append(nxt)
+        if stop and any(st in rt.decode(ids + out)[len(base):] for st in stop):
+            break
+        new = [nxt]
+    return cut_at_stop(rt.decode(ids + out)[len(base):], stop)
 
 
 # The files that hold an artifact's weights, per format (its size is theirs).

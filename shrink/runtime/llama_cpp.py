@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
-from shrink.runtime.base import EMPTY_PROMPT, cut_at_stop, prompt_ids, sum_logprobs
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, cut_at_stop, prompt_ids, sum_logprobs
 
 
 def find_gguf(path: str | Path) -> Path:
@@ -53,7 +53,7 @@ def find_gguf(path: str | Path) -> Path:
 DEFAULT_CONTEXT = 2048  # tokens: n_ctx when neither the caller nor a device target sets one
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(Runtime):
     """A GGUF model in llama.cpp.
 
     n_ctx: the tokens of context llama.cpp is set up for; its KV cache is allocated (and

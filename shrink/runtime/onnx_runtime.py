@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import (EMPTY_PROMPT, context_of, cut_at_stop, prompt_ids, read_config, stop_ids,
+from shrink.runtime.base import (EMPTY_PROMPT, Runtime, context_of, greedy_generate, read_config, stop_ids,
                                  sum_logprobs)
 from shrink.quiet import debug_enabled
 
@@ -45,7 +45,7 @@ def find_onnx(path: str | Path) -> Path:
     return path / MODEL_FILE
 
 
-class OnnxRuntime:
+class OnnxRuntime(Runtime):
     """An exported causal LM in onnxruntime (CPU), batch 1.
 
     context_length: the longest sequence it takes, as llama.cpp's n_ctx (default: the
@@ -148,25 +148,13 @@ class OnnxRuntime:
         return scores
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
-        """Greedy decoding with the KV cache, checking stop strings as text grows; the
-        text is what decoding prompt + output adds to the prompt's own decoding (as
-        TorchRuntime.generate)."""
-        ids = prompt_ids(self, prompt)
-        base = self.decode(ids)
-        out: list[int] = []
-        x, past = ids, None
-        for _ in range(max_tokens):
-            if self.context_length and len(ids) + len(out) >= self.context_length:
-                break
-            logits, past = self._run(x, past)
-            nxt = int(logits[-1].argmax())
-            if nxt in self.stop_ids:
-                break
-            out.append(nxt)
-            if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
-                break
-            x = [nxt]
-        return cut_at_stop(self.decode(ids + out)[len(base):], stop)
+        """Greedy decoding with the KV cache (shrink.runtime.base.greedy_generate)."""
+
+        def next_logits(ids: list[int], past: KV | None) -> tuple[np.ndarray, KV]:
+            logits, past = self._run(ids, past)
+            return logits[-1], past  # (vocab,)
+
+        return greedy_generate(self, prompt, max_tokens, stop, next_logits)
 
     def close(self) -> None:
         self._session = None

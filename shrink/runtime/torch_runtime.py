@@ -9,10 +9,10 @@ import numpy as np
 
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer, quantization_method, resolve_device
-from shrink.runtime.base import EMPTY_PROMPT, context_of, cut_at_stop, end_of_generation, prompt_ids, stop_ids
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, context_of, end_of_generation, greedy_generate, stop_ids
 
 
-class TorchRuntime:
+class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, path: Path, device: str = "auto"):
@@ -102,30 +102,16 @@ class TorchRuntime:
             return scores
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
-        """Greedy decoding with a KV cache, checking stop strings as text grows. The text
-        is what decoding prompt + output adds to the prompt's own decoding, so a leading
-        space is kept (as llama.cpp returns it)."""
+        """Greedy decoding with a KV cache (shrink.runtime.base.greedy_generate)."""
         import torch
 
-        ids = prompt_ids(self, prompt)
-        base = self.decode(ids)
-        out: list[int] = []
-        past = None
-        x = torch.tensor([ids], device=self.device)
+        def next_logits(ids: list[int], past):
+            x = torch.tensor([ids], device=self.device)
+            res = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
+            return res.logits[0, -1], res.past_key_values  # (vocab,)
+
         with torch.inference_mode():
-            for _ in range(max_tokens):
-                if self.context_length and len(ids) + len(out) >= self.context_length:
-                    break
-                res = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past = res.past_key_values
-                nxt = int(res.logits[0, -1].argmax())
-                if nxt in self.stop_ids:
-                    break
-                out.append(nxt)
-                if stop and any(st in self.decode(ids + out)[len(base):] for st in stop):
-                    break
-                x = torch.tensor([[nxt]], device=self.device)
-        return cut_at_stop(self.decode(ids + out)[len(base):], stop)
+            return greedy_generate(self, prompt, max_tokens, stop, next_logits)
 
     def close(self) -> None:
         self.model = None
