@@ -1,0 +1,100 @@
+"""The generative demo task: pull the customer's name, city and order number out of a
+support message, as one line of JSON, scored field by field (`--metric json`).
+
+    Message: Hi, this is Maria Lopez from Denver. My kettle arrived broken, order K2961.
+    JSON: {"name": "Maria Lopez", "city": "Denver", "order": "K2961"}
+
+The messages are written here from phrasings and name, city and product lists, with a
+fixed seed, so every run sees the same files. The splits are built apart on purpose:
+
+- train: inputs only, no answers (the teacher labels them: `shrink label`), from the
+  TRAIN phrasings, names and cities;
+- dev: with answers, from the same pools as train: where settings may be chosen;
+- test: with answers, from other phrasings (longer, reordered, some with a second
+  sentence of noise), other first and last names and other cities than train and dev.
+  Nothing is tuned on it and it does not shape the student.
+
+The answers are the generator's own (the truth), not the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SIZES = {"train": 480, "dev": 100, "test": 150}
+SEED = 20261201
+TEMPLATE = "Message: {text}\nJSON:"
+FIELDS = ("name", "city", "order")
+
+TRAIN_PHRASINGS = (
+    "Hi, this is {name} from {city}. My {item} arrived broken, order {order}.",
+    "Order {order}: the {item} never showed up. Please help. - {name}, {city}",
+    "Hello! {name} here ({city}). I want to return the {item} from order {order}.",
+    "My name is {name} and I live in {city}. Where is my {item}? Order number {order}.",
+    "{name} ({city}) writing about order {order}: the {item} is the wrong colour.",
+    "Can someone call me back? {name}, {city}. It's about the {item}, order {order}.",
+)
+TEST_PHRASINGS = (
+    "Good morning. I am writing because the {item} I bought (order {order}) stopped working after a week. "
+    "I am {name}, based in {city}, and I would like a replacement.",
+    "Third time asking!!! order {order}, {item}, still nothing. {name} / {city}",
+    "Dear support team, please cancel order {order}. I no longer need the {item}. Regards, {name} of {city}.",
+    "hey its {name}, im in {city} - got the {item} today but the box was empty?? order is {order}",
+    "From {city}: {name} here. Order {order} was charged twice for one {item}. Please refund one.",
+)
+TRAIN_FIRST = ("Maria", "John", "Aisha", "Wei", "Carlos", "Emma", "Liam", "Sofia", "Noah", "Priya", "Lucas", "Mei",
+               "Omar", "Hannah", "Diego", "Chloe", "Ivan", "Fatima", "Tom", "Yuki")
+TRAIN_LAST = ("Lopez", "Smith", "Khan", "Chen", "Garcia", "Brown", "Nguyen", "Rossi", "Patel", "Miller", "Silva",
+              "Kim", "Haddad", "Novak", "Olsen", "Dubois")
+TRAIN_CITIES = ("Denver", "Leeds", "Lyon", "Austin", "Porto", "Osaka", "Dublin", "Quebec", "Perth", "Boise",
+                "Tucson", "Malmo", "Bergen", "Kyoto", "Seville", "Graz")
+TEST_FIRST = ("Grace", "Mateo", "Leila", "Arjun", "Zoe", "Kwame", "Ingrid", "Rafael", "Nadia", "Hiro")
+TEST_LAST = ("Okafor", "Larsen", "Moreau", "Tanaka", "Fischer", "Romero", "Kowalski", "Mensah")
+TEST_CITIES = ("Nairobi", "Tallinn", "Adelaide", "Cork", "Halifax", "Bologna", "Lagos", "Krakow", "Geneva", "Fresno")
+ITEMS = ("blender", "kettle", "lamp", "backpack", "phone case", "desk chair", "toaster", "headphones",
+         "rice cooker", "yoga mat")
+
+# The teacher (a base model) reads three worked examples first (none from any split).
+TEACHER_PREFIX = (
+    'Message: Hi, I am Ana Costa from Lisbon and my order Q5512 is late.\n'
+    'JSON: {"name": "Ana Costa", "city": "Lisbon", "order": "Q5512"}\n\n'
+    'Message: Order T2087 came with a cracked mug. Ben Harris, Glasgow\n'
+    'JSON: {"name": "Ben Harris", "city": "Glasgow", "order": "T2087"}\n\n'
+    'Message: Please update my address. Order W7340. Thanks, Lina Berg (Oslo)\n'
+    'JSON: {"name": "Lina Berg", "city": "Oslo", "order": "W7340"}\n\n'
+)
+
+
+def message(rng: random.Random, phrasings, first, last, cities) -> tuple[str, dict]:
+    fields = {"name": f"{rng.choice(first)} {rng.choice(last)}", "city": rng.choice(cities),
+              "order": f"{rng.choice('ABCDEFGHJKMNPRSUVXYZ')}{rng.randint(1000, 9999)}"}
+    return rng.choice(phrasings).format(item=rng.choice(ITEMS), **fields), fields
+
+
+def rows(split: str) -> list[dict]:
+    """The split's task rows: train without completions, dev and test with the true JSON."""
+    rng = random.Random(f"{SEED}-{split}")
+    pools = (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES) if split == "test" else (
+        TRAIN_PHRASINGS, TRAIN_FIRST, TRAIN_LAST, TRAIN_CITIES)
+    out = []
+    for _ in range(SIZES[split]):
+        text, fields = message(rng, *pools)
+        row = {"prompt": TEMPLATE.format(text=text)}
+        if split != "train":
+            row["completion"] = " " + json.dumps(fields)
+        out.append(row)
+    return out
+
+
+def write_task_files(folder: Path) -> dict[str, Path]:
+    """train.jsonl (inputs only), dev.jsonl, test.jsonl and teacher_prefix.txt in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in SIZES:
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows(split)), encoding="utf-8")
+    paths["prefix"] = folder / "teacher_prefix.txt"
+    paths["prefix"].write_text(TEACHER_PREFIX, encoding="utf-8")
+    return paths
