@@ -134,6 +134,7 @@ def baseline_entry(manifest: Manifest) -> dict[str, Any]:
         "kind": manifest.kind,
         "format": manifest.format,
         "quant": artifact.quant_label(manifest),
+        "metric": m.get("metric"),  # what accuracy is: choice, exact, f1, chrf, rouge-l or json
         "accuracy": m.get("accuracy"),
         "retention": m.get("retention"),
         "size_bytes": m.get("size_bytes"),
@@ -288,6 +289,10 @@ def _eval_file_row(key: str, b: dict, n: dict) -> Row:
     evaluation file. A side that did not record its file (a baseline written before
     shrink did) is a warning: the figures are compared as they are."""
     b_sha, n_sha = b.get("eval_data_sha256"), n.get("eval_data_sha256")
+    if b.get("metric") and n.get("metric") and b["metric"] != n["metric"]:
+        return Row(key, "eval file", b.get("metric"), n.get("metric"), "", FAIL,
+                   f"scored by another metric than the baseline's ({b['metric']} in the baseline, {n['metric']} "
+                   f"now); score with --metric {b['metric']}, or write the baseline again with --update")
     if b_sha and n_sha:
         if b_sha != n_sha:
             return Row(key, "eval file", b_sha, n_sha, "", FAIL,

@@ -77,6 +77,35 @@ def cli() -> None:
     """
 
 
+def metric_option(command):
+    from shrink.metrics import METRIC_NAMES
+
+    return click.option("--metric", type=click.Choice(METRIC_NAMES), default=None,
+                        help="How answers are scored.  [default: choice for rows with choices, else exact]")(command)
+
+
+def generation_options(command):
+    """--max-new-tokens, --stop and --chat-template: how answers are written."""
+    for option in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Most tokens a generated answer may have."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="Stop an answer before this text (repeatable; --stop '' for none).  "
+                          "[default: a newline for raw prompts; chats stop at their end-of-turn token]"),
+        click.option("--chat-template", metavar="auto|none|FILE", default=None,
+                     help="Render rows as chats: auto (the teacher's template, else the model's), none (raw prompts), "
+                          "or a Jinja file.  [default: auto when rows hold messages]"),
+    ]):
+        command = option(command)
+    return command
+
+
+def generation(max_new_tokens: int, stop: tuple[str, ...]):
+    from shrink.evaluate import Generation
+
+    return Generation(max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None)
+
+
 def _config_options(command):
     """One option per field of DistillConfig (shrink.distill.config), in field order:
     `--field-name` (or the field's `flag`), its type, default, choices and help text."""
@@ -147,6 +176,42 @@ def distill(config_file, as_json, **options):
     _report_artifact(cfg.out, manifest, as_json)
 
 
+@cli.command()
+@click.option("--teacher", required=True, type=Path, help="Teacher: a Hugging Face model folder or a GGUF file (run in llama.cpp as it is).")
+@click.option("--data", required=True, type=Path, help="Inputs (JSONL): rows with a prompt or messages; other keys are kept.")
+@click.option("--out", required=True, type=Path, help="Labeled task file to write (JSONL); its manifest goes beside it.")
+@click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher (few-shot examples); the output keeps the prompts as they were.")
+@generation_options
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Leave out rows the teacher is less sure of (choice probability, or its answer's mean token probability).")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For a torch teacher.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, min_confidence, threads, device, as_json):
+    """Let the teacher answer the inputs: a task file to distill on.
+
+    Rows with `choices` get the teacher's most probable choice; the others its greedy
+    answer (up to --max-new-tokens). Each labeled row gets a `confidence`. Stopped runs
+    continue where they stopped when started again with the same inputs and settings.
+
+    \b
+    Examples:
+      shrink label --teacher teacher.gguf --data inputs.jsonl --teacher-prefix shots.txt --out labeled.jsonl
+      shrink label --teacher ./chat-teacher --data chats.jsonl --chat-template auto --min-confidence 0.5 --out labeled.jsonl
+      shrink distill --teacher teacher.gguf --data labeled.jsonl --layers 4 --out student
+    """
+    from shrink.label import LabelConfig, label as run_label, label_summary
+
+    cfg = LabelConfig(teacher=teacher, data=data, out=out, teacher_prefix=teacher_prefix, chat_template=chat_template,
+                      max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, min_confidence=min_confidence,
+                      threads=threads, device=device)
+    manifest = run_label(cfg)
+    if as_json:
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
+    else:
+        click.echo(label_summary(cfg, manifest), err=True)
+
+
 @cli.command("teacher-cache")
 @click.option("--teacher", required=True, type=Path, help="Teacher: a Hugging Face model folder or a GGUF file.")
 @click.option("--data", required=True, type=Path, help="Training task data (JSONL): the file distill will train on.")
@@ -196,6 +261,7 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--calibration", type=Path, help="GPTQ, GGUF --imatrix: task data to calibrate on.  [default: the student's training data, else --eval]")
 @click.option("--imatrix", is_flag=True, default=None, help="GGUF: quantize with an importance matrix computed from the task's data (needed by IQ1/IQ2/IQ3_XXS types).")
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
+@metric_option
 @click.option("--out", required=True, type=Path, help="Artifact folder to write.")
 @click.option("--threads", type=int, help="CPU threads for quantizing and evaluating.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where GPTQ quantizes and runs.")
@@ -204,7 +270,7 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--strict-tokenizer", is_flag=True, help="Parity: token ids that differ from the student's on the drift suite (texts beyond the evaluation prompts) make the export not valid, instead of a warning.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, eval_data, out,
+def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, eval_data, metric, out,
            threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
@@ -246,13 +312,17 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
         if clash:
             raise click.UsageError(f"{', '.join(clash)}: a device target's ladder and settings decide these "
                                    f"(edit its entry in targets.toml)")
+        if metric is not None:
+            raise click.UsageError("--metric: for a format target; device targets score with the default metric "
+                                   "(choice, or exact for generated answers)")
         manifest = export_for_target(student, out, device_target, eval_data, targets_file or DEFAULT_FILE, force=force)
         _report_artifact(out, manifest, as_json)
         return
     if targets_file is not None:
         raise click.UsageError(f"--targets: --target {target} is a format, not a device target")
     opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
-                         desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device)
+                         desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device,
+                         metric=metric)
     manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl,
                           strict_tokenizer=strict_tokenizer)
     _report_artifact(out, manifest, as_json)
@@ -268,13 +338,18 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
 @click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing a shrink artifact's (and teacher's) files against the manifest (trusted builds, for speed).")
+@metric_option
+@generation_options
+@click.option("--reference", type=click.Choice(["labels", "teacher"]), default="labels", show_default=True,
+              help="Score against the data's answers, or against the teacher's (agreement: data without answers needs no labels).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, device, no_verify, as_json):
-    """Measure task accuracy through the artifact's own runtime.
+def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, device, no_verify, metric,
+             max_new_tokens, stop, chat_template, reference, as_json):
+    """Measure the task's score through the artifact's own runtime.
 
     A Hugging Face folder runs in torch (a GPTQ one through GPTQModel's kernels), a GGUF
-    artifact in llama.cpp, an ONNX one in onnxruntime. Examples with
-    choices are scored by log-probability; others by exact match of the greedy output.
+    artifact in llama.cpp, an ONNX one in onnxruntime. Examples with choices are scored
+    by log-probability; others by --metric (default exact match) on the greedy output.
     The teacher runs the same way: a GGUF teacher in llama.cpp, as its users serve it.
     A shrink artifact (and a --teacher that is one) is first checked against its
     manifest: a changed file exits 1 naming it.
@@ -283,11 +358,15 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
     Examples:
       shrink eval student-q4 --data eval.jsonl --teacher ./teacher --json
       shrink eval student-q4 --data eval.jsonl --teacher teacher-Q4_K_M.gguf --teacher-prefix shots.txt
+      shrink eval student-q4 --data test.jsonl --metric json --max-new-tokens 48
+      shrink eval student-q4 --data inputs.jsonl --teacher ./teacher --reference teacher --metric chrf
     """
     from shrink.evaluate import evaluate_path
 
     result = evaluate_path(artifact, data, teacher=teacher, teacher_prefix=teacher_prefix,
-                           teacher_runtime=teacher_runtime, threads=threads, device=device, skip_verify=no_verify)
+                           teacher_runtime=teacher_runtime, threads=threads, device=device, skip_verify=no_verify,
+                           metric=metric, generation=generation(max_new_tokens, stop), chat_template=chat_template,
+                           reference=reference)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -337,12 +416,14 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate):
 @cli.command()
 @click.option("--out", default="demo-out", show_default=True, type=Path, help="Folder for the data, models and results.")
 @click.option("--teacher", type=Path, help="Use another teacher (folder or GGUF).  [default: Gemma 3 270M from its PyPI package]")
+@click.option("--task", type=click.Choice(["sentiment", "extract"]), default="sentiment", show_default=True,
+              help="sentiment: labeled reviews, a choice; extract: support messages without answers, labeled by the teacher, answered as JSON.")
 @click.option("--layers", default=3, show_default=True, help="Decoder layers the student keeps.")
-@click.option("--epochs", default=4.0, show_default=True, help="Passes over the 1,201 training reviews.")
+@click.option("--epochs", default=4.0, show_default=True, help="Passes over the training data (1,201 reviews; 480 messages).")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-def demo(out, teacher, layers, epochs, threads, force, as_json):
+def demo(out, teacher, task, layers, epochs, threads, force, as_json):
     """Run the whole pipeline on the built-in example.
 
     Gemma 3 270M is distilled into a small student for the sentiment of customer
@@ -353,14 +434,21 @@ def demo(out, teacher, layers, epochs, threads, force, as_json):
     runtimes on the test split, which no setting was tuned on. Writes results.json and
     accuracy_vs_size.png into OUT. Needs: pip install 'shrink[demo]'.
 
+    With --task extract, the training inputs (support messages) have no answers: the
+    teacher's GGUF labels them in llama.cpp (`shrink label`), and every model is scored
+    field by field on JSON answers (--metric json), on test messages written with other
+    phrasings, names and cities than the training ones.
+
     \b
-    Example:
+    Examples:
       shrink demo --out demo-out
+      shrink demo --task extract --out demo-extract
     """
     from shrink.demo.pipeline import DemoConfig, run_demo
     from shrink.demo.report import print_table
 
-    result = run_demo(DemoConfig(out=out, teacher=teacher, layers=layers, epochs=epochs, threads=threads, force=force))
+    result = run_demo(DemoConfig(out=out, teacher=teacher, task=task, layers=layers, epochs=epochs, threads=threads,
+                                 force=force))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     print_table(result)

@@ -39,6 +39,7 @@ KIND_FORMATS = {
     "export": ("gguf", "onnx", "gptq"),  # shrink export --target FORMAT
     "bundle": ("gguf", "onnx", "gptq"),  # shrink export --target DEVICE: the rung chosen
     "teacher-cache": ("safetensors",),   # shrink teacher-cache: top-k log-prob shards
+    "labels": ("jsonl",),                # shrink label: a task file the teacher answered (beside it, not a folder)
 }
 KINDS = tuple(KIND_FORMATS)
 FORMATS = tuple(dict.fromkeys(f for formats in KIND_FORMATS.values() for f in formats))
@@ -89,6 +90,14 @@ class Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise ManifestError(f"{folder}: not a shrink artifact (no {MANIFEST})")
+        return cls.read_from(path)
+
+    @classmethod
+    def read_from(cls, path: str | Path) -> Manifest:
+        """The manifest in file `path`, checked (a labeled task file's sits beside it)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ManifestError(f"{path}: no such manifest")
         data = _load(path)
         if not _is_shrink(data):
             raise ManifestError(f"{path}: not a shrink manifest (magic {MAGIC!r} missing)")
@@ -135,7 +144,11 @@ class Manifest:
     def write(self, folder: str | Path) -> Manifest:
         """Write `folder`/manifest.json atomically; a manifest that Manifest.read would
         refuse is not written."""
-        path = Path(folder) / MANIFEST
+        return self.write_to(Path(folder) / MANIFEST)
+
+    def write_to(self, path: str | Path) -> Manifest:
+        """Write the manifest to `path` (a labeled task file's sits beside it)."""
+        path = Path(path)
         data = self.to_dict()
         problems = _problems(data)
         if problems:

@@ -82,7 +82,7 @@ def artifact_row(key: str, m: Manifest) -> dict[str, Any]:
     metrics = m.metrics
     return {
         "artifact": key, "kind": m.kind, "format": m.format, "quant": artifact.quant_label(m),
-        "size_bytes": metrics.get("size_bytes"), "accuracy": metrics.get("accuracy"),
+        "size_bytes": metrics.get("size_bytes"), "accuracy": metrics.get("accuracy"), "metric": metrics.get("metric"),
         "retention": metrics.get("retention"), "examples_per_s": metrics.get("examples_per_s"),
         "runtime": metrics.get("eval_runtime"), "valid": m.valid,
         "target": m.target,
@@ -120,13 +120,28 @@ def write_report(build_dir: str | Path, out: str | Path | None = None) -> dict[s
     points = plot_points(rows)
     candidates = [p for p in points if p.role != "invalid"]  # a failed export is no option
     front = [candidates[i] for i in pareto_front([(p.size_bytes, p.accuracy) for p in candidates])]
-    write_pareto_plot(points, front, out / PLOT, title=f"shrink report: {build_dir.name or build_dir}")
+    write_pareto_plot(points, front, out / PLOT, title=f"shrink report: {build_dir.name or build_dir}",
+                      ylabel=score_label(rows))
     write_text_atomic(out / REPORT, render_markdown(build_dir, rows, points, front))
     return {"report": str(out / REPORT), "plot": str(out / PLOT), "front": [p.label for p in front]}
 
 
+def score_label(rows: list[dict[str, Any]]) -> str:
+    """What the score axis is: accuracy (choice, exact) or the generative metric's name."""
+    metrics = {r.get("metric") for r in rows if r.get("metric")}
+    if len(metrics) == 1 and (metric := metrics.pop()) not in ("choice", "exact"):
+        return metric
+    return "accuracy"
+
+
 def render_markdown(build_dir: Path, rows: list[dict[str, Any]], points: list[Point], front: list[Point]) -> str:
     lines = [f"# shrink report: {build_dir}", "", f"![Accuracy against size]({PLOT})", ""]
+    metrics = sorted({r["metric"] for r in rows if r.get("metric")})
+    if len(metrics) > 1:
+        lines += [f"**The artifacts were scored by different metrics ({', '.join(metrics)}): their figures do not "
+                  "compare.** Export them with the same `--metric`.", ""]
+    elif metrics and metrics[0] not in ("choice", "exact"):
+        lines += [f"Accuracy here is the {metrics[0]} score (`--metric {metrics[0]}`), from 0 to 100%.", ""]
     if front:
         shown = ", ".join(f"`{p.label}` ({human_bytes(p.size_bytes)}, {pct(p.accuracy)})" for p in front)
         lines += [f"Pareto front (smallest size for each accuracy; exports not valid left out): {shown}.", ""]
@@ -151,7 +166,7 @@ def render_markdown(build_dir: Path, rows: list[dict[str, Any]], points: list[Po
     return "\n".join(lines)
 
 
-def write_pareto_plot(points: list[Point], front: list[Point], path: Path, title: str) -> None:
+def write_pareto_plot(points: list[Point], front: list[Point], path: Path, title: str, ylabel: str = "accuracy") -> None:
     """Accuracy (%) against size (MB, log axis), each point labelled, the front as a step
     line. The figure is FIG_INCHES at DPI, whatever the labels (no tight bounding box)."""
     import matplotlib
@@ -163,7 +178,7 @@ def write_pareto_plot(points: list[Point], front: list[Point], path: Path, title
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.1, top=0.92)  # fixed, so labels can be placed
     ax.set_xscale("log")
     ax.set_xlabel("size (MB, log scale)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{ylabel} (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if not points:

@@ -25,17 +25,22 @@ def pct(x: float | None) -> str:
 
 
 def print_eval_table(result: dict) -> None:
-    table = Table(title=f"accuracy on {result['data']}")
-    for col in ("model", "runtime", "size", "accuracy", "examples/s"):
+    metric = result.get("metric", "choice")
+    against = " against the teacher's answers" if result.get("reference") == "teacher" else ""
+    score = "accuracy" if metric in ("choice", "exact") else metric
+    table = Table(title=f"{score} ({metric}) on {result['data']}{against}")
+    for col in ("model", "runtime", "size", score, "examples/s"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
     for row in result["results"]:
-        table.add_row(
-            f"{row['role']}: {row['path']}", row["runtime"], human_bytes(row["size_bytes"]),
-            f"{pct(row['accuracy'])} ({row['correct']}/{row['examples']})", f"{row['examples_per_s']:.2f}",
-        )
+        counted = f" ({row['correct']}/{row['examples']})" if row.get("correct") is not None else ""
+        value = "reference" if against and row["role"] == "teacher" else f"{pct(row['accuracy'])}{counted}"
+        table.add_row(f"{row['role']}: {row['path']}", row["runtime"], human_bytes(row["size_bytes"]), value,
+                      f"{row['examples_per_s']:.2f}")
     console.print(table)
-    if "retention" in result:
-        console.print(f"retention (artifact / teacher accuracy): [bold]{pct(result['retention'])}[/bold]")
+    if against:
+        console.print(f"agreement with the teacher ({metric}): [bold]{pct(result['results'][0]['accuracy'])}[/bold]")
+    elif "retention" in result:
+        console.print(f"retention (artifact / teacher {score}): [bold]{pct(result['retention'])}[/bold]")
 
 
 def print_artifact_summary(out: Path, manifest: Manifest) -> None:

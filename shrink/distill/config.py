@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.errors import ShrinkError
+from shrink.metrics import METRIC_NAMES
 from shrink.toml_files import read_toml
 
 
@@ -70,6 +71,12 @@ class DistillConfig:
     seed: int = option(0, "Random seed (torch, and the order of the batches).")
     teacher_prefix: Path | None = option(
         None, "Text file put before every prompt for the teacher only (few-shot examples the student should not need).")
+    metric: str | None = option(
+        None, "How --eval answers are scored.  [default: choice for rows with choices, else exact]",
+        choices=METRIC_NAMES)
+    chat_template: str | None = option(
+        None, "Render rows as chats (auto: the teacher's template; none: raw prompts; or a Jinja file); the student "
+        "inherits the teacher's template.  [default: auto when rows hold messages]")
     prune_vocab: bool = option(
         False, "Keep only the tokens the training data needs (plus special and byte tokens; never --eval's).")
     vocab_data: tuple[Path, ...] = option(  # a list of paths in a --config file

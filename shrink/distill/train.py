@@ -118,8 +118,12 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         check_model_dir(Path(cfg.student), "student")
     if cfg.vocab_data and not cfg.prune_vocab:
         raise ShrinkError("--vocab-data: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)")
-    train = load_task(cfg.data)
-    evals = load_task(cfg.eval_data) if cfg.eval_data else None
+    from shrink.chat import resolve_template
+    from shrink.evaluate import chat_template_spec
+
+    template = resolve_template(chat_template_spec(cfg.chat_template, cfg.data), cfg.teacher)
+    train = load_task(cfg.data, template)
+    evals = load_task(cfg.eval_data, template) if cfg.eval_data else None
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
         raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
     vocab_texts = [text for path in cfg.vocab_data for text in read_vocab_data(path)]
@@ -301,7 +305,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         if cfg.teacher_prefix:
             teacher_examples = with_prefix(eval_examples, Path(cfg.teacher_prefix).read_text(encoding="utf-8"))
         metrics.update(_evaluate_pair(student, student_tokenizer, teacher, tokenizer, device,
-                                      eval_examples, teacher_examples, cfg.eval_data))
+                                      eval_examples, teacher_examples, cfg.eval_data, cfg.metric))
 
     settings = {
         **cfg.settings(),
@@ -367,13 +371,17 @@ def teacher_pre_tokenizer(tokenizer) -> str | None:
             return None
 
 
-def _evaluate_pair(student, student_tokenizer, teacher, tokenizer, device, examples, teacher_examples, eval_path) -> dict[str, Any]:
+def _evaluate_pair(student, student_tokenizer, teacher, tokenizer, device, examples, teacher_examples, eval_path,
+                   metric: str | None = None) -> dict[str, Any]:
     from shrink.evaluate import evaluate, retention
     from shrink.runtime.torch_runtime import TorchRuntime
 
-    s = evaluate(TorchRuntime.from_model(student, student_tokenizer, device), examples, "evaluating student")
-    t = evaluate(TorchRuntime.from_model(teacher, tokenizer, device), teacher_examples, "evaluating teacher")
+    s = evaluate(TorchRuntime.from_model(student, student_tokenizer, device), examples, "evaluating student",
+                 metric=metric)
+    t = evaluate(TorchRuntime.from_model(teacher, tokenizer, device), teacher_examples, "evaluating teacher",
+                 metric=metric)
     return {
+        "metric": s.metric,
         "accuracy": s.accuracy,
         "examples_per_s": s.examples_per_s,
         "teacher_accuracy": t.accuracy,

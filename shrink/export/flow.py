@@ -38,6 +38,7 @@ class ExportOptions:
     imatrix: bool | Path | None = None  # GGUF: True computes one from the calibration data; a Path reads one
     threads: int | None = None
     device: str = "auto"  # where GPTQ quantizes and torch-served artifacts are evaluated
+    metric: str | None = None  # how --eval answers are scored (None: choice for rows with choices, else exact)
 
 
 FLAGS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act", "calibration": "--calibration",
@@ -162,10 +163,11 @@ def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: Ma
 
     rt = open_runtime(path, device=opts.device, threads=opts.threads)
     try:
-        res = evaluate(rt, examples, f"evaluating {opts.target}")
+        res = evaluate(rt, examples, f"evaluating {opts.target}", metric=opts.metric)
     finally:
         rt.close()
     metrics = {
+        "metric": res.metric,
         "accuracy": res.accuracy,
         "examples_per_s": res.examples_per_s,
         "eval_examples": res.examples,
@@ -173,7 +175,9 @@ def evaluate_artifact(path: Path, examples, eval_path: Path, source_manifest: Ma
         "eval_runtime": res.runtime,
     }
     src = source_manifest.metrics if source_manifest else {}
-    if src.get("eval_data_sha256") == metrics["eval_data_sha256"] and src.get("teacher_accuracy") is not None:
+    same_metric = src.get("metric", res.metric) == res.metric  # student manifests before metrics had none
+    if src.get("eval_data_sha256") == metrics["eval_data_sha256"] and src.get("teacher_accuracy") is not None \
+            and same_metric:
         metrics["teacher_accuracy"] = src["teacher_accuracy"]
         metrics["retention"] = retention(res.accuracy, src["teacher_accuracy"])
         metrics["student_accuracy"] = src.get("accuracy")

@@ -26,9 +26,10 @@ class Runtime(Protocol):
     stop_ids: frozenset[int]  # the token ids that end a generation (not part of its text)
     context_length: int | None  # most tokens a sequence may hold, prompt and output (None: no limit)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`, with BOS when the model's tokenizer adds one.
-        Special-token strings inside `text` are plain text."""
+        Special-token strings inside `text` are plain text, unless `special` (text a chat
+        template wrote, where "<end_of_turn>" is the token)."""
         ...
 
     def decode(self, ids: list[int]) -> str: ...

@@ -105,9 +105,9 @@ class LlamaCppRuntime(Runtime):
 
     # -- tokens ------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
         # special=False: "<s>" typed in the text is three characters, not the BOS token.
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=special)
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` as the HF tokenizer's decode(skip_special_tokens=True) gives it.

@@ -99,9 +99,9 @@ class OnnxRuntime(Runtime):
 
     # -- tokens ------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
         # As TorchRuntime: special-token strings in user text stay text.
-        return list(self.tokenizer(text, split_special_tokens=True).input_ids)
+        return list(self.tokenizer(text, split_special_tokens=not special).input_ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

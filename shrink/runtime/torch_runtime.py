@@ -37,9 +37,9 @@ class TorchRuntime(Runtime):
         rt.context_length = context_of(model.config.to_dict())
         return rt
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = False) -> list[int]:
         # Special-token strings in user text stay text, as in llama.cpp with special=False.
-        return list(self.tokenizer(text, split_special_tokens=True).input_ids)
+        return list(self.tokenizer(text, split_special_tokens=not special).input_ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,137 @@
+"""`shrink label`: the teacher answers inputs without answers; distill trains on them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from shrink.cli import cli
+from shrink.evaluate import Generation, answer, choose
+from shrink.label import manifest_path
+from shrink.manifest import Manifest
+from shrink.runtime import open_runtime
+from shrink.tasks import load_task
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    rows = tiny.toy_examples(24, seed=7)
+    choice_rows = [{"prompt": r["prompt"], "choices": r["choices"], "id": i} for i, r in enumerate(rows)]
+    free_rows = [{"prompt": r["prompt"], "id": i} for i, r in enumerate(rows[:10])]
+    return {"choices": tiny.write_jsonl(d / "choices.jsonl", choice_rows),
+            "free": tiny.write_jsonl(d / "free.jsonl", free_rows)}
+
+
+def test_choice_rows_get_the_teachers_choice_and_its_probability(teacher, inputs, tmp_path):
+    out = tmp_path / "labeled.jsonl"
+    r = invoke("label", "--teacher", teacher, "--data", inputs["choices"], "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    rows = read_rows(out)
+    assert [row["id"] for row in rows] == list(range(24))  # other keys kept, order kept
+    rt = open_runtime(teacher, device="cpu")
+    for row, ex in zip(rows, load_task(inputs["choices"], need_completion=False)):
+        choice, scores = choose(rt, ex)
+        assert row["completion"] == choice
+        assert row["confidence"] == pytest.approx(math.exp(max(scores)) / sum(map(math.exp, scores)), abs=1e-5)
+        assert 0.5 <= row["confidence"] <= 1
+    m = Manifest.read_from(manifest_path(out))
+    assert (m.kind, m.format) == ("labels", "jsonl")
+    assert m.metrics["rows"] == m.metrics["labeled"] == 24 and m.metrics["dropped_low_confidence"] == 0
+    assert m.files["labeled.jsonl"].bytes == out.stat().st_size
+    assert len(m.settings["teacher_sha256"]) == 64 and len(m.settings["data_sha256"]) == 64
+    assert json.loads(r.stdout)["kind"] == "labels"
+    # The labeled file is a task file: the teacher's labels are what the teacher chooses,
+    # and the teacher (trained on the toy task) is mostly right.
+    truth = [ex["completion"] for ex in tiny.toy_examples(24, seed=7)]
+    assert sum(row["completion"] == t for row, t in zip(rows, truth)) >= 20
+    assert len(load_task(out)) == 24
+
+
+def test_free_rows_get_the_teachers_greedy_answer(teacher, inputs, tmp_path):
+    out = tmp_path / "labeled.jsonl"
+    assert invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", out,
+                  "--max-new-tokens", 4).exit_code == 0
+    rows = read_rows(out)
+    rt = open_runtime(teacher, device="cpu")
+    for row, ex in zip(rows, load_task(inputs["free"], need_completion=False)):
+        assert row["completion"] == answer(rt, ex, Generation(max_new_tokens=4))
+        assert 0 < row["confidence"] <= 1
+
+
+def test_min_confidence_leaves_rows_out_and_says_how_many(teacher, inputs, tmp_path):
+    out = tmp_path / "labeled.jsonl"
+    r = invoke("label", "--teacher", teacher, "--data", inputs["choices"], "--out", out, "--min-confidence", 0.999999)
+    assert r.exit_code == 0, r.output
+    m = Manifest.read_from(manifest_path(out))
+    kept = read_rows(out)
+    assert len(kept) == m.metrics["labeled"] and m.metrics["dropped_low_confidence"] == 24 - len(kept) > 0
+    assert all(row["confidence"] >= 0.999999 for row in kept)
+    assert f"left out {24 - len(kept)} of 24 rows the teacher was less than 100% sure of" in r.output
+
+
+def test_a_stopped_run_continues_where_it_stopped(teacher, inputs, tmp_path, monkeypatch):
+    import shrink.evaluate as evaluate
+
+    whole = tmp_path / "whole.jsonl"
+    assert invoke("label", "--teacher", teacher, "--data", inputs["choices"], "--out", whole).exit_code == 0
+
+    calls, real = [], evaluate.choose
+
+    def stop_after_ten(rt, ex):
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        calls.append(ex)
+        return real(rt, ex)
+
+    out = tmp_path / "labeled.jsonl"
+    monkeypatch.setattr(evaluate, "choose", stop_after_ten)
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["choices"]), "--out", str(out)])
+    assert r.exit_code != 0 and not out.exists()  # nothing half-written
+    assert len(read_rows(out.with_name("labeled.jsonl.partial"))) == 10
+    monkeypatch.setattr(evaluate, "choose", lambda rt, ex: calls.append(ex) or real(rt, ex))
+    r = invoke("label", "--teacher", teacher, "--data", inputs["choices"], "--out", out)
+    assert r.exit_code == 0 and "resuming: 10 rows already labeled" in r.output
+    assert len(calls) == 24  # 10, then the other 14
+    assert out.read_text() == whole.read_text()
+    assert not out.with_name("labeled.jsonl.partial").exists()
+
+
+def test_distill_trains_on_the_labels(teacher, inputs, tmp_path):
+    out = tmp_path / "labeled.jsonl"
+    assert invoke("label", "--teacher", teacher, "--data", inputs["choices"], "--out", out).exit_code == 0
+    r = invoke("distill", "--teacher", teacher, "--data", out, "--out", tmp_path / "student", "--layers", 2,
+               "--steps", 2, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert Manifest.read(tmp_path / "student").kind == "student"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--min-confidence", "2"], "Error: Invalid value for '--min-confidence': 2.0 is not in the range 0<=x<=1."),
+    (["--teacher-prefix", "nope.txt"], "Error: --teacher-prefix: no such file nope.txt"),
+])
+def test_bad_options(teacher, inputs, tmp_path, args, error):
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["choices"]),
+                                 "--out", str(tmp_path / "o.jsonl"), *args])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == error
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_row_without_prompt_or_messages(teacher, tmp_path):
+    data = tiny.write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"text": "b"}])
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == f"Error: {data}:2: missing key 'prompt' (or 'messages')"
