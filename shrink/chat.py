@@ -88,6 +88,15 @@ def render(template: ChatTemplate, messages: tuple[dict[str, str], ...]) -> Rend
     return Rendered(prompt, completion.rstrip("\n") if end else completion, answer, end or None)
 
 
+def turn_end(template: ChatTemplate) -> str | None:
+    """The text the template closes an assistant turn with (probed with a short chat)."""
+    probe = ({"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"})
+    try:
+        return render(template, probe).end_of_turn
+    except ShrinkError:
+        return None
+
+
 def _render(template: ChatTemplate, messages, add_generation_prompt: bool) -> str:
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -123,6 +132,8 @@ def resolve_template(spec: str | None, model: str | Path | None, option: str = "
 
 def model_chat_template(model: Path) -> tuple[str | None, str | None, ChatTemplate | None]:
     """(BOS text, EOS text, chat template or None) of a Hugging Face folder or a GGUF file."""
+    if model.is_dir() and not (model / "tokenizer_config.json").is_file():
+        model = next(iter(sorted(model.glob("*.gguf"))), model)  # a GGUF export's folder
     if model.is_file():
         return _gguf_chat_template(model)
     config = _read_json(model / "tokenizer_config.json")
@@ -168,3 +179,13 @@ def _read_json(path: Path) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def template_spec(spec: str | None, data) -> str | None:
+    """--chat-template as given; when it is not given, auto for data with chat rows."""
+    if spec is not None:
+        return spec
+    if not Path(data).is_file():
+        return None  # load_task names the missing file
+    with open(Path(data), encoding="utf-8", errors="replace") as f:
+        return "auto" if any('"messages"' in line for line in f) else None

@@ -38,7 +38,7 @@ from typing import Any
 from shrink import __version__, artifact
 from shrink.atomic import write_json_atomic, write_text_atomic
 from shrink.errors import ShrinkError
-from shrink.manifest import MANIFEST, Manifest, is_shrink_manifest
+from shrink.manifest import Manifest
 from shrink.tables import human_bytes, pct
 
 BASELINE_KIND = "shrink-baseline"

@@ -182,16 +182,23 @@ def distill(config_file, as_json, **options):
 @click.option("--out", required=True, type=Path, help="Labeled task file to write (JSONL); its manifest goes beside it.")
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher (few-shot examples); the output keeps the prompts as they were.")
 @generation_options
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Answers per input (distinct ones kept, each a row), sampled at --temperature: more diverse training data.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy answers; above 0: sampled from softmax(logits / temperature).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out rows the teacher is less sure of (choice probability, or its answer's mean token probability).")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For a torch teacher.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, min_confidence, threads, device, as_json):
+def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, samples, temperature, seed,
+          min_confidence, threads, device, as_json):
     """Let the teacher answer the inputs: a task file to distill on.
 
     Rows with `choices` get the teacher's most probable choice; the others its greedy
-    answer (up to --max-new-tokens). Each labeled row gets a `confidence`. Stopped runs
+    answer (up to --max-new-tokens), or --samples answers sampled at --temperature. Each
+    labeled row gets a `confidence`. Stopped runs
     continue where they stopped when started again with the same inputs and settings.
 
     \b
@@ -204,7 +211,7 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
 
     cfg = LabelConfig(teacher=teacher, data=data, out=out, teacher_prefix=teacher_prefix, chat_template=chat_template,
                       max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, min_confidence=min_confidence,
-                      threads=threads, device=device)
+                      samples=samples, temperature=temperature, seed=seed, threads=threads, device=device)
     manifest = run_label(cfg)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
@@ -383,7 +390,9 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact's files against its manifest (trusted builds, for speed).")
 @click.option("--truncate", is_flag=True, help="Cut a prompt too long for the context from the left, leaving MAX_TOKENS of room (said on stderr), instead of refusing it.")
-def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate):
+@click.option("--chat-template", metavar="auto|none|FILE", default="none", show_default=True,
+              help="Send PROMPT as a user's chat message, rendered by the artifact's template (auto) or a Jinja file; the answer ends at the template's end of turn.")
+def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate, chat_template):
     """Generate a completion of PROMPT greedily with the artifact's runtime.
 
     Generation ends at the model's end-of-generation tokens (its generation config's
@@ -393,22 +402,30 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate):
     manifest: a changed file exits 1 naming it.
 
     \b
-    Example:
+    Examples:
       shrink run student-q4 "Review: the battery died in a day\\nSentiment:" --max-tokens 4
+      shrink run chat-student-q4 "Where is my order K2961?" --chat-template auto
     """
     from shrink.artifact import verify_before_use
+    from shrink.chat import check_messages, render, resolve_template, turn_end
+    from shrink.evaluate import turn_end_ids
     from shrink.runtime import open_runtime
     from shrink.runtime.base import fit_context
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-tokens")
+    template = resolve_template(chat_template, artifact)
     verify_before_use(artifact, skip=no_verify)
     rt = open_runtime(artifact, device=device, threads=threads)
     try:
+        stop_ids = frozenset()
+        if template is not None:
+            text = render(template, check_messages([{"role": "user", "content": prompt}], "PROMPT")).prompt
+            prompt, stop_ids = rt.encode(text, True), turn_end_ids(rt, turn_end(template))
         ids, note = fit_context(rt, prompt, max_tokens, truncate)
         if note:
             click.echo(f"note: {note}", err=True)
-        click.echo(rt.generate(ids, max_tokens))
+        click.echo(rt.generate(ids, max_tokens, stop_ids=stop_ids))
     finally:
         rt.close()
 

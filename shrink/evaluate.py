@@ -71,9 +71,20 @@ def choose(rt: Runtime, ex: Example) -> tuple[str, list[float]]:
     return ex.choices[scores.index(max(scores))], scores
 
 
-def answer(rt: Runtime, ex: Example, generation: Generation) -> str:
-    """The model's greedy answer to `ex`."""
-    return rt.generate(rt.encode(ex.prompt, ex.chat), generation.max_new_tokens, generation.stops_for(ex))
+def answer(rt: Runtime, ex: Example, generation: Generation, sampler=None) -> str:
+    """The model's greedy answer to `ex` (sampled with a runtime.base.Sampler); a chat's
+    ends at its template's end of turn."""
+    return rt.generate(rt.encode(ex.prompt, ex.chat), generation.max_new_tokens, generation.stops_for(ex),
+                       turn_end_ids(rt, ex.end_of_turn), sampler)
+
+
+def turn_end_ids(rt: Runtime, end_of_turn: str | None) -> frozenset[int]:
+    """The end-of-turn text's token, when it is one token (<end_of_turn>, <|im_end|>)."""
+    if not end_of_turn:
+        return frozenset()
+    base, ids = rt.encode("", True), rt.encode(end_of_turn, True)
+    ids = ids[len(base):] if ids[: len(base)] == base else ids
+    return frozenset(ids) if len(ids) == 1 else frozenset()
 
 
 def default_metric(examples: list[Example]) -> str:
@@ -193,7 +204,7 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     from pathlib import Path
 
     from shrink.artifact import verify_before_use
-    from shrink.chat import resolve_template
+    from shrink.chat import resolve_template, template_spec
     from shrink.hf import check_model_dir
     from shrink.runtime import open_runtime
     from shrink.tasks import load_task, with_prefix
@@ -207,7 +218,7 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     if metric is not None:
         get_metric(metric)
     template_model = teacher if teacher is not None else artifact
-    template = resolve_template(chat_template_spec(chat_template, data), template_model)
+    template = resolve_template(template_spec(chat_template, data), template_model)
     examples = load_task(data, template, need_completion=reference == "labels")
     metric = metric or default_metric(examples)
     if reference == "labels":
@@ -257,15 +268,3 @@ def evaluate_path(artifact, data, *, teacher=None, teacher_prefix=None, teacher_
     if teacher is not None:
         out["retention"] = retention(rows[0]["accuracy"], rows[1]["accuracy"])
     return out
-
-
-def chat_template_spec(spec: str | None, data) -> str | None:
-    """--chat-template as given; when it is not given, auto for data with chat rows."""
-    if spec is not None:
-        return spec
-    from pathlib import Path
-
-    if not Path(data).is_file():
-        return None  # load_task names the missing file
-    with open(Path(data), encoding="utf-8", errors="replace") as f:
-        return "auto" if any('"messages"' in line for line in f) else None

@@ -41,6 +41,9 @@ class LabelConfig:
     max_new_tokens: int = 64  # most tokens of a generated answer
     stop: tuple[str, ...] | None = None  # stop strings; None: a newline for raw prompts, none for chats
     min_confidence: float = 0.0  # rows the teacher is less sure of are left out (and counted)
+    samples: int = 1  # answers per input row (distinct ones kept); more than 1 needs a temperature
+    temperature: float = 0.0  # 0: greedy; else sampling from softmax(logits / temperature)
+    seed: int = 0  # of the sampling
     threads: int | None = None  # llama.cpp threads
     device: str = "auto"  # torch teachers
 
@@ -48,18 +51,27 @@ class LabelConfig:
         """What decides the labels (and must match to resume a run)."""
         return {"teacher_prefix": None if self.teacher_prefix is None else str(self.teacher_prefix),
                 "chat_template": self.chat_template, "max_new_tokens": self.max_new_tokens,
-                "stop": None if self.stop is None else list(self.stop), "decoding": "greedy"}
+                "stop": None if self.stop is None else list(self.stop),
+                "decoding": "greedy" if self.temperature == 0 else "sampling",
+                "samples": self.samples, "temperature": self.temperature, "seed": self.seed}
 
 
 def label(cfg: LabelConfig) -> dict[str, Any]:
     from shrink.artifact import sha256_file
     from shrink.chat import resolve_template
-    from shrink.evaluate import Generation, chat_template_spec
+    from shrink.chat import template_spec
+    from shrink.evaluate import Generation
     from shrink.runtime import open_runtime
     from shrink.tasks import load_task, parse_row, with_prefix
 
     if not 0.0 <= cfg.min_confidence <= 1.0:
         raise ShrinkError(f"--min-confidence must be between 0 and 1, got {cfg.min_confidence}")
+    if cfg.samples < 1:
+        raise ShrinkError(f"--samples must be at least 1, got {cfg.samples}")
+    if cfg.samples > 1 and cfg.temperature <= 0:
+        raise ShrinkError("--samples: more than one answer per input needs --temperature above 0 (greedy answers are all the same)")
+    if cfg.temperature < 0:
+        raise ShrinkError(f"--temperature must be 0 or more, got {cfg.temperature}")
     teacher = Path(cfg.teacher)
     if not teacher.exists():
         raise ShrinkError(f"--teacher: no such file or folder {teacher}")
@@ -70,7 +82,7 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and out.is_dir():
         raise ShrinkError(f"--out: {out} is a folder (expected a .jsonl file to write)")
-    template = resolve_template(chat_template_spec(cfg.chat_template, cfg.data), teacher)
+    template = resolve_template(template_spec(cfg.chat_template, cfg.data), teacher)
     examples = load_task(cfg.data, template, need_completion=False)
     lines = [line for line in Path(cfg.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     raw = [parse_row(line, ex.where) for line, ex in zip(lines, examples)]
@@ -84,11 +96,12 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
     done = _resume(out, key)
     generation = Generation(cfg.max_new_tokens, cfg.stop)
     start = time.perf_counter()
-    if len(done) < len(examples):
+    if _inputs_done(done) < len(examples):
         _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_runtime)
     kept = [r for r in done if r["confidence"] >= cfg.min_confidence and r.get("_empty") is not True]
     empty = sum(r.get("_empty") is True for r in done)
     dropped = len(done) - len(kept) - empty
+    kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
     return _write(out, kept, key, cfg, teacher, template, counts={
         "rows": len(examples), "labeled": len(kept), "dropped_low_confidence": dropped, "dropped_empty": empty,
         "seconds": round(time.perf_counter() - start, 3)})
@@ -124,8 +137,13 @@ def _resume(out: Path, key: dict) -> list[dict]:
             rows.append(json.loads(line))
         except ValueError:
             break  # the last line of a run that was killed mid-write
-    console.print(f"resuming: {len(rows)} rows already labeled in {partial}")
+    console.print(f"resuming: {_inputs_done(rows)} rows already labeled in {partial}")
     return rows
+
+
+def _inputs_done(rows: list[dict]) -> int:
+    """How many input rows are labeled (each input's answers are written together)."""
+    return rows[-1]["_input"] + 1 if rows else 0
 
 
 def _partial_paths(out: Path) -> tuple[Path, Path]:
@@ -143,36 +161,48 @@ def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_ru
     with console.status(f"loading the teacher {teacher}"):
         rt = open_runtime(teacher, device=cfg.device, threads=cfg.threads)
     try:
-        rest = examples[len(done):]
+        start = _inputs_done(done)
+        rest = examples[start:]
         prompts = [rt.encode(ex.prompt, ex.chat) for ex in rest]
         from shrink.prefix import common_prefix
+        from shrink.runtime.base import Sampler
 
         rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
         with partial.open("a", encoding="utf-8") as f, progress("rows") as bar:
-            task = bar.add_task(f"labeling with the teacher ({rt.name})", total=len(examples), completed=len(done))
-            for i, ex in enumerate(rest, start=len(done)):
-                row = dict(raw[i])
+            task = bar.add_task(f"labeling with the teacher ({rt.name})", total=len(examples), completed=start)
+            for i, ex in enumerate(rest, start=start):
                 if ex.choices:
                     choice, scores = choose(rt, ex)
                     top = max(scores)
                     confidence = math.exp(top) / sum(math.exp(s) for s in scores) if math.isfinite(top) else 0.0
-                    row["completion"] = choice
+                    rows = [{**raw[i], "completion": choice, "confidence": round(confidence, 6)}]
                 else:
-                    text = answer(rt, ex, generation)
-                    confidence = 0.0
-                    if text.strip():
-                        context, (cont,) = split_ids(rt, ex.prompt, [text], ex.chat)
-                        confidence = math.exp(rt.score_continuations(context, [cont])[0] / max(len(cont), 1))
-                    else:
-                        row["_empty"] = True
-                    _put_answer(row, text)
-                row["confidence"] = round(confidence, 6)
-                done.append(row)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    texts = [answer(rt, ex, generation) if cfg.temperature == 0 else
+                             answer(rt, ex, generation, Sampler(cfg.temperature, cfg.seed * 1_000_003 + i * 101 + k))
+                             for k in range(cfg.samples)]
+                    rows = [_answered(rt, ex, raw[i], text, split_ids) for text in dict.fromkeys(texts)]
+                for row in rows:
+                    row["_input"] = i
+                done.extend(rows)
+                f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
                 f.flush()
                 bar.advance(task)
     finally:
         rt.close()
+
+
+def _answered(rt, ex, raw: dict, text: str, split_ids) -> dict:
+    """The input row with the teacher's answer and its confidence: the geometric mean of
+    its tokens' probabilities under the teacher (untempered)."""
+    row, confidence = dict(raw), 0.0
+    if text.strip():
+        context, (cont,) = split_ids(rt, ex.prompt, [text], ex.chat)
+        confidence = math.exp(rt.score_continuations(context, [cont])[0] / max(len(cont), 1))
+    else:
+        row["_empty"] = True
+    _put_answer(row, text)
+    row["confidence"] = round(confidence, 6)
+    return row
 
 
 def _put_answer(row: dict, text: str) -> None:
@@ -218,6 +248,6 @@ def manifest_path(out: Path) -> Path:
 
 def label_summary(cfg: LabelConfig, manifest) -> str:
     m = manifest.metrics
-    return (f"{m['labeled']} of {m['rows']} rows labeled into {cfg.out} "
+    return (f"{m['labeled']} answers to {m['rows']} rows written to {cfg.out} "
             f"(mean confidence {m['mean_confidence']}) in {m['seconds']:.1f} s")
 

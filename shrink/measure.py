@@ -114,9 +114,9 @@ def _serve(script: Path) -> dict:
 def _score(args) -> dict:
     from shrink.evaluate import evaluate
     from shrink.runtime import open_runtime
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task_for
 
-    examples = load_task(args.data)
+    examples = load_task_for(args.data, args.artifact)
     rt = open_runtime(args.artifact, device=args.device, threads=args.threads, context_length=args.context_length)
     try:
         res = evaluate(rt, examples, args.label)

@@ -32,6 +32,7 @@ class Example:
     choices: tuple[str, ...] | None = None  # candidate completions; None = free generation
     reference: str | None = None  # what an answer is scored against, when not `completion` (a chat's turn content)
     chat: bool = False  # prompt and completion were written by a chat template: special tokens are parsed
+    end_of_turn: str | None = None  # the text a chat template closes an answer with: generation stops there
     where: str = field(default="", compare=False)  # "file:line", for messages
 
     @property
@@ -100,7 +101,7 @@ def _parse_line(line: str, where: str, chat_template=None, need_completion: bool
 
 
 def _chat_example(obj: dict, where: str, template, need_completion: bool) -> Example:
-    from shrink.chat import check_messages, render
+    from shrink.chat import check_messages, render, turn_end
 
     if template is None:
         raise TaskDataError(f"{where}: a row with 'messages' needs a chat template (--chat-template auto or FILE)")
@@ -115,9 +116,20 @@ def _chat_example(obj: dict, where: str, template, need_completion: bool) -> Exa
     if obj.get("choices") is not None:
         raise TaskDataError(f"{where}: 'choices' are not supported with a chat template")
     r = render(template, messages)
+    end = r.end_of_turn or turn_end(template)
     if r.completion is None and need_completion:
         raise TaskDataError(f"{where}: the chat has no answer (its last turn is not the assistant's)")
-    return Example(prompt=r.prompt, completion=r.completion, reference=r.reference, chat=True, where=where)
+    return Example(prompt=r.prompt, completion=r.completion, reference=r.reference, chat=True, end_of_turn=end,
+                   where=where)
+
+
+def load_task_for(path: str | Path, model, chat_template: str | None = None,
+                  need_completion: bool = True) -> list[Example]:
+    """A task file as `model` reads it: chat rows rendered by `model`'s chat template
+    (shrink.chat.template_spec: auto when the file holds messages, unless told)."""
+    from shrink.chat import resolve_template, template_spec
+
+    return load_task(path, resolve_template(template_spec(chat_template, path), model), need_completion)
 
 
 def spread(items: Sequence[T], n: int) -> list[T]:

@@ -39,7 +39,8 @@ def test_the_budget_is_an_option_not_the_references_length(teacher, task_files, 
     rt = open_runtime(teacher, device="cpu")
     budgets = []
     real = rt.generate
-    rt.generate = lambda prompt, max_tokens, stop=(): budgets.append((max_tokens, stop)) or real(prompt, max_tokens, stop)
+    rt.generate = lambda prompt, max_tokens, stop=(), stop_ids=frozenset(), sampler=None: (
+        budgets.append((max_tokens, stop)) or real(prompt, max_tokens, stop, stop_ids, sampler))
     evaluate(rt, load_task(short))
     evaluate(rt, load_task(long))
     evaluate(rt, load_task(short), generation=Generation(max_new_tokens=3, stop=("",)))

@@ -135,3 +135,30 @@ def test_a_row_without_prompt_or_messages(teacher, tmp_path):
     r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == f"Error: {data}:2: missing key 'prompt' (or 'messages')"
+
+
+def test_samples_give_distinct_answers_per_input(teacher, inputs, tmp_path):
+    out = tmp_path / "labeled.jsonl"
+    r = invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", out, "--max-new-tokens", 3,
+               "--samples", 4, "--temperature", 3.0, "--seed", 1)
+    assert r.exit_code == 0, r.output
+    rows = read_rows(out)
+    by_input = {}
+    for row in rows:
+        assert not any(k.startswith("_") for k in row)
+        by_input.setdefault(row["id"], []).append(row["completion"])
+    assert sorted(by_input) == list(range(10))
+    assert all(len(set(a)) == len(a) <= 4 for a in by_input.values())  # distinct answers only
+    assert sum(map(len, by_input.values())) > 10  # hot sampling gives more than one answer somewhere
+    again = tmp_path / "again.jsonl"
+    invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", again, "--max-new-tokens", 3,
+           "--samples", 4, "--temperature", 3.0, "--seed", 1)
+    assert again.read_text() == out.read_text()  # seeded
+
+
+def test_samples_need_a_temperature(teacher, inputs, tmp_path):
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["free"]),
+                                 "--out", str(tmp_path / "o.jsonl"), "--samples", "3"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == ("Error: --samples: more than one answer per input needs --temperature "
+                                                 "above 0 (greedy answers are all the same)")

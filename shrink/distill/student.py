@@ -95,6 +95,36 @@ def inherit_generation(student, teacher) -> None:
             del config.auto_map
 
 
+def stop_at_end_of_turn(student, tokenizer, examples) -> list[int]:
+    """A chat student stops where its template closes a turn: the end-of-turn token the
+    chat rows' completions end with (Gemma's <end_of_turn>, ChatML's <|im_end|>) joins
+    its generation config's EOS list (which every export's stop ids come from), when the
+    teacher's did not list it. Returns the ids added."""
+    ends = {ex.completion[len(ex.reference):].strip() for ex in examples
+            if ex.chat and ex.completion and ex.reference is not None and ex.completion.startswith(ex.reference)}
+    ids = [tokenizer.convert_tokens_to_ids(end) for end in ends if end]
+    ids = [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
+    config = student.generation_config
+    eos = config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    added = [i for i in ids if i not in eos]
+    if added:
+        config.eos_token_id = eos + added
+    return added
+
+
+def keep_end_of_turn(path, eos_token_id) -> None:
+    """Write the student's EOS list (with its end of turn) into the generation_config.json
+    copied from the teacher, which lists only the teacher's."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["eos_token_id"] = eos_token_id
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def _savable(generation_config):
     """The generation config, or its token ids alone when transformers would refuse to save
     it (a Hub file may set top_p without do_sample: loading lets it pass, saving does not,

@@ -44,7 +44,7 @@ from shrink.distill.loss import distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
-from shrink.distill.student import build_student, even_layers
+from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
@@ -119,9 +119,9 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
     if cfg.vocab_data and not cfg.prune_vocab:
         raise ShrinkError("--vocab-data: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)")
     from shrink.chat import resolve_template
-    from shrink.evaluate import chat_template_spec
+    from shrink.chat import template_spec
 
-    template = resolve_template(chat_template_spec(cfg.chat_template, cfg.data), cfg.teacher)
+    template = resolve_template(template_spec(cfg.chat_template, cfg.data), cfg.teacher)
     train = load_task(cfg.data, template)
     evals = load_task(cfg.eval_data, template) if cfg.eval_data else None
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
@@ -195,6 +195,9 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         teacher = load_causal_lm(teacher_dir, device, teacher_dtype)
         tokenizer = load_tokenizer(teacher_dir)
     student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
+    turn_ends = stop_at_end_of_turn(student, tokenizer, train_examples)
+    if turn_ends:
+        console.print(f"the student stops at its chat template's end of turn (eos ids {student.generation_config.eos_token_id})")
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
         plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts, student.generation_config.eos_token_id)  # never the eval data
@@ -328,6 +331,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         student.save_pretrained(tmp, safe_serialization=True)
         student_tokenizer.save_pretrained(tmp)
         settings["tokenizer_files"] = keep_teacher_files(teacher_dir, tmp, plan)  # tokenizer.model, ...
+        if turn_ends:  # the teacher's generation_config.json, with the template's end of turn added
+            keep_end_of_turn(tmp / "generation_config.json", student.generation_config.eos_token_id)
         (tmp / "training_log.json").write_text(json.dumps(history))
         manifest = artifact.finish(
             tmp, kind="student", format="hf", source=Path(cfg.teacher), settings=settings, metrics=metrics

@@ -68,9 +68,11 @@ def write_bundle(folder: Path, name: str, student: Path, target, chosen, candida
     """Write the bundle's own files into the staging `folder` (which already holds the
     model files and the run.py that was measured), then the manifest, last. `name`: the
     bundle folder's final name."""
-    from shrink.tasks import load_task
+    from shrink.tasks import parse_row
 
-    prompt = load_task(eval_data)[0].prompt
+    first = next(line for line in Path(eval_data).read_text(encoding="utf-8").splitlines() if line.strip())
+    row = parse_row(first, f"{eval_data}:1")
+    prompt = row["prompt"] if "prompt" in row else row["messages"][0]["content"]  # what a user types
     target_section = {
         **target.to_dict(),
         "file": str(targets_file),
@@ -186,7 +188,10 @@ def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, c
         for k, c in target["constraints"].items())
     run = {
         "gguf": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py\n"
-                f"ollama create {name.lower()} -f {name}/Modelfile && ollama run {name.lower()}",
+                f"ollama create {name.lower()} -f {name}/Modelfile && ollama run {name.lower()}\n"
+                f"# an OpenAI-compatible server (pip install 'llama-cpp-python[server]'), or llama.cpp's own llama-server:\n"
+                f"python -m llama_cpp.server --model {name}/{_gguf_name_of(files)} --host 127.0.0.1 --port 8000\n"
+                f"llama-server -m {name}/{_gguf_name_of(files)} --port 8000",
         "onnx": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py",
         "gptq": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py",
     }[chosen.format]
@@ -219,7 +224,9 @@ Through the runtime that serves it, on {metrics.get('eval_examples')} held-out e
 {run}
 ```
 
-The prompt format is the task's: for example `{_escape(prompt)}`.
+The prompt format is the task's: for example `{_escape(prompt)}`. A chat model's GGUF
+carries its chat template: both servers apply it to `/v1/chat/completions` requests,
+which the `openai` client sends (`base_url="http://127.0.0.1:8000/v1"`).
 
 ## Files
 
@@ -227,6 +234,10 @@ The prompt format is the task's: for example `{_escape(prompt)}`.
 - `manifest.json`: sha256 of every file, provenance, settings and all figures;
   `shrink verify {name}` re-checks the hashes.
 """
+
+
+def _gguf_name_of(files: list[str]) -> str:
+    return next((f for f in files if f.endswith(".gguf")), "model.gguf")
 
 
 def _ram_settings(metrics: dict) -> str:

@@ -28,7 +28,7 @@ from shrink.export.parity import measure, verdict
 from shrink.hf import check_model_dir
 from shrink.manifest import Manifest
 from shrink.targets import GPTQ_QUANTS, Target
-from shrink.tasks import load_task
+from shrink.tasks import load_task_for
 
 EPS = 1e-9
 
@@ -82,7 +82,7 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
     if eval_data is None:
         raise ShrinkError(f"--target {target.name}: needs --eval (the constraints are checked on measured figures)")
     check_model_dir(student, "student")
-    examples = load_task(eval_data)
+    examples = load_task_for(eval_data, student)
     artifact.check_output_free(out, force)
     source_manifest = read_source_manifest(student)
     threads, thread_note = _threads(target)
@@ -153,7 +153,7 @@ def _imatrix(student: Path, scratch: Path, options: list[ExportOptions]) -> Path
         return None
     from shrink.quantize.imatrix import compute_imatrix, save_imatrix
 
-    texts = [ex.prompt + ex.completion for ex in load_task(wanting[0].calibration)]
+    texts = [ex.prompt + (ex.completion or "") for ex in load_task_for(wanting[0].calibration, student)]
     path = scratch / "imatrix.safetensors"
     save_imatrix(compute_imatrix(student, texts), path)
     return path

@@ -22,7 +22,7 @@ from shrink.errors import ShrinkError
 from shrink.export.parity import ParityError, Thresholds, drifted, measure, suite_texts, verdict
 from shrink.hf import check_model_dir
 from shrink.manifest import Manifest
-from shrink.tasks import load_task
+from shrink.tasks import load_task_for
 
 TARGETS = ("gguf", "onnx", "gptq")
 
@@ -83,7 +83,7 @@ def export(
     student, out = Path(student), Path(out)
     fmt = format_module(opts.target)
     check_model_dir(student, "student")
-    examples = load_task(eval_data) if eval_data else None
+    examples = load_task_for(eval_data, student) if eval_data else None
     if (min_top1 is not None or max_kl is not None or strict_tokenizer) and examples is None:
         raise ShrinkError("--min-top1/--max-kl/--strict-tokenizer need --eval (parity is measured on the "
                           "evaluation prompts)")

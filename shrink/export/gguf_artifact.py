@@ -67,12 +67,12 @@ def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, 
     computes it once for every rung), or none."""
     from shrink import artifact
     from shrink.quantize.imatrix import compute_imatrix, load_imatrix
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task_for
 
     if not opts.imatrix:
         return None, {"imatrix": None}
     if opts.imatrix is True:
-        texts = [ex.prompt + ex.completion for ex in load_task(opts.calibration)]
+        texts = [ex.prompt + (ex.completion or "") for ex in load_task_for(opts.calibration, student)]
         return compute_imatrix(student, texts), {
             "imatrix": {"calibration": str(opts.calibration), "calibration_sha256": artifact.sha256_file(opts.calibration)}}
     return load_imatrix(Path(opts.imatrix)), {"imatrix": {"file_sha256": artifact.sha256_file(Path(opts.imatrix))}}

@@ -17,7 +17,7 @@ from shrink.console import console
 from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
 from shrink.manifest import Manifest
-from shrink.tasks import load_task
+from shrink.tasks import load_task, load_task_for
 
 # 8-bit GPTQ is close to exact; 4-bit with groups of 128 loses about as much as Q4_K_M.
 THRESHOLDS = {8: Thresholds(0.97, 0.02), 4: Thresholds(0.85, 0.15)}
@@ -63,7 +63,7 @@ def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> d
     from shrink.quantize.gptq import GptqSettings, quantize_gptq
 
     source = Path(opts.calibration)
-    texts = [ex.prompt + ex.completion for ex in load_task(source)]
+    texts = [ex.prompt + (ex.completion or "") for ex in load_task_for(source, student)]
     device = resolve_device(opts.device)
     settings = quantize_gptq(student, tmp, GptqSettings(opts.bits, opts.group_size, opts.desc_act), texts, device)
     return {**settings, "calibration": str(source), "calibration_sha256": artifact.sha256_file(source)}

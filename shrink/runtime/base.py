@@ -42,10 +42,12 @@ class Runtime(Protocol):
         """Total log-probability of each continuation after the prompt."""
         ...
 
-    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
-        """Greedy completion of `prompt` (text, or its token ids from `encode`): stops at
-        one of `stop_ids`, after `max_tokens`, at the context length, or before the first
-        stop string (which is not included)."""
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
+                 stop_ids: frozenset[int] = frozenset(), sampler: Sampler | None = None) -> str:
+        """Greedy (or, with a `sampler`, sampled) completion of `prompt` (text, or its token ids from `encode`): stops at
+        one of the runtime's `stop_ids` or the call's (a chat template's end of turn),
+        after `max_tokens`, at the context length, or before the first stop string (which
+        is not included)."""
         ...
 
     def share_prefix(self, ids: list[int]) -> None:
@@ -153,8 +155,25 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+class Sampler:
+    """Picks the next token by sampling softmax(logits / temperature) with its own seeded
+    generator (`shrink label --samples`); generation is greedy without one."""
+
+    def __init__(self, temperature: float, seed: int):
+        self.temperature = temperature
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits) -> int:
+        if hasattr(logits, "detach"):  # a torch tensor
+            logits = logits.detach().float().cpu().numpy()
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        return int(self.rng.choice(len(p), p=p / p.sum()))
+
+
 def greedy_generate(rt: Runtime, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...],
-                    next_logits: Callable[[list[int], Any], tuple[Any, Any]]) -> str:
+                    next_logits: Callable[[list[int], Any], tuple[Any, Any]],
+                    stop_ids: frozenset[int] = frozenset(), sampler: Sampler | None = None) -> str:
     """`Runtime.generate` over a runtime's decoding step: `next_logits(new_ids, cache)`
     returns the logits after the last of `new_ids` (vocab,) and the cache extended by
     them (it starts as None: the prompt, then one token a step).
@@ -170,8 +189,8 @@ def greedy_generate(rt: Runtime, prompt: str | list[int], max_tokens: int, stop:
         if rt.context_length and len(ids) + len(out) >= rt.context_length:
             break
         logits, cache = next_logits(new, cache)
-        nxt = int(logits.argmax())
-        if nxt in rt.stop_ids:
+        nxt = int(logits.argmax()) if sampler is None else sampler(logits)
+        if nxt in rt.stop_ids or nxt in stop_ids:
             break
         out.append(nxt)
         if stop and any(st in rt.decode(ids + out)[len(base):] for st in stop):

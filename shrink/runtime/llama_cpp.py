@@ -187,7 +187,8 @@ class LlamaCppRuntime(Runtime):
             scores.append(sum_logprobs(rows, cont))
         return scores
 
-    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
+                 stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:
         """Greedy completion; the text is what follows the prompt's own decoding
         (so a leading space of the first new token is kept)."""
         seq = prompt_ids(self, prompt)
@@ -197,8 +198,9 @@ class LlamaCppRuntime(Runtime):
         for _ in range(max_tokens):
             if len(seq) >= self.n_ctx:
                 break
-            nxt = int(np.argmax(self._eval(seq)[-1]))
-            if self._lib.llama_vocab_is_eog(self._vocab, nxt):
+            last = self._eval(seq)[-1]
+            nxt = int(np.argmax(last)) if sampler is None else sampler(last)
+            if self._lib.llama_vocab_is_eog(self._vocab, nxt) or nxt in stop_ids:
                 break
             seq.append(nxt)
             text = self.decode(seq)[head:]

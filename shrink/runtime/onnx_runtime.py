@@ -147,14 +147,15 @@ class OnnxRuntime(Runtime):
             scores.append(sum_logprobs(rows, cont))  # rows: (len(cont), vocab)
         return scores
 
-    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
+                 stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:
         """Greedy decoding with the KV cache (shrink.runtime.base.greedy_generate)."""
 
         def next_logits(ids: list[int], past: KV | None) -> tuple[np.ndarray, KV]:
             logits, past = self._run(ids, past)
             return logits[-1], past  # (vocab,)
 
-        return greedy_generate(self, prompt, max_tokens, stop, next_logits)
+        return greedy_generate(self, prompt, max_tokens, stop, next_logits, stop_ids, sampler)
 
     def close(self) -> None:
         self._session = None

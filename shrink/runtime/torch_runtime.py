@@ -101,7 +101,8 @@ class TorchRuntime(Runtime):
                 scores.append(logp[torch.arange(len(cont)), torch.tensor(cont, device=self.device)].sum().item())
             return scores
 
-    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
+                 stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:
         """Greedy decoding with a KV cache (shrink.runtime.base.greedy_generate)."""
         import torch
 
@@ -111,7 +112,7 @@ class TorchRuntime(Runtime):
             return res.logits[0, -1], res.past_key_values  # (vocab,)
 
         with torch.inference_mode():
-            return greedy_generate(self, prompt, max_tokens, stop, next_logits)
+            return greedy_generate(self, prompt, max_tokens, stop, next_logits, stop_ids, sampler)
 
     def close(self) -> None:
         self.model = None
