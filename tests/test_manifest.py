@@ -81,7 +81,7 @@ def test_kinds_and_formats_are_those_written():
 
 
 @pytest.mark.parametrize("changes, problem", [
-    ({"kind": "studnet"}, "field 'kind' is \"studnet\", expected one of student, export, bundle, teacher-cache"),
+    ({"kind": "studnet"}, "field 'kind' is \"studnet\", expected one of student, export, bundle, teacher-cache, labels"),
     ({"format": "gguf"}, "field 'format' is \"gguf\", a student is hf"),
     ({"format": "tflite"}, "field 'format' is \"tflite\", expected one of hf, gguf, onnx, gptq, safetensors"),
     ({"valid": "yes"}, "field 'valid' is \"yes\", expected true or false"),

@@ -79,6 +79,9 @@ class DistillConfig:
         "inherits the teacher's template.  [default: auto when rows hold messages]")
     prune_vocab: bool = option(
         False, "Keep only the tokens the training data needs (plus special and byte tokens; never --eval's).")
+    vocab_top: int = option(
+        0, "With --prune-vocab: also keep the teacher's first N token ids (a BPE vocabulary's most frequent pieces), "
+        "so words the training text lacks keep tokens of their own instead of bytes.")
     vocab_data: tuple[Path, ...] = option(  # a list of paths in a --config file
         (), "With --prune-vocab: more in-domain text whose tokens are kept too (.jsonl task-like rows, else one text "
         "per line). Repeatable.")

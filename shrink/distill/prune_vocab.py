@@ -83,10 +83,13 @@ def bpe_steps(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return created
 
 
-def plan_pruning(tokenizer, texts: list[str], eos_token_id: int | list[int] | None = None) -> VocabPruning:
+def plan_pruning(tokenizer, texts: list[str], eos_token_id: int | list[int] | None = None,
+                 top: int = 0) -> VocabPruning:
     """Choose the kept tokens for `texts` (prompts + completions as the model sees them).
     `eos_token_id`: the generation config's (one id or a list); every id that ends a
-    generation is kept, special token or not."""
+    generation is kept, special token or not. `top`: the first `top` ids are kept too (a
+    BPE vocabulary lists its pieces by merge rank, so these are its most frequent ones:
+    general words the training text lacks keep tokens of their own)."""
     from shrink.runtime.base import end_of_generation
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -103,6 +106,7 @@ def plan_pruning(tokenizer, texts: list[str], eos_token_id: int | list[int] | No
     used: set[int] = set()
     for text in texts:
         used.update(tokenizer(text, split_special_tokens=True, add_special_tokens=True).input_ids)
+    used.update(i for i in range(min(top, max(id_to_token) + 1)) if i in id_to_token and i not in added_ids)
     kept = set(used) | end_of_generation(eos_token_id, tokenizer)
     for token_id in used:
         if token_id in added_ids:

@@ -102,7 +102,7 @@ def build_cache(cfg: CacheConfig) -> Manifest | None:
 
 def _validate(cfg: CacheConfig):
     from shrink.hf import check_model_dir
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task_for
     from shrink.teacher_gguf import resolve_teacher
 
     teacher_path = Path(cfg.teacher)
@@ -118,7 +118,7 @@ def _validate(cfg: CacheConfig):
         raise ShrinkError(f"--max-length must be at least 2, got {cfg.max_length}")
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
         raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
-    examples = load_task(cfg.data)
+    examples = load_task_for(cfg.data, teacher_path)  # chat rows: the teacher's template, as distill reads them
     artifact.check_output_free(Path(cfg.out), cfg.force)
     return examples, resolve_teacher(teacher_path)
 

@@ -116,6 +116,10 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         if cfg.hidden_weight:
             raise ShrinkError("--hidden-weight: not with --student (its layers were not copied from the teacher's)")
         check_model_dir(Path(cfg.student), "student")
+    if cfg.vocab_top and not cfg.prune_vocab:
+        raise ShrinkError("--vocab-top: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)")
+    if cfg.vocab_top < 0:
+        raise ShrinkError(f"--vocab-top must be 0 or more, got {cfg.vocab_top}")
     if cfg.vocab_data and not cfg.prune_vocab:
         raise ShrinkError("--vocab-data: only with --prune-vocab (it chooses the tokens a pruned vocabulary keeps)")
     from shrink.chat import resolve_template
@@ -200,7 +204,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         console.print(f"the student stops at its chat template's end of turn (eos ids {student.generation_config.eos_token_id})")
     student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
     if cfg.prune_vocab:
-        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts, student.generation_config.eos_token_id)  # never the eval data
+        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts,  # never the eval data
+                            student.generation_config.eos_token_id, top=cfg.vocab_top)
         prune_model(student, plan)
         student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
         console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
