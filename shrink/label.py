@@ -30,6 +30,8 @@ from typing import Any
 from shrink.console import console, progress
 from shrink.errors import ShrinkError
 
+BATCH = 16  # answers a torch teacher writes per forward pass (greedy labeling)
+
 
 @dataclass(frozen=True)
 class LabelConfig:
@@ -151,7 +153,7 @@ def _partial_paths(out: Path) -> tuple[Path, Path]:
 
 
 def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_runtime) -> None:
-    from shrink.evaluate import answer, choose, split_ids
+    from shrink.evaluate import answer, choose, split_ids, turn_end_ids
 
     partial, meta = _partial_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,16 +172,25 @@ def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_ru
         rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
         with partial.open("a", encoding="utf-8") as f, progress("rows") as bar:
             task = bar.add_task(f"labeling with the teacher ({rt.name})", total=len(examples), completed=start)
+            batch = BATCH if hasattr(rt, "generate_batch") and cfg.temperature == 0 else 1
+            answered: dict[int, str] = {}  # greedy answers of the batch being written
             for i, ex in enumerate(rest, start=start):
+                if batch > 1 and not ex.choices and i not in answered:
+                    group = [(j, e) for j, e in enumerate(examples[i:i + batch], start=i) if not e.choices]
+                    texts = rt.generate_batch([rt.encode(e.prompt, e.chat) for _, e in group], generation.max_new_tokens,
+                                              [generation.stops_for(e) for _, e in group],
+                                              [turn_end_ids(rt, e.end_of_turn) for _, e in group])
+                    answered = dict(zip([j for j, _ in group], texts))
                 if ex.choices:
                     choice, scores = choose(rt, ex)
                     top = max(scores)
                     confidence = math.exp(top) / sum(math.exp(s) for s in scores) if math.isfinite(top) else 0.0
                     rows = [{**raw[i], "completion": choice, "confidence": round(confidence, 6)}]
                 else:
-                    texts = [answer(rt, ex, generation) if cfg.temperature == 0 else
-                             answer(rt, ex, generation, Sampler(cfg.temperature, cfg.seed * 1_000_003 + i * 101 + k))
-                             for k in range(cfg.samples)]
+                    texts = [answered[i]] if i in answered else [
+                        answer(rt, ex, generation) if cfg.temperature == 0 else
+                        answer(rt, ex, generation, Sampler(cfg.temperature, cfg.seed * 1_000_003 + i * 101 + k))
+                        for k in range(cfg.samples)]
                     rows = [_answered(rt, ex, raw[i], text, split_ids) for text in dict.fromkeys(texts)]
                 for row in rows:
                     row["_input"] = i

@@ -61,6 +61,7 @@ def test_choice_rows_get_the_teachers_choice_and_its_probability(teacher, inputs
 
 
 def test_free_rows_get_the_teachers_greedy_answer(teacher, inputs, tmp_path):
+    """A torch teacher answers in batches: the same answers as one at a time."""
     out = tmp_path / "labeled.jsonl"
     assert invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", out,
                   "--max-new-tokens", 4).exit_code == 0

@@ -114,6 +114,34 @@ class TorchRuntime(Runtime):
         with torch.inference_mode():
             return greedy_generate(self, prompt, max_tokens, stop, next_logits, stop_ids, sampler)
 
+    def generate_batch(self, prompts: list[list[int]], max_tokens: int, stops: list[tuple[str, ...]],
+                       stop_ids: list[frozenset[int]]) -> list[str]:
+        """Greedy answers to many prompts (token ids) in one left-padded batch, with
+        transformers' own generate: what `generate` gives each, but the batch shares every
+        forward pass (shrink label's torch teachers, on CUDA above all). Each answer ends
+        at its first stop id, and before its first stop string."""
+        import torch
+
+        from shrink.runtime.base import cut_at_stop
+
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(self.stop_ids, default=0)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        ends = set(self.stop_ids).union(*stop_ids)
+        budget = max_tokens if not self.context_length else max(0, min(max_tokens, self.context_length - width))
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget, 1),
+                                      do_sample=False, eos_token_id=sorted(ends), pad_token_id=pad,
+                                      top_p=None, top_k=None, temperature=None)[:, width:].tolist()
+        texts = []
+        for prompt, new, stop, extra in zip(prompts, out, stops, stop_ids):
+            cut = next((i for i, t in enumerate(new) if t in self.stop_ids or t in extra), len(new))
+            new = new[:cut] if budget else []
+            texts.append(cut_at_stop(self.decode(prompt + new)[len(self.decode(prompt)):], stop))
+        return texts
+
     def close(self) -> None:
         self.model = None
 
