@@ -46,7 +46,7 @@ BASELINE_VERSION = 1
 
 # Per-artifact fields of a baseline entry and the JSON types each may hold.
 NUMBER_FIELDS = ("accuracy", "retention", "size_bytes", "examples_per_s")
-ENTRY_FIELDS = ("kind", "format", "quant", *NUMBER_FIELDS, "eval_data_sha256", "valid", "target")
+ENTRY_FIELDS = ("kind", "format", "quant", "metric", *NUMBER_FIELDS, "eval_data_sha256", "valid", "target")
 # field -> row metric
 METRIC_NAMES = {"size_bytes": "size", "examples_per_s": "examples/s", "eval_data_sha256": "eval file"}
 TOP_FIELDS = {"kind", "version", "shrink_version", "artifacts"}
@@ -211,6 +211,8 @@ def validate_baseline(data: Any, name: str) -> None:
             v = entry.get(f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise bad(f"{where}.{f} must be a number or null, not {v!r}")
+        if entry.get("metric") is not None and not isinstance(entry["metric"], str):
+            raise bad(f"{where}.metric must be a string or null, not {entry['metric']!r}")
         sha = entry.get("eval_data_sha256")
         if sha is not None and not isinstance(sha, str):
             raise bad(f"{where}.eval_data_sha256 must be a string or null, not {sha!r}")
@@ -268,8 +270,9 @@ def _compare_artifact(key: str, b: dict, n: dict, tol: Tolerances) -> list[Row]:
 
 
 def _not_compared(key: str, f: str, b: dict, n: dict) -> Row:
-    return Row(key, METRIC_NAMES.get(f, f), b.get(f), n.get(f), "", NOT_CHECKED,
-               "not compared (measured on another evaluation file)")
+    other = "scored by another metric" if b.get("metric") and n.get("metric") and b["metric"] != n["metric"] \
+        else "measured on another evaluation file"
+    return Row(key, METRIC_NAMES.get(f, f), b.get(f), n.get(f), "", NOT_CHECKED, f"not compared ({other})")
 
 
 def _files_row(key: str, manifest: Manifest, problems: dict[str, list[str]] | None) -> Row:

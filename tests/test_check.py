@@ -135,7 +135,8 @@ def test_real_build_update_then_check_passes(real_build, tmp_path, task_files):
     assert sorted(data["artifacts"]) == ["student", "student-q4"]
     q4 = Manifest.read(real_build / "student-q4").metrics
     entry = data["artifacts"]["student-q4"]
-    assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "accuracy": q4["accuracy"],
+    assert q4["metric"] == "choice"  # the toy task's rows have choices
+    assert entry == {"kind": "export", "format": "gguf", "quant": "Q4_K_M", "metric": "choice", "accuracy": q4["accuracy"],
                      "retention": q4["retention"], "size_bytes": q4["size_bytes"],
                      "examples_per_s": q4["examples_per_s"],
                      "eval_data_sha256": artifact.sha256_file(task_files["eval"]), "valid": True, "target": None}
@@ -354,6 +355,21 @@ def test_update_refuses_a_changed_build(baseline, tmp_path):
     assert base.read_text() == before
     r = ok("check", b2, "--baseline", base, "--update", "--no-verify")
     assert "~ exports/q8: accuracy 89.0% -> 50.0%" in r.stderr
+
+
+def test_a_score_of_another_metric_fails(baseline, tmp_path):
+    _, base = baseline
+    data = json.loads(base.read_text())
+    data["artifacts"]["exports/q8"]["metric"] = "chrf"
+    base.write_text(json.dumps(data))
+    b2 = rebuild(tmp_path, **{"exports/q8": {"metric": "exact"}})
+    r, res = check_json(b2, base)
+    assert r.exit_code == 1
+    assert failed(res) == [("exports/q8", "eval file")]
+    assert ("FAIL exports/q8 eval file: scored by another metric than the baseline's (chrf in the baseline, exact "
+            "now); score with --metric chrf, or write the baseline again with --update") in r.stderr
+    rows = {x["metric"]: x for x in res["rows"] if x["artifact"] == "exports/q8"}
+    assert rows["accuracy"]["message"] == "not compared (scored by another metric)"
 
 
 def test_accuracy_on_another_eval_file_fails(baseline, tmp_path):

@@ -77,13 +77,13 @@ def test_source_and_bundle_sections(tmp_path):
 
 def test_kinds_and_formats_are_those_written():
     assert KINDS == ("student", "export", "bundle", "teacher-cache", "labels")
-    assert FORMATS == ("hf", "gguf", "onnx", "gptq", "safetensors")  # the teacher cache's safetensors shards
+    assert FORMATS == ("hf", "gguf", "onnx", "gptq", "safetensors", "jsonl")  # teacher-cache shards, labels
 
 
 @pytest.mark.parametrize("changes, problem", [
     ({"kind": "studnet"}, "field 'kind' is \"studnet\", expected one of student, export, bundle, teacher-cache, labels"),
     ({"format": "gguf"}, "field 'format' is \"gguf\", a student is hf"),
-    ({"format": "tflite"}, "field 'format' is \"tflite\", expected one of hf, gguf, onnx, gptq, safetensors"),
+    ({"format": "tflite"}, "field 'format' is \"tflite\", expected one of hf, gguf, onnx, gptq, safetensors, jsonl"),
     ({"valid": "yes"}, "field 'valid' is \"yes\", expected true or false"),
     ({"settings": None}, "field 'settings' is missing"),
     ({"metrics": {"accuracy": 0.5}}, "field 'metrics' is {\"accuracy\": 0.5}, expected an object with an integer "
@@ -107,7 +107,7 @@ def test_a_bad_field_is_named_with_its_file(tmp_path, changes, problem):
 def test_every_problem_is_listed_at_once(tmp_path):
     path = rewritten(tmp_path / "s", kind="x", valid=1)
     assert verify_error(tmp_path / "s") == (f"Error: {path}: field 'kind' is \"x\", expected one of student, export, "
-                                            "bundle, teacher-cache; field 'valid' is 1, expected true or false")
+                                            "bundle, teacher-cache, labels; field 'valid' is 1, expected true or false")
 
 
 def test_not_a_manifest(tmp_path):
