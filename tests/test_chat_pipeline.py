@@ -194,3 +194,11 @@ def test_run_sends_the_prompt_as_a_chat_message(built):
         assert out.strip() == answer(rt, ex, Generation(max_new_tokens=8)).strip()
     finally:
         rt.close()
+
+
+def test_gptq_calibrates_on_chat_rows_with_the_students_template(built, tmp_path):
+    d, test = built
+    r = invoke("export", d / "student", "--target", "gptq", "--bits", "8", "--group-size", "32",
+               "--calibration", d / "labeled.jsonl", "--device", "cpu", "--out", tmp_path / "gptq", "--json")
+    m = json.loads(r.stdout)
+    assert m["format"] == "gptq" and m["settings"]["calibration"] == str(d / "labeled.jsonl")

@@ -17,6 +17,7 @@ from shrink.console import console
 from shrink.errors import ShrinkError
 from shrink.export.parity import Thresholds
 from shrink.manifest import Manifest
+from shrink.chat import template_spec
 from shrink.tasks import load_task, load_task_for
 
 # 8-bit GPTQ is close to exact; 4-bit with groups of 128 loses about as much as Q4_K_M.
@@ -34,7 +35,8 @@ def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
                                desc_act=bool(opts.desc_act))
     GptqSettings(opts.bits, opts.group_size, opts.desc_act).check()
     calibration = calibration_source(opts, source_manifest, eval_data)
-    load_task(calibration)  # a bad file fails now, not after loading the model
+    if template_spec(None, calibration) is None:  # chat rows are read with the student's template, in build
+        load_task(calibration)  # a bad file fails now, not after loading the model
     return dataclasses.replace(opts, calibration=calibration)
 
 
