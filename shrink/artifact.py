@@ -49,6 +49,18 @@ def sha256_file(path: Path, label: str = "hashing", chunk: int = 8 << 20) -> str
     return h.hexdigest()
 
 
+def teacher_weight_files(teacher: Path) -> list[Path]:
+    """The GGUF file itself, or every *.safetensors file of the teacher's folder."""
+    teacher = Path(teacher)
+    return [teacher] if teacher.is_file() else sorted(teacher.glob("*.safetensors"))
+
+
+def weights_sha256(teacher: Path) -> dict[str, str]:
+    """File name -> sha256 of the teacher's weight files (what a teacher cache and a
+    labeled file record)."""
+    return {p.name: sha256_file(p) for p in teacher_weight_files(teacher)}
+
+
 def manifest_hash(folder: Path) -> str | None:
     """sha256 of a folder's manifest.json, the artifact's identity; None if it has none."""
     path = Path(folder) / MANIFEST

@@ -20,6 +20,7 @@ rendered text: every runtime adds BOS to every prompt itself, as it does for raw
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def render(template: ChatTemplate, messages: tuple[dict[str, str], ...]) -> Rend
     return Rendered(prompt, completion.rstrip("\n") if end else completion, answer, end or None)
 
 
+@functools.lru_cache(maxsize=8)  # once per template, not once per row of a task file
 def turn_end(template: ChatTemplate) -> str | None:
     """The text the template closes an assistant turn with (probed with a short chat)."""
     probe = ({"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"})

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from shrink.console import progress
 from shrink.errors import ShrinkError
 from shrink.metrics import METRICS, get_metric
+from shrink.metrics import default_metric as metrics_default
 from shrink.prefix import common_prefix
 from shrink.runtime.base import Runtime
 from shrink.tasks import Example
@@ -94,7 +95,7 @@ def default_metric(examples: list[Example]) -> str:
         first = next(ex for ex in examples if ex.choices is None)
         raise ShrinkError(f"{first.where or 'task data'}: some rows have 'choices' and this one has not: "
                           "give every row choices, or none, or choose a --metric")
-    return "choice" if with_choices else "exact"
+    return metrics_default(bool(with_choices))
 
 
 def check_references(examples: list[Example], metric: str, references: list[str] | None = None) -> None:
@@ -115,7 +116,8 @@ def check_references(examples: list[Example], metric: str, references: list[str]
             m.check_reference(ref, where)
 
 
-def _prefixed_encodings(rt: Runtime, examples: list[Example]) -> None:
+def share_prompt_prefix(rt: Runtime, examples: list[Example]) -> None:
+    """Tell the runtime the prefix every prompt starts with (few-shot examples), once."""
     prompts = [rt.encode(ex.prompt, ex.chat) for ex in examples]
     # Keep one token before each prompt's end out of the prefix: it must be computed.
     rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
@@ -125,7 +127,7 @@ def answers(rt: Runtime, examples: list[Example], generation: Generation = Gener
             label: str = "answering", by_choice: bool | None = None) -> list[str]:
     """The model's answers: its choice (rows with choices, or every row when `by_choice`),
     its greedy text otherwise (every row when `by_choice` is False)."""
-    _prefixed_encodings(rt, examples)
+    share_prompt_prefix(rt, examples)
     out = []
     with progress("ex") as bar:
         task = bar.add_task(f"{label} ({rt.name})", total=len(examples))

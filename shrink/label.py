@@ -92,7 +92,7 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
         examples = with_prefix(examples, Path(cfg.teacher_prefix).read_text(encoding="utf-8"))
 
     key = {"data_sha256": sha256_file(cfg.data, "hashing the data"),
-           "teacher_sha256": _teacher_sha256(teacher, sha256_file),
+           "teacher_sha256": _teacher_sha256(teacher),
            "teacher_prefix_sha256": None if cfg.teacher_prefix is None else sha256_file(cfg.teacher_prefix),
            "chat_template_sha256": None if template is None else template.sha256, **cfg.settings()}
     done = _resume(out, key)
@@ -109,16 +109,16 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3)})
 
 
-def _teacher_sha256(teacher: Path, sha256_file) -> str:
+def _teacher_sha256(teacher: Path) -> str:
     """A GGUF file's sha256, or one over a folder's weight files (name and sha256 each)."""
+    from shrink.artifact import weights_sha256
+
+    files = weights_sha256(teacher)
     if teacher.is_file():
-        return sha256_file(teacher, "hashing the teacher")
+        return files[teacher.name]
     import hashlib
 
-    h = hashlib.sha256()
-    for f in sorted(teacher.glob("*.safetensors")):
-        h.update(f"{f.name}:{sha256_file(f, 'hashing the teacher')}\n".encode())
-    return h.hexdigest()
+    return hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in files.items()).encode()).hexdigest()
 
 
 def _resume(out: Path, key: dict) -> list[dict]:
@@ -153,7 +153,7 @@ def _partial_paths(out: Path) -> tuple[Path, Path]:
 
 
 def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_runtime) -> None:
-    from shrink.evaluate import answer, choose, split_ids, turn_end_ids
+    from shrink.evaluate import answer, choose, share_prompt_prefix, split_ids, turn_end_ids
 
     partial, meta = _partial_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +165,9 @@ def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_ru
     try:
         start = _inputs_done(done)
         rest = examples[start:]
-        prompts = [rt.encode(ex.prompt, ex.chat) for ex in rest]
-        from shrink.prefix import common_prefix
         from shrink.runtime.base import Sampler
 
-        rt.share_prefix(common_prefix(prompts)[: min(map(len, prompts)) - 1])
+        share_prompt_prefix(rt, rest)
         with partial.open("a", encoding="utf-8") as f, progress("rows") as bar:
             task = bar.add_task(f"labeling with the teacher ({rt.name})", total=len(examples), completed=start)
             batch = BATCH if hasattr(rt, "generate_batch") and cfg.temperature == 0 else 1

@@ -15,15 +15,8 @@ from shrink import artifact
 from shrink.errors import ShrinkError
 
 
-def teacher_weight_files(teacher: Path) -> list[Path]:
-    """The GGUF file itself, or every *.safetensors file of the teacher's folder."""
-    teacher = Path(teacher)
-    return [teacher] if teacher.is_file() else sorted(teacher.glob("*.safetensors"))
-
-
-def weights_sha256(teacher: Path) -> dict[str, str]:
-    """File name -> sha256 of the teacher's weight files (what a teacher cache records)."""
-    return {p.name: artifact.sha256_file(p) for p in teacher_weight_files(teacher)}
+# The teacher's weight files and their sha256 live in shrink.artifact (shrink label reads them too).
+teacher_weight_files, weights_sha256 = artifact.teacher_weight_files, artifact.weights_sha256
 
 
 def distill_inputs(cfg) -> list[dict[str, str]]:

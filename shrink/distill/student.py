@@ -96,12 +96,11 @@ def inherit_generation(student, teacher) -> None:
 
 
 def stop_at_end_of_turn(student, tokenizer, examples) -> list[int]:
-    """A chat student stops where its template closes a turn: the end-of-turn token the
-    chat rows' completions end with (Gemma's <end_of_turn>, ChatML's <|im_end|>) joins
-    its generation config's EOS list (which every export's stop ids come from), when the
-    teacher's did not list it. Returns the ids added."""
-    ends = {ex.completion[len(ex.reference):].strip() for ex in examples
-            if ex.chat and ex.completion and ex.reference is not None and ex.completion.startswith(ex.reference)}
+    """A chat student stops where its template closes a turn: the chat rows' end-of-turn
+    token (Gemma's <end_of_turn>, ChatML's <|im_end|>) joins its generation config's EOS
+    list (which every export's stop ids come from), when the teacher's did not list it.
+    Returns the ids added."""
+    ends = {ex.end_of_turn for ex in examples if ex.chat}
     ids = [tokenizer.convert_tokens_to_ids(end) for end in ends if end]
     ids = [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
     config = student.generation_config
