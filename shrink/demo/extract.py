@@ -23,11 +23,13 @@ import json
 import random
 from pathlib import Path
 
-SIZES = {"train": 480, "dev": 100, "test": 150}
+SIZES = {"train": 600, "dev": 100, "test": 150}
 SEED = 20261201
 TEMPLATE = "Message: {text}\nJSON:"
 FIELDS = ("name", "city", "order")
 
+# Training phrasings vary length, order and noise, so that what fits them all is copying
+# the fields, not where they sit; the test phrasings are other sentences again.
 TRAIN_PHRASINGS = (
     "Hi, this is {name} from {city}. My {item} arrived broken, order {order}.",
     "Order {order}: the {item} never showed up. Please help. - {name}, {city}",
@@ -35,6 +37,13 @@ TRAIN_PHRASINGS = (
     "My name is {name} and I live in {city}. Where is my {item}? Order number {order}.",
     "{name} ({city}) writing about order {order}: the {item} is the wrong colour.",
     "Can someone call me back? {name}, {city}. It's about the {item}, order {order}.",
+    "The {item} in order {order} is missing a part. I have waited two weeks already and nobody has replied "
+    "to my emails. {name}, {city}",
+    "{city} customer here, {name}. Order {order} - the {item} works but it is very loud. Is that normal?",
+    "Please send the invoice for order {order} ({item}) to {name}, {city}. Thank you!",
+    "I got someone else's {item}. My order was {order}. Thanks, {name} in {city}",
+    "Refund request: order {order}, one {item}. Name: {name}. City: {city}.",
+    "hi im {name} from {city}, the {item} from order {order} came late and scratched. not happy",
 )
 TEST_PHRASINGS = (
     "Good morning. I am writing because the {item} I bought (order {order}) stopped working after a week. "
@@ -44,17 +53,39 @@ TEST_PHRASINGS = (
     "hey its {name}, im in {city} - got the {item} today but the box was empty?? order is {order}",
     "From {city}: {name} here. Order {order} was charged twice for one {item}. Please refund one.",
 )
-TRAIN_FIRST = ("Maria", "John", "Aisha", "Wei", "Carlos", "Emma", "Liam", "Sofia", "Noah", "Priya", "Lucas", "Mei",
-               "Omar", "Hannah", "Diego", "Chloe", "Ivan", "Fatima", "Tom", "Yuki")
-TRAIN_LAST = ("Lopez", "Smith", "Khan", "Chen", "Garcia", "Brown", "Nguyen", "Rossi", "Patel", "Miller", "Silva",
-              "Kim", "Haddad", "Novak", "Olsen", "Dubois")
-TRAIN_CITIES = ("Denver", "Leeds", "Lyon", "Austin", "Porto", "Osaka", "Dublin", "Quebec", "Perth", "Boise",
-                "Tucson", "Malmo", "Bergen", "Kyoto", "Seville", "Graz")
-TEST_FIRST = ("Grace", "Mateo", "Leila", "Arjun", "Zoe", "Kwame", "Ingrid", "Rafael", "Nadia", "Hiro")
-TEST_LAST = ("Okafor", "Larsen", "Moreau", "Tanaka", "Fischer", "Romero", "Kowalski", "Mensah")
-TEST_CITIES = ("Nairobi", "Tallinn", "Adelaide", "Cork", "Halifax", "Bologna", "Lagos", "Krakow", "Geneva", "Fresno")
+# Training and test names and cities are disjoint, and training has many of each, so that
+# a student cannot answer from a list it memorised.
+TRAIN_FIRST = tuple("""Maria John Aisha Wei Carlos Emma Liam Sofia Noah Priya Lucas Mei Omar Hannah Diego Chloe
+Ivan Fatima Tom Yuki Anna Peter Laura David Sara Ahmed Julia Mark Elena Paul Nina Oscar Rosa Felix Clara Hugo Alice
+Victor Irene Samuel Lena Daniel Marta Adam Eva Leo Amira Jonas Helen Pablo Rita Simon Olga Kenji Lucia Martin Alina
+Bruno Greta Ali Teresa Erik Vera Nora Tariq Joanna Mario Ruth Stefan Lily Andre Paula Ravi Jana Boris Dina Milan
+Iris Tobias Selma Kofi Agnes Luis Maya Ahmet Ines Jakob Tina Sven Asha Marco Dora Emil Yara Pedro Hana Nils Zara Rui
+Kira Jamal Elsa Arman Lina Chen Ada Karl Ema Joel Ana Otto Mila""".split())
+TRAIN_LAST = tuple("""Lopez Smith Khan Chen Garcia Brown Nguyen Rossi Patel Miller Silva Kim Haddad Novak Olsen Dubois
+Johnson Wilson Taylor Clark Lewis Walker Young Allen King Wright Scott Green Baker Adams Nelson Hill Campbell Mitchell
+Roberts Carter Phillips Evans Turner Torres Parker Collins Edwards Stewart Morris Murphy Cook Rogers Morgan Peterson
+Cooper Reed Bailey Bell Gomez Kelly Howard Ward Cox Diaz Richardson Wood Watson Brooks Bennett Gray James Reyes Cruz
+Hughes Price Myers Long Foster Sanders Ross Morales Powell Sullivan Russell Ortiz Jenkins Perry Butler Barnes Fisher
+Henderson Coleman Simmons Patterson Jordan Reynolds Hamilton Graham Wallace West Cole Hayes Bryant Gibson Ellis
+Stevens Murray Ford Marshall Owens McDonald Harrison Ruiz Kennedy Wells Alvarez Woods Mendoza Castillo Olson Webb
+Vargas Weber Meyer Wagner Becker Schulz Hoffmann Klein Wolf Braun Kruger Lange Berger Jansen Bakker Visser Smit""".split())
+TRAIN_CITIES = tuple("""Denver Leeds Lyon Austin Porto Osaka Dublin Quebec Perth Boise Tucson Malmo Bergen Kyoto Seville
+Graz Boston Chicago Dallas Phoenix Seattle Portland Atlanta Miami Houston Detroit Memphis Omaha Tulsa Reno Madison Salem
+Toledo Orlando Tampa Raleigh Richmond Buffalo Rochester Spokane Eugene Fargo Manchester Liverpool Bristol Cardiff
+Glasgow Edinburgh Belfast Sheffield Nottingham Leicester Oxford Cambridge Brighton Paris Marseille Nice Toulouse Nantes
+Bordeaux Lille Madrid Barcelona Valencia Bilbao Malaga Lisbon Braga Rome Milan Naples Turin Florence Venice Verona
+Berlin Hamburg Munich Cologne Frankfurt Stuttgart Leipzig Dresden Vienna Salzburg Zurich Basel Bern Amsterdam
+Rotterdam Utrecht Brussels Antwerp Ghent Copenhagen Aarhus Stockholm Uppsala Oslo Helsinki Warsaw Prague Brno Budapest
+Athens Sofia Bucharest Toronto Ottawa Calgary Montreal Vancouver Winnipeg Sydney Melbourne Brisbane Auckland
+Wellington Tokyo Nagoya Seoul Busan Manila Jakarta Mumbai Delhi Chennai Pune Cairo Tunis Accra Dakar""".split())
+TEST_FIRST = ("Grace", "Mateo", "Leila", "Arjun", "Zoe", "Kwame", "Ingrid", "Rafael", "Nadia", "Hiro", "Beatriz",
+              "Tomasz", "Freya", "Idris", "Camille", "Anders", "Yasmin", "Dmitri", "Soren", "Lucinda")
+TEST_LAST = ("Okafor", "Larsen", "Moreau", "Tanaka", "Fischer", "Romero", "Kowalski", "Mensah", "Lindqvist",
+             "Herrera", "Nakamura", "Petrov", "Achebe", "Castellano", "Vasquez", "Holmberg")
+TEST_CITIES = ("Nairobi", "Tallinn", "Adelaide", "Cork", "Halifax", "Bologna", "Lagos", "Krakow", "Geneva", "Fresno",
+               "Riga", "Vilnius", "Hobart", "Kampala", "Lima", "Quito")
 ITEMS = ("blender", "kettle", "lamp", "backpack", "phone case", "desk chair", "toaster", "headphones",
-         "rice cooker", "yoga mat")
+         "rice cooker", "yoga mat", "coffee grinder", "umbrella", "printer", "water bottle", "mattress", "drill")
 
 # The teacher (a base model) reads three worked examples first (none from any split).
 TEACHER_PREFIX = (

@@ -1,0 +1,164 @@
+"""The teacher writes more reviews for the demo, then labels them (issue 15, "more data").
+
+    python bench/teacher_reviews.py [--count 3000] [--seed 0]
+
+Writes shrink/demo/data/teacher_reviews.jsonl, which `shrink demo` trains on beside the
+1,201 human-labeled training reviews. How the rows are made, so that a reader can check
+that no evaluation data shaped them:
+
+1. Writing. Gemma 3 270M (the demo's teacher: its GGUF converted to a Hugging Face
+   folder, in transformers) continues a prompt of three reviews of one domain and one
+   label, all drawn from the **training split** only (never dev or test), with a line
+   "Domain: <domain>" before each, and writes the next review: sampling at temperature
+   1.0, top-p 0.95, at most 48 tokens, cut at the first newline. The domain and the label
+   of the three examples are drawn at random (seeded), in the training split's
+   proportions.
+2. Filtering. Texts of fewer than 4 or more than 60 words, repeats, and texts that are a
+   copy or a near copy of any review in reviews.jsonl (the same words after lowercasing
+   and removing punctuation, or a word-set Jaccard similarity of 0.6 or more with a dev
+   or test review, or 0.8 with a training review) are dropped and counted.
+3. Labeling. `shrink label` with the demo's teacher **as served** (its Q4_K_M GGUF in
+   llama.cpp, with the demo's 4-shot prefix) picks " positive" or " negative" and keeps
+   the teacher's probability of it as `confidence`; rows under 0.75 are left out (the
+   teacher is unsure; the example labels of step 1 are not used).
+
+Every count goes into shrink/demo/data/teacher_reviews.json beside the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+OUT = Path("shrink/demo/data/teacher_reviews.jsonl")
+MIN_CONFIDENCE = 0.75
+MAX_NEW_TOKENS = 48
+BATCH = 24
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def prompt_for(examples: list[dict], domain: str) -> str:
+    shots = "".join(f"Domain: {domain}\nReview: {r['text']}\n\n" for r in examples)
+    return f"Customer reviews.\n\n{shots}Domain: {domain}\nReview:"
+
+
+def write_candidates(teacher_dir: Path, train: list[dict], count: int, seed: int) -> list[dict]:
+    import torch
+
+    from shrink.console import progress
+    from shrink.hf import load_causal_lm, load_tokenizer
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in train:
+        by_key.setdefault((r["domain"], r["label"]), []).append(r)
+    keys = [k for k, v in by_key.items() if len(v) >= 3]
+    weights = [len(by_key[k]) for k in keys]
+    model = load_causal_lm(teacher_dir, "cpu", torch.float32)
+    tok = load_tokenizer(teacher_dir)
+    tok.padding_side = "left"
+    newline = tok.encode("\n", add_special_tokens=False)
+    out = []
+    with progress("rev") as bar, torch.no_grad():
+        task = bar.add_task("teacher writing reviews", total=count)
+        while len(out) < count:
+            jobs = []
+            for _ in range(min(BATCH, count - len(out))):
+                domain, label = rng.choices(keys, weights)[0]
+                jobs.append((domain, label, prompt_for(rng.sample(by_key[(domain, label)], 3), domain)))
+            enc = tok([j[2] for j in jobs], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                 max_new_tokens=MAX_NEW_TOKENS, eos_token_id=[tok.eos_token_id] + newline,
+                                 pad_token_id=tok.pad_token_id)
+            for (domain, label, _), ids in zip(jobs, gen[:, enc.input_ids.shape[1]:]):
+                text = tok.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+                out.append({"text": text, "domain": domain, "asked_label": label})
+            bar.advance(task, len(jobs))
+    return out
+
+
+def keep_new(cands: list[dict], splits: dict[str, list[dict]]) -> tuple[list[dict], Counter]:
+    """Drops short, long, repeated, copied and near-copied texts; counts why."""
+    why: Counter = Counter()
+    seen = {" ".join(words(r["text"])) for part in splits.values() for r in part}
+    sets = {name: [set(words(r["text"])) for r in part] for name, part in splits.items()}
+    limit = {"train": 0.8, "dev": 0.6, "test": 0.6}
+    kept, own = [], set()
+    for c in cands:
+        w = words(c["text"])
+        key = " ".join(w)
+        if not 4 <= len(w) <= 60:
+            why["length"] += 1
+        elif key in own:
+            why["repeat"] += 1
+        elif key in seen:
+            why["copy of a review"] += 1
+        elif any(_jaccard(set(w), s) >= limit[name] for name, part in sets.items() for s in part):
+            why["near copy of a review"] += 1
+        else:
+            own.add(key)
+            kept.append(c)
+    return kept, why
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a and b else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=3000, help="reviews to write before filtering")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path("bench/teacher-reviews-run"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+
+    from shrink.demo.pipeline import demo_teacher
+    from shrink.demo.task import CHOICES, TEACHER_PREFIX, TEMPLATE, reviews, split_rows
+    from shrink.label import LabelConfig, label
+    from shrink.teacher_gguf import resolve_teacher
+
+    started = time.perf_counter()
+    splits = split_rows(reviews())
+    teacher = demo_teacher()
+    cands = write_candidates(resolve_teacher(teacher), splits["train"], args.count, args.seed)
+    written_s = time.perf_counter() - started
+    kept, dropped = keep_new(cands, splits)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    inputs, labeled, prefix = args.work / "inputs.jsonl", args.work / "labeled.jsonl", args.work / "prefix.txt"
+    prefix.write_text(TEACHER_PREFIX, encoding="utf-8")
+    inputs.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=c["text"]), "choices": list(CHOICES),
+                                          "text": c["text"], "domain": c["domain"], "asked_label": c["asked_label"]})
+                              + "\n" for c in kept), encoding="utf-8")
+    summary = label(LabelConfig(teacher=teacher, data=inputs, out=labeled, teacher_prefix=prefix,
+                                min_confidence=MIN_CONFIDENCE)).metrics
+    rows = [json.loads(line) for line in labeled.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out_rows = [{"text": r["text"], "label": r["completion"].strip(), "domain": r["domain"],
+                 "confidence": round(r["confidence"], 4)} for r in rows]
+    args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
+    agree = sum(r["completion"].strip() == r["asked_label"] for r in rows)
+    record = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "written": len(cands),
+        "dropped": dict(dropped), "labeled": summary, "kept": len(out_rows),
+        "labels": dict(Counter(r["label"] for r in out_rows)),
+        "label_agrees_with_examples": round(agree / max(1, len(rows)), 4),
+        "writing_seconds": round(written_s, 1), "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
