@@ -48,6 +48,10 @@ of the batch's generated positions (an all-reduce of the counts). With DDP the r
 generates with its own copy of the student (no collective); with FSDP the weights are
 sharded and every forward pass is a collective, so the ranks decode in lockstep until
 every rank's rows have finished.
+
+The progress bar's and the manifest's tokens/s keep counting each batch's reference
+tokens, on-policy batches included, so that runs with and without --on-policy compare
+on the same work done per step; the sampled tokens are not counted.
 """
 
 from __future__ import annotations
