@@ -50,8 +50,8 @@ sharded and every forward pass is a collective, so the ranks decode in lockstep 
 every rank's rows have finished.
 
 The progress bar's and the manifest's tokens/s keep counting each batch's reference
-tokens, on-policy batches included, so that runs with and without --on-policy compare
-on the same work done per step; the sampled tokens are not counted.
+tokens, on-policy batches included, and not the sampled ones: the cost of sampling shows
+as fewer tokens/s than the same run without --on-policy.
 """
 
 from __future__ import annotations
