@@ -64,6 +64,9 @@ class DistillConfig:
     beta: float = option(0.5, "jsd: the mixture's teacher weight; skl: the skew. Strictly between 0 and 1.")
     hidden_weight: float = option(
         0.0, "Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
+    on_policy: float = option(  # shrink.distill.on_policy
+        0.0, "Fraction of batches (0 to 1) whose completions the student samples itself and the teacher scores "
+        "(GKD's lambda); the divergence alone trains on those, no cross-entropy.")
     max_length: int = option(512, "Tokens per sequence; longer prompts are trimmed on the left.")
     save_every: int = option(200, "Steps between checkpoints.")
     device: str = option(

@@ -37,7 +37,7 @@ from typing import Any
 from shrink import artifact
 from shrink.console import console, progress, spinner
 from shrink.distill.batches import batch_order, check_aligned, collate, encode_examples
-from shrink.distill import distributed, input_hashes, teacher_cache
+from shrink.distill import distributed, input_hashes, on_policy, teacher_cache
 from shrink.distill.checkpoint import read_state
 from shrink.distill.config import DistillConfig
 from shrink.distill.loss import distill_loss
@@ -99,6 +99,8 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         raise ShrinkError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if not 0.0 < cfg.beta < 1.0:
         raise ShrinkError(f"--beta must be strictly between 0 and 1, got {cfg.beta}")
+    if not 0.0 <= cfg.on_policy <= 1.0:
+        raise ShrinkError(f"--on-policy must be between 0 and 1 (the fraction of on-policy batches), got {cfg.on_policy}")
     if cfg.hidden_weight < 0:
         raise ShrinkError(f"--hidden-weight must be 0 (off) or positive, got {cfg.hidden_weight}")
     if cfg.layer_selection not in ("even", "importance"):
@@ -252,9 +254,11 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         teacher_outputs = teacher_cache.CachedTeacher(cfg.teacher_cache, [len(q.ids) - q.start for q in seqs], device, id_map)
     whole_epochs = (total_steps - step) >= per_epoch
     # Not with --hidden-weight: the alignment needs the teacher's hidden states every batch.
-    if teacher_outputs is None and whole_epochs and not cfg.hidden_weight and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
+    if teacher_outputs is None and whole_epochs and not cfg.hidden_weight and cfg.on_policy < 1 and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
         teacher_outputs = precompute_teacher(teacher, t_seqs, cfg.batch_size, pad, device, kept_rows, t_cache)
 
+    # --on-policy: the batches the student writes itself (shrink.distill.on_policy), scored by the live teacher.
+    rollout = on_policy.Rollout(cfg, student, trainee, teacher, plan, pad, device, ranks, t_cache) if cfg.on_policy else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tokens_seen, started = 0, time.perf_counter()
     with progress("step", "loss", "tok_s") as bar:
@@ -265,18 +269,23 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
             batch_tokens = sum(len(seqs[i].ids) for i in rows)  # over every rank
             part = distributed.shard(ranks, rows, [len(seqs[i].ids) - seqs[i].start for i in rows])
             rows = part.rows  # this process's share of the batch (all of it without torchrun)
-            ids, attn, mask = collate([seqs[i] for i in rows], pad, device)  # teacher-vocabulary ids
-            t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
-            s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
-            targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
-            if teacher_outputs is not None:
-                t_logits = torch.cat([teacher_outputs[i] for i in rows]).float()  # (n, student vocab)
+            on_policy_step = rollout is not None and rollout.chosen(step)
+            if on_policy_step:  # --on-policy: the student writes the completions, the live teacher scores them
+                scored = rollout.score([seqs[i] for i in rows], [t_seqs[i] for i in rows], part, step)
+                loss, kl, ce, mask, t_mask, part = scored.loss, scored.kl, scored.ce, scored.mask, scored.t_mask, scored.shard
             else:
-                with torch.no_grad():
-                    t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
-            with autocast:
-                s_logits = trainee(selected_logits, s_ids, attn, mask)  # (n, student vocab)
-            loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss, beta=cfg.beta)
+                ids, attn, mask = collate([seqs[i] for i in rows], pad, device)  # teacher-vocabulary ids
+                t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
+                s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
+                targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
+                if teacher_outputs is not None:
+                    t_logits = torch.cat([teacher_outputs[i] for i in rows]).float()  # (n, student vocab)
+                else:
+                    with torch.no_grad():
+                        t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
+                with autocast:
+                    s_logits = trainee(selected_logits, s_ids, attn, mask)  # (n, student vocab)
+                loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss, beta=cfg.beta)
             if align is not None:  # the hooks caught this batch's layer outputs of both models
                 loss = loss + cfg.hidden_weight * align.loss(mask, t_mask)
             for group in optimizer.param_groups:
@@ -290,6 +299,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
             tokens_seen += batch_tokens
             loss, kl, ce = distributed.global_mean(ranks, part.weight, loss, kl, ce)  # the whole batch's
             history.append({"step": step, "loss": round(loss.item(), 5), "kl": round(kl.item(), 5), "ce": round(ce.item(), 5)})
+            if on_policy_step:
+                history[-1].update(ce=None, on_policy=True)  # no reference completion: no cross-entropy
             rate = tokens_seen / (time.perf_counter() - started)
             bar.update(task, advance=1, loss=f"loss {loss.item():.4f}", tok_s=f"{rate:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == total_steps:
