@@ -27,7 +27,7 @@ from machine import machine  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench/demo-run"))
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--epochs", type=float, default=None)
     args = ap.parse_args()
 

@@ -1,17 +1,19 @@
-"""Choose the demo's distillation settings on its dev split (issue 11).
+"""Choose a demo task's student recipe on its dev split (issues 11 and 15).
 
-    python bench/demo_tune.py [--lr 2e-4 3e-4 5e-4] [--epochs 4] [--alpha 0.9]
+    python bench/demo_tune.py [--task sentiment] --variant '{}' --variant '{"loss_on": "all"}' ...
 
-Every combination distills Gemma 3 270M into the demo's student (3 layers, pruned
-vocabulary, the teacher's 4-shot prefix, batch 16) on the training split and measures
-the student in torch on the dev split. The test split is never read here: `shrink demo`
-reports it with the settings this picks. Writes bench/results/demo-tune-<time>.json.
+Every variant is a JSON object of DistillConfig fields put over the task's recipe
+(shrink.demo.pipeline.TASKS[task].recipe). Each one distills the teacher (Gemma 3 270M)
+into a student on the training split, then measures it on the **dev** split: in torch,
+and as its Q4_K_M GGUF through llama.cpp (its size too, since the recipe has to fit the
+size goal). The test split is never read here: `shrink demo` reports it with the recipe
+this picks. Writes bench/results/demo-tune-<task>-<time>.json, one record per variant
+as it finishes (a long sweep that stops keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import sys
@@ -24,44 +26,63 @@ from machine import machine  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="sentiment")
+    ap.add_argument("--variant", action="append", type=json.loads, default=None,
+                    help="DistillConfig fields over the task's recipe, as JSON (repeatable; default: the recipe as is)")
     ap.add_argument("--out", type=Path, default=Path("bench/tune-run"))
-    ap.add_argument("--lr", type=float, nargs="+", default=[2e-4, 3e-4, 5e-4])
-    ap.add_argument("--epochs", type=float, nargs="+", default=[4.0])
-    ap.add_argument("--alpha", type=float, nargs="+", default=[0.9])
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--no-gguf", action="store_true", help="measure in torch only")
     args = ap.parse_args()
 
-    from shrink.demo.pipeline import DemoConfig, demo_teacher
-    from shrink.demo.task import write_task_files
+    from shrink.demo.pipeline import TASKS, demo_teacher
     from shrink.distill.config import DistillConfig
     from shrink.distill.train import distill
+    from shrink.evaluate import evaluate
+    from shrink.export.flow import ExportOptions, export
+    from shrink.runtime.torch_runtime import TorchRuntime
+    from shrink.tasks import load_task
 
+    import importlib
+
+    task = TASKS[args.task]
     shutil.rmtree(args.out, ignore_errors=True)
-    files = write_task_files(args.out / "data")  # dev and train only are used below
-    teacher, defaults = demo_teacher(), DemoConfig(out=args.out)
-    runs = []
-    for lr, epochs, alpha in itertools.product(args.lr, args.epochs, args.alpha):
-        started = time.perf_counter()
-        m = distill(DistillConfig(
-            teacher=teacher, data=files["train"], eval_data=files["dev"], out=args.out / f"lr{lr:g}-e{epochs:g}-a{alpha:g}",
-            layers=args.layers, epochs=epochs, batch_size=defaults.batch_size, lr=lr, alpha=alpha, prune_vocab=True,
-            teacher_prefix=files["prefix"],
-        ))
-        run = {"lr": lr, "epochs": epochs, "alpha": alpha, "dev_accuracy": m["metrics"]["accuracy"],
-               "teacher_dev_accuracy": m["metrics"]["teacher_accuracy"], "seconds": round(time.perf_counter() - started, 1)}
-        runs.append(run)
-        print(json.dumps(run), flush=True)
-    best = max(runs, key=lambda r: r["dev_accuracy"])
-    print("\n| lr | epochs | alpha | dev accuracy | seconds |\n|---|---|---|---|---|")
-    for r in runs:
-        mark = " **(chosen)**" if r is best else ""
-        print(f"| {r['lr']:g} | {r['epochs']:g} | {r['alpha']:g} | {r['dev_accuracy']:.1%}{mark} | {r['seconds']:.0f} |")
+    files = importlib.import_module(task.module).write_task_files(args.out / "data")  # test is written, never read
+    teacher = demo_teacher()
+    train = files["train"]
+    if not task.labeled:  # the teacher labels the inputs once, for every variant
+        from shrink.label import LabelConfig, label
+
+        train = args.out / "data" / "train-labeled.jsonl"
+        label(LabelConfig(teacher=teacher, data=files["train"], out=train, teacher_prefix=files["prefix"],
+                          max_new_tokens=task.max_new_tokens))
+    record_path = Path("bench/results") / f"demo-tune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
-              "layers": args.layers, "runs": runs, "chosen": best}
-    path = Path("bench/results") / f"demo-tune-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
-    print(f"\nrecorded {path}")
+              "task": args.task, "recipe": task.recipe, "runs": []}
+    for i, variant in enumerate(args.variant or [{}]):
+        fields = {**task.recipe, **variant}
+        folder = args.out / f"v{i}"
+        started = time.perf_counter()
+        m = distill(DistillConfig(teacher=teacher, data=train, out=folder / "student", prune_vocab=True,
+                                  teacher_prefix=files["prefix"], metric=task.metric, **fields))
+        distill_s = time.perf_counter() - started
+        dev = load_task(files["dev"])
+        torch_res = evaluate(TorchRuntime(folder / "student", "cpu"), dev, "student on dev (torch)", metric=task.metric)
+        run = {"variant": variant, "distill_seconds": round(distill_s, 1), "dev_torch": round(torch_res.accuracy, 4),
+               "parameters": m.metrics["parameters"], "vocab_kept": m.settings.get("vocab_kept"),
+               "final_loss": m.metrics["final_loss"], "train_tokens_per_s": m.metrics["train_tokens_per_s"]}
+        if not args.no_gguf:
+            q = export(folder / "student", folder / "Q4_K_M", ExportOptions("gguf", quant="Q4_K_M", metric=task.metric),
+                       eval_data=files["dev"])
+            run.update(dev_q4_k_m=round(q.metrics["accuracy"], 4), q4_k_m_bytes=q.metrics["size_bytes"])
+        record["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+    print("\n| variant | dev (torch) | dev (Q4_K_M) | Q4_K_M MB | distill s |\n|---|---|---|---|---|")
+    for r in record["runs"]:
+        q4 = f"{r['dev_q4_k_m']:.1%} | {r['q4_k_m_bytes'] / 1e6:.1f}" if "dev_q4_k_m" in r else "- | -"
+        print(f"| {json.dumps(r['variant'])} | {r['dev_torch']:.1%} | {q4} | {r['distill_seconds']:.0f} |")
+    print(f"\nrecorded {record_path}")
     return 0
 
 

