@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from shrink import __version__
+from shrink.distill.batches import LOSS_ON
 from shrink.errors import ShrinkError
 from shrink.manifest import Manifest
 from shrink.quiet import debug_enabled
@@ -227,10 +228,12 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per teacher forward pass.")
 @click.option("--max-length", default=512, show_default=True, help="Tokens per sequence, as distill's --max-length.")
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher, as distill's --teacher-prefix.")
+@click.option("--loss-on", type=click.Choice(LOSS_ON), default="completion", show_default=True,
+              help="Positions kept, as distill's --loss-on: the completion's, or the prompt's too.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_prefix, device, force, as_json):
+def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_prefix, loss_on, device, force, as_json):
     """Run the teacher once over the task data and keep its top-k next-token log-probs.
 
     `shrink distill --teacher-cache OUT` then trains without running the teacher: the
@@ -239,7 +242,7 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
     torchrun every process runs the teacher on its share of the data and writes its own
     shard; OUT must be on a filesystem they all see. The manifest identifies the teacher
     (its weights, config and tokenizer), the data and the prefix by sha256: distill
-    refuses a cache made from other bytes.
+    refuses a cache made from other bytes, or for another --loss-on.
 
     \b
     Example:
@@ -250,7 +253,8 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
     from shrink.distill.teacher_cache import CacheConfig, build_cache, describe
 
     cfg = CacheConfig(teacher=teacher, data=data, out=out, top_k=top_k, batch_size=batch_size,
-                      max_length=max_length, teacher_prefix=teacher_prefix, device=device, force=force)
+                      max_length=max_length, teacher_prefix=teacher_prefix, loss_on=loss_on, device=device,
+                      force=force)
     manifest = build_cache(cfg)
     if manifest is not None and not as_json:
         click.echo(describe(manifest), err=True)

@@ -39,6 +39,7 @@ def test_options_are_the_fields():
     assert [p.opts[0] for p in command.params if p.name not in ("config_file", "as_json")] == [
         "--teacher", "--data", "--eval", "--out", "--layers", "--layer-selection", "--ffn-ratio", "--heads-ratio",
         "--student", "--steps", "--epochs", "--batch-size", "--lr", "--temperature", "--alpha", "--loss", "--beta",
+        "--loss-on",  # issue 15
         "--hidden-weight", "--on-policy", "--max-length", "--save-every", "--device", "--seed", "--teacher-prefix",
         "--metric", "--chat-template", "--prune-vocab", "--vocab-top",  # issue 14
         "--vocab-data", "--teacher-cache", "--fsdp", "--resume", "--force"]
@@ -54,7 +55,7 @@ def test_settings_keep_their_keys(tmp_path):
         "epochs", "batch_size", "lr", "temperature", "alpha", "loss", "beta", "hidden_weight", "max_length",
         "save_every", "seed", "teacher_prefix", "prune_vocab", "vocab_data", "teacher_cache",
         "metric", "chat_template", "vocab_top",  # issue 14
-        "on_policy"}  # issue 15
+        "on_policy", "loss_on"}  # issue 15
     assert cfg.settings()["vocab_data"] == [str(tmp_path / "v.txt")]
     assert set(cfg.to_dict()) - set(cfg.settings()) == {"out", "device", "fsdp", "resume", "force", "teacher_memory_mb"}
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg  # back from JSON

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shrink.distill.batches import LOSS_ON
 from shrink.errors import ShrinkError
 from shrink.metrics import METRIC_NAMES
 from shrink.toml_files import read_toml
@@ -62,6 +63,9 @@ class DistillConfig:
         "fkl", "Divergence to the teacher: forward KL, reverse KL, generalized Jensen-Shannon, skew KL.",
         choices=("fkl", "rkl", "jsd", "skl"))
     beta: float = option(0.5, "jsd: the mixture's teacher weight; skl: the skew. Strictly between 0 and 1.")
+    loss_on: str = option(  # shrink.distill.batches: which positions; CE stays on the completion
+        "completion", "Where the divergence to the teacher is taken: the completion's tokens, or the prompt's too "
+        "(more positions per step; cross-entropy stays on the completion).", choices=LOSS_ON)
     hidden_weight: float = option(
         0.0, "Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
     on_policy: float = option(  # shrink.distill.on_policy

@@ -10,11 +10,13 @@ process runs exactly as before.
 
 Each global batch (`--batch-size` rows, in the same order as a single process reads
 them) is split across the ranks: rank r takes rows r, r + W, r + 2W, ... The loss is a
-mean over the batch's completion positions, so each rank scales its own mean by its
-share of those positions (`Shard.weight`); DDP averages gradients over the W ranks, so
-the gradient is that of the global mean, as in one process. The same weights give the
-global loss for the log. This assumes every loss term is a mean over completion
-positions, as distill's are.
+mean over the batch's loss positions, so each rank scales its own mean by its share of
+those positions (`Shard.weight`); DDP averages gradients over the W ranks, so the
+gradient is that of the global mean, as in one process. The same weights give the
+global loss for the log. The divergence and the hidden-state term are means over the
+loss positions; the cross-entropy is a mean over the completion positions, which with
+`--loss-on all` are fewer, so it is scaled once more by the rank's share of those
+(`Shard.ce_scale`, 1 when the two sets are one).
 
 The student is wrapped in DDP by default, or sharded with FSDP2 (`fully_shard`, per
 decoder layer and over the whole) with `--fsdp`: every rank then holds a slice of the
@@ -160,20 +162,28 @@ def main_first(ranks: Ranks, fn, *args):
 class Shard:
     rows: list[int]  # the examples this rank computes (one with weight 0 when it has none)
     weight: float  # the rank's share of the batch's loss positions, times the world size
+    ce_scale: float = 1.0  # its share of the completion positions over its share of the loss positions
 
 
-def shard(ranks: Ranks, rows: list[int], positions: list[int]) -> Shard:
+def shard(ranks: Ranks, rows: list[int], positions: list[int], completions: list[int] | None = None) -> Shard:
     """This rank's rows of a global batch and the weight of its loss. `positions[i]` is
-    the number of loss positions of rows[i]. With W ranks and N positions in the batch,
-    a rank holding n of them weighs its mean loss by n * W / N: DDP's average of the W
-    gradients is then the gradient of the batch's mean, exactly as one process takes it."""
+    the number of loss positions of rows[i], `completions[i]` how many of them are
+    completion positions (all of them when not given). With W ranks and N positions in
+    the batch, a rank holding n of them weighs its mean loss by n * W / N: DDP's average
+    of the W gradients is then the gradient of the batch's mean, exactly as one process
+    takes it. A term that is a mean over the C completion positions, c of them this
+    rank's, is multiplied by ce_scale = (c / C) / (n / N) first, for the same result."""
     if not ranks.enabled:
         return Shard(list(rows), 1.0)
     mine = list(range(ranks.rank, len(rows), ranks.world_size))
     total = sum(positions)
     if not mine:  # a last batch smaller than the world: run one row for nothing, so every
         return Shard([rows[0]], 0.0)  # rank still takes part in the gradient all-reduce
-    return Shard([rows[i] for i in mine], sum(positions[i] for i in mine) * ranks.world_size / total)
+    n = sum(positions[i] for i in mine)
+    ce_scale = 1.0
+    if completions is not None and completions != positions:
+        ce_scale = (sum(completions[i] for i in mine) / sum(completions)) / (n / total)
+    return Shard([rows[i] for i in mine], n * ranks.world_size / total, ce_scale)
 
 
 def global_mean(ranks: Ranks, weight: float, *values):

@@ -10,12 +10,13 @@ distance lies in [0, 2] in every layer of every model, and it is the direction o
 stream that the next layer's RMSNorm passes on. DistilBERT aligns hidden states the
 same way.
 
-Positions: the loss positions (those whose next token is a completion token), not every
-non-pad token. They are where the student is trained to match the teacher anyway, and
-with --teacher-prefix they are the only positions where both models have read the same
-tokens: the teacher's prompt tokens follow few-shot examples the student never sees.
-There the teacher's positions are the student's shifted by the prefix length, which the
-two masks already encode (check_aligned guarantees the same completion tokens).
+Positions: the loss positions (those whose next token is a completion token, and with
+--loss-on all a prompt token too), not every non-pad token. They are where the student
+is trained to match the teacher anyway. With --teacher-prefix the teacher's positions
+are the student's shifted by the prefix length, which the two masks already encode
+(shrink.distill.batches matches them token by token); at the completion's positions
+both models have read the same prompt, at the prompt's own positions the teacher has
+read the few-shot examples before it, and the student learns to be there without them.
 
 The hidden states are caught by forward hooks on the decoder layers during the forward
 passes training already makes, so nothing else in the loop changes. The teacher must

@@ -1,6 +1,17 @@
-"""The distillation loss, on completion tokens only.
+"""The distillation loss, at the loss positions (shrink.distill.batches).
 
     loss = alpha * D(teacher_T, student_T) * T^2 + (1 - alpha) * CE(student, reference)
+
+The loss positions are the completion's tokens, and with `--loss-on all` the prompt's
+too. D is averaged over every loss position. CE is taken on the completion's positions
+only, in both modes: the reference is the completion, the answer the data gives. A
+prompt's tokens are given at inference, never generated, so a hard target there would
+train the student as a language model of the data set's prompts (often one template
+repeated), a task the student does not have and that takes capacity; the teacher's
+distribution at those positions is the signal worth having, and it is the KL term that
+takes it. CE keeps one meaning in both modes (the student's loss on the reference
+answer), so runs with either setting log comparable `ce` values, and `--alpha 0` stays
+plain supervised training on the completions.
 
 D is one of four divergences between the teacher's distribution p and the student's q,
 both at temperature T (`--loss`, with `--beta` for the last two):
@@ -30,13 +41,17 @@ from __future__ import annotations
 import math
 
 LOSSES = ("fkl", "rkl", "jsd", "skl")
+IGNORE = -100  # a target without cross-entropy (torch's default ignore_index)
 
 
 def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float,
-                 *, kind: str = "fkl", beta: float = 0.5):
+                 *, kind: str = "fkl", beta: float = 0.5, ce_scale: float = 1.0):
     """Returns (loss, divergence, ce) as tensors; the divergence is T^2-scaled, before
-    the alpha mix. Logits are (n, vocab) at the n completion positions; targets (n,) are
-    the reference tokens there."""
+    the alpha mix. Logits are (n, vocab) at the n loss positions; targets (n,) are the
+    reference tokens there, IGNORE where no cross-entropy is taken (the prompt's
+    positions). `ce_scale` multiplies the CE term (under torchrun, distributed.Shard's:
+    a rank whose share of the completion positions differs from its share of all
+    positions)."""
     import torch.nn.functional as F
 
     s = student_logits.float()  # (n, vocab)
@@ -44,7 +59,7 @@ def distill_loss(student_logits, teacher_logits, targets, temperature: float, al
     s_logp = F.log_softmax(s / temperature, dim=-1)
     t_logp = F.log_softmax(t / temperature, dim=-1)
     kl = divergence(s_logp, t_logp, kind, beta) * temperature**2
-    ce = F.cross_entropy(s, targets)
+    ce = F.cross_entropy(s, targets, ignore_index=IGNORE) * ce_scale  # mean over the completion positions
     return alpha * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
 
 

@@ -3,9 +3,10 @@
     shrink teacher-cache --teacher ./teacher --data train.jsonl --top-k 64 --out teacher-cache
     shrink distill --teacher ./teacher --teacher-cache teacher-cache --data train.jsonl ...
 
-Distillation needs the teacher's distribution at every completion position (the
-positions `batches.collate` marks and `logits.selected_logits` computes). A cache keeps,
-for each of those positions:
+Distillation needs the teacher's distribution at every loss position (the positions
+`batches.collate` marks and `logits.selected_logits` computes: the completion's, and
+with `--loss-on all` the prompt's too, as distill's --loss-on; the manifest records
+which). A cache keeps, for each of those positions:
 
     top_ids       int32 (positions, K)   the K most likely next tokens, most likely first
     top_logprobs  float16 (positions, K) their log-probabilities (log-softmax at T = 1)
@@ -36,9 +37,9 @@ teacher, read on the kept rows only, does too.
 
 The cache is checked against the run before anything is loaded: the same data (sha256),
 the same teacher (config.json, tokenizer files and weight files, all by sha256: see
-shrink.distill.input_hashes), the same --teacher-prefix (sha256) and the same
---max-length; and every example must have as many cached positions as the run has loss
-positions.
+shrink.distill.input_hashes), the same --teacher-prefix (sha256), the same
+--max-length and the same --loss-on; and every example must have as many cached
+positions as the run has loss positions.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class CacheConfig:
     batch_size: int = 8  # sequences per teacher forward pass
     max_length: int = 512  # as distill's --max-length: tokens per sequence
     teacher_prefix: Path | None = None  # as distill's --teacher-prefix
+    loss_on: str = "completion"  # as distill's --loss-on: completion | all
     device: str = "auto"  # auto | cpu | cuda
     force: bool = False
 
@@ -101,6 +103,7 @@ def build_cache(cfg: CacheConfig) -> Manifest | None:
 
 
 def _validate(cfg: CacheConfig):
+    from shrink.distill.batches import LOSS_ON
     from shrink.hf import check_model_dir
     from shrink.tasks import load_task_for
     from shrink.teacher_gguf import resolve_teacher
@@ -118,6 +121,8 @@ def _validate(cfg: CacheConfig):
         raise ShrinkError(f"--max-length must be at least 2, got {cfg.max_length}")
     if cfg.teacher_prefix is not None and not Path(cfg.teacher_prefix).is_file():
         raise ShrinkError(f"--teacher-prefix: no such file {cfg.teacher_prefix}")
+    if cfg.loss_on not in LOSS_ON:
+        raise ShrinkError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {cfg.loss_on!r}")
     examples = load_task_for(cfg.data, teacher_path)  # chat rows: the teacher's template, as distill reads them
     artifact.check_output_free(Path(cfg.out), cfg.force)
     return examples, resolve_teacher(teacher_path)
@@ -127,7 +132,7 @@ def _build(cfg: CacheConfig, ranks) -> Manifest | None:
     import torch
 
     from shrink.console import console, spinner
-    from shrink.distill.batches import check_aligned, encode_examples
+    from shrink.distill.batches import check_aligned, encode_examples, loss_positions
     from shrink.hf import load_causal_lm, load_tokenizer, resolve_device
     from shrink.prefix import PrefixCache, usable_prefix
     from shrink.tasks import with_prefix
@@ -143,13 +148,13 @@ def _build(cfg: CacheConfig, ranks) -> Manifest | None:
     if top_k < cfg.top_k:
         console.print(f"--top-k {cfg.top_k} is more than the teacher's {vocab:,} tokens: keeping all {vocab:,}")
 
-    seqs = encode_examples(tokenizer, examples, cfg.max_length)
+    seqs = t_seqs = encode_examples(tokenizer, examples, cfg.max_length)
     if cfg.teacher_prefix:  # the teacher reads the prefix; positions are the student's
         prefix_text = Path(cfg.teacher_prefix).read_text(encoding="utf-8")
         t_seqs = encode_examples(tokenizer, with_prefix(examples, prefix_text), cfg.max_length)
         check_aligned(seqs, t_seqs, cfg.data)
-        seqs = t_seqs
-    shared = usable_prefix([s.ids for s in seqs], min(s.start for s in seqs) - 1)
+    _, seqs = loss_positions(seqs, t_seqs, cfg.loss_on, cfg.data)  # the teacher's, as distill marks them
+    shared = usable_prefix([s.ids for s in seqs], min(s.loss_from for s in seqs) - 1)
     prefix = PrefixCache(teacher, shared, device) if shared else None
 
     lo, hi = ranks.rank * len(seqs) // ranks.world_size, (ranks.rank + 1) * len(seqs) // ranks.world_size
@@ -171,7 +176,7 @@ def _build(cfg: CacheConfig, ranks) -> Manifest | None:
         save_file(tensors, str(tmp / name), metadata=meta)
         ranks.barrier()  # every shard written
         seconds = time.perf_counter() - started  # the whole job's teacher pass
-        positions = sum(len(s.ids) - s.start for s in seqs)
+        positions = sum(s.positions for s in seqs)
         settings = {
             "teacher": str(cfg.teacher),
             "teacher_folder": str(Path(folder).resolve()),
@@ -182,6 +187,7 @@ def _build(cfg: CacheConfig, ranks) -> Manifest | None:
             "data_sha256": artifact.sha256_file(Path(cfg.data)),
             "top_k": top_k,
             "max_length": cfg.max_length,
+            "loss_on": cfg.loss_on,
             "teacher_prefix": str(cfg.teacher_prefix) if cfg.teacher_prefix else None,
             "teacher_prefix_sha256": artifact.sha256_file(Path(cfg.teacher_prefix)) if cfg.teacher_prefix else None,
             "logprob_dtype": LOGPROB_DTYPE,
@@ -236,7 +242,7 @@ def _run_teacher(teacher, seqs, indices, top_k: int, batch_size: int, pad: int, 
             ids_out.append(top_ids.to(torch.int32).cpu())
             logp_out.append(top_logp.to(torch.float16).cpu())
             rest_out.append(rest.float().cpu())
-            counts += [len(q.ids) - q.start for q in part]
+            counts += [q.positions for q in part]
             bar.advance(task, len(part))
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
@@ -301,6 +307,10 @@ def check_matches(cfg, teacher_folder: Path, inputs: list[dict[str, str]]) -> No
     if s.get("max_length") != cfg.max_length:
         raise ShrinkError(f"--teacher-cache {folder} was made with --max-length {s.get('max_length')}; this run has "
                           f"--max-length {cfg.max_length}")
+    made = s.get("loss_on", "completion")  # caches from before --loss-on hold the completion's positions
+    if made != cfg.loss_on:
+        raise ShrinkError(f"--teacher-cache {folder} was made with --loss-on {made}; this run has --loss-on "
+                          f"{cfg.loss_on}{rebuild} --loss-on {cfg.loss_on}")
 
 
 class CachedTeacher:
@@ -373,6 +383,7 @@ def dense_logprobs(top_ids, top_logprobs, rest_logprob, vocab: int, id_map=None)
 
 def describe(manifest: Manifest) -> str:
     s = manifest.settings
-    return (f"teacher cache: {s['examples']:,} examples, {s['positions']:,} positions, top {s['top_k']} of "
+    where = " (prompts and completions)" if s.get("loss_on") == "all" else ""
+    return (f"teacher cache: {s['examples']:,} examples, {s['positions']:,} positions{where}, top {s['top_k']} of "
             f"{s['vocab_size']:,} tokens, {len(s['shards'])} shard(s)")
 

@@ -9,12 +9,13 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
    smaller model (--student); optionally prune its vocabulary to the tokens of the
    training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
    data), the teacher then being read on those tokens only.
-3. Train the student on completion tokens: a divergence to the teacher at temperature T
-   (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with cross-entropy on the reference,
-   plus optional hidden-state alignment (shrink.distill.hidden). The teacher's outputs
-   come from the teacher itself or from a teacher cache (shrink.distill.teacher_cache).
-   bf16 autocast on CUDA; under torchrun, each rank takes its share of every global
-   batch (shrink.distill.distributed).
+3. Train the student on completion tokens (`loss_on` all: the prompt's too, matched with
+   the teacher's past a teacher prefix: shrink.distill.batches): a divergence to the
+   teacher at temperature T (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with
+   cross-entropy on the reference completion, plus optional hidden-state alignment
+   (shrink.distill.hidden). The teacher's outputs come from the teacher itself or from
+   a teacher cache (shrink.distill.teacher_cache). bf16 autocast on CUDA; under
+   torchrun, each rank takes its share of every global batch (shrink.distill.distributed).
 4. Save an atomic checkpoint every `save_every` steps (rank 0), with the sha256 of every
    input file (shrink.distill.input_hashes); `resume` continues from it when the inputs
    are byte for byte the same.
@@ -36,11 +37,12 @@ from typing import Any
 
 from shrink import artifact
 from shrink.console import console, progress, spinner
-from shrink.distill.batches import batch_order, check_aligned, collate, encode_examples
+from shrink.distill.batches import (LOSS_ON, batch_order, check_aligned, collate, completion_flags, encode_examples,
+                                    loss_positions)
 from shrink.distill import distributed, input_hashes, on_policy, teacher_cache
 from shrink.distill.checkpoint import read_state
 from shrink.distill.config import DistillConfig
-from shrink.distill.loss import distill_loss
+from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
@@ -97,6 +99,8 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
 
     if cfg.loss not in LOSSES:
         raise ShrinkError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.loss_on not in LOSS_ON:
+        raise ShrinkError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {cfg.loss_on!r}")
     if not 0.0 < cfg.beta < 1.0:
         raise ShrinkError(f"--beta must be strictly between 0 and 1, got {cfg.beta}")
     if not 0.0 <= cfg.on_policy <= 1.0:
@@ -228,7 +232,10 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         prefix_text = Path(cfg.teacher_prefix).read_text(encoding="utf-8")
         t_seqs = encode_examples(tokenizer, with_prefix(train_examples, prefix_text), cfg.max_length)
         check_aligned(seqs, t_seqs, cfg.data)
-    shared = usable_prefix([s.ids for s in t_seqs], min(s.start for s in t_seqs) - 1)
+    seqs, t_seqs = loss_positions(seqs, t_seqs, cfg.loss_on, cfg.data)  # the same list when no prefix
+    if cfg.loss_on == "all":
+        _report_prompt_positions(seqs)
+    shared = usable_prefix([s.ids for s in t_seqs], min(s.loss_from for s in t_seqs) - 1)
     t_cache = PrefixCache(teacher, shared, device) if shared and not cfg.teacher_cache else None
     if t_cache:
         console.print(f"shared prompt prefix: {len(shared)} tokens, run once through the teacher")
@@ -247,13 +254,14 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     # every example at least once and the outputs fit in memory, they are computed once
     # (float16) and training reads them from there.
     vocab_out = len(plan.kept) if plan else student.get_output_embeddings().weight.shape[0]
-    positions = sum(len(q.ids) - q.start for q in seqs)
+    positions = sum(q.positions for q in seqs)  # loss positions per pass over the data
     pad = tokenizer.pad_token_id
     teacher_outputs = None  # with --teacher-cache, read from the cache instead of computed
     if cfg.teacher_cache:
-        teacher_outputs = teacher_cache.CachedTeacher(cfg.teacher_cache, [len(q.ids) - q.start for q in seqs], device, id_map)
+        teacher_outputs = teacher_cache.CachedTeacher(cfg.teacher_cache, [q.positions for q in seqs], device, id_map)
     whole_epochs = (total_steps - step) >= per_epoch
     # Not with --hidden-weight: the alignment needs the teacher's hidden states every batch.
+    # Over the memory budget (`loss_on` all multiplies the positions), the teacher runs online.
     if teacher_outputs is None and whole_epochs and not cfg.hidden_weight and cfg.on_policy < 1 and positions * vocab_out * 2 <= cfg.teacher_memory_mb * 2**20:
         teacher_outputs = precompute_teacher(teacher, t_seqs, cfg.batch_size, pad, device, kept_rows, t_cache)
 
@@ -267,7 +275,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
             epoch, index = divmod(step, per_epoch)
             rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
             batch_tokens = sum(len(seqs[i].ids) for i in rows)  # over every rank
-            part = distributed.shard(ranks, rows, [len(seqs[i].ids) - seqs[i].start for i in rows])
+            part = distributed.shard(ranks, rows, [seqs[i].positions for i in rows],
+                                     [len(seqs[i].ids) - seqs[i].start for i in rows])  # completion positions
             rows = part.rows  # this process's share of the batch (all of it without torchrun)
             on_policy_step = rollout is not None and rollout.chosen(step)
             if on_policy_step:  # --on-policy: the student writes the completions, the live teacher scores them
@@ -278,6 +287,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
                 t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
                 s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
                 targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
+                targets = targets.masked_fill(~completion_flags([seqs[i] for i in rows], device), IGNORE)  # CE: completion
                 if teacher_outputs is not None:
                     t_logits = torch.cat([teacher_outputs[i] for i in rows]).float()  # (n, student vocab)
                 else:
@@ -285,7 +295,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
                         t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
                 with autocast:
                     s_logits = trainee(selected_logits, s_ids, attn, mask)  # (n, student vocab)
-                loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss, beta=cfg.beta)
+                loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss,
+                                            beta=cfg.beta, ce_scale=part.ce_scale)
             if align is not None:  # the hooks caught this batch's layer outputs of both models
                 loss = loss + cfg.hidden_weight * align.loss(mask, t_mask)
             for group in optimizer.param_groups:
@@ -331,6 +342,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         "layers_kept": keep,
         "teacher_layers": teacher_layers,
         "steps": total_steps,
+        "loss_positions": positions,  # per pass over the training data
         "data_sha256": input_hashes.sha256_of(checked.inputs, "data"),
         "device": device,
         "teacher_folder": str(teacher_dir),
@@ -370,10 +382,22 @@ def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, ro
             part = seqs[i : i + batch_size]
             ids, attn, mask = collate(part, pad, device)
             logits = selected_logits(teacher, ids, attn, mask, rows=rows, prefix=cache)  # (n, vocab)
-            counts = [len(q.ids) - q.start for q in part]  # loss positions per example
+            counts = [q.positions for q in part]  # loss positions per example
             outputs += [t.to(torch.float16) for t in logits.split(counts)]
             bar.advance(task, len(part))
     return outputs
+
+
+def _report_prompt_positions(seqs) -> None:
+    """`loss_on` all: how many positions the prompts add, and how many prompt tokens carry
+    no loss because the teacher's tokens differ there (see shrink.distill.batches)."""
+    added = sum(q.prompt_loss for q in seqs)
+    left_out = sum(q.start - 1 - q.prompt_loss for q in seqs)
+    note = f"loss on the prompts too: {added:,} positions added to {sum(q.positions for q in seqs) - added:,}"
+    if left_out:
+        note += (f"; {left_out:,} prompt tokens left out, where the teacher's tokens differ (the start of the prompt "
+                 "after --teacher-prefix, or a prompt --max-length cut shorter for the teacher)")
+    console.print(note)
 
 
 def teacher_pre_tokenizer(tokenizer) -> str | None:
