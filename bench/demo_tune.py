@@ -60,6 +60,7 @@ def main() -> int:
     for i, variant in enumerate(args.variant or [{}]):
         fields = {**task.recipe, **variant}
         folder = args.out / f"v{i}"
+        folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         m = distill(DistillConfig(teacher=teacher, data=train, out=folder / "student", prune_vocab=True,
                                   teacher_prefix=files["prefix"], metric=task.metric, **fields))
