@@ -9,7 +9,9 @@ fixed seed, so every run sees the same files. The splits are built apart on purp
 
 - train: inputs only, no answers (the teacher labels them: `shrink label`), from the
   TRAIN phrasings, names and cities;
-- dev: with answers, from the same pools as train: where settings may be chosen;
+- dev: with answers, where settings may be chosen: like test, from phrasings, names and
+  cities that neither train nor test has, so that a dev score measures what test does
+  (answers for messages unlike the training ones), not recall of training names;
 - test: with answers, from other phrasings (longer, reordered, some with a second
   sentence of noise), other first and last names and other cities than train and dev.
   Nothing is tuned on it and it does not shape the student.
@@ -45,6 +47,12 @@ TRAIN_PHRASINGS = (
     "Refund request: order {order}, one {item}. Name: {name}. City: {city}.",
     "hi im {name} from {city}, the {item} from order {order} came late and scratched. not happy",
 )
+DEV_PHRASINGS = (
+    "Hello, {name} in {city} again. The {item} (order {order}) has a dent on the side. Can I get a discount?",
+    "order {order} / {item} / {name} / {city} - wrong size, please exchange",
+    "To whom it may concern: my {item} never arrived. Order reference {order}. Sincerely, {name}, {city}.",
+    "{name} from {city} - quick question about order {order}, when will the {item} ship?",
+)
 TEST_PHRASINGS = (
     "Good morning. I am writing because the {item} I bought (order {order}) stopped working after a week. "
     "I am {name}, based in {city}, and I would like a replacement.",
@@ -78,6 +86,9 @@ Berlin Hamburg Munich Cologne Frankfurt Stuttgart Leipzig Dresden Vienna Salzbur
 Rotterdam Utrecht Brussels Antwerp Ghent Copenhagen Aarhus Stockholm Uppsala Oslo Helsinki Warsaw Prague Brno Budapest
 Athens Sofia Bucharest Toronto Ottawa Calgary Montreal Vancouver Winnipeg Sydney Melbourne Brisbane Auckland
 Wellington Tokyo Nagoya Seoul Busan Manila Jakarta Mumbai Delhi Chennai Pune Cairo Tunis Accra Dakar""".split())
+DEV_FIRST = ("Elif", "Gustav", "Pilar", "Ayodele", "Magnus", "Renata", "Kenta", "Oksana", "Thabo", "Marisol")
+DEV_LAST = ("Sorensen", "Delgado", "Yilmaz", "Brennan", "Abara", "Lindgren", "Szabo", "Ferreira")
+DEV_CITIES = ("Gdansk", "Leipheim", "Durban", "Tampere", "Cusco", "Nantucket", "Split", "Aarau")
 TEST_FIRST = ("Grace", "Mateo", "Leila", "Arjun", "Zoe", "Kwame", "Ingrid", "Rafael", "Nadia", "Hiro", "Beatriz",
               "Tomasz", "Freya", "Idris", "Camille", "Anders", "Yasmin", "Dmitri", "Soren", "Lucinda")
 TEST_LAST = ("Okafor", "Larsen", "Moreau", "Tanaka", "Fischer", "Romero", "Kowalski", "Mensah", "Lindqvist",
@@ -107,8 +118,9 @@ def message(rng: random.Random, phrasings, first, last, cities) -> tuple[str, di
 def rows(split: str) -> list[dict]:
     """The split's task rows: train without completions, dev and test with the true JSON."""
     rng = random.Random(f"{SEED}-{split}")
-    pools = (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES) if split == "test" else (
-        TRAIN_PHRASINGS, TRAIN_FIRST, TRAIN_LAST, TRAIN_CITIES)
+    pools = {"train": (TRAIN_PHRASINGS, TRAIN_FIRST, TRAIN_LAST, TRAIN_CITIES),
+             "dev": (DEV_PHRASINGS, DEV_FIRST, DEV_LAST, DEV_CITIES),
+             "test": (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES)}[split]
     out = []
     for _ in range(SIZES[split]):
         text, fields = message(rng, *pools)
