@@ -88,47 +88,57 @@ def budget_of(cfg) -> Budget | None:
                   f"--for-target {name} (max_size_mb {limit:g}, {quant})")
 
 
+class Candidates:
+    """The students a budget can choose from: `hiddens` (widest first) and any layer count;
+    `size(layers, hidden)` is the GGUF file's bytes at the budget's type, tensor by tensor."""
+
+    def __init__(self, budget: Budget, cfg, teacher, teacher_dir: Path, plan=None):
+        from shrink.distill.hidden_width import STEP, target_hidden, unknown_hidden_weights
+        from shrink.export.gguf_layout import metadata_bytes
+
+        width = teacher.config.get_text_config().hidden_size
+        if cfg.hidden_size is not None or cfg.hidden_ratio is not None:
+            self.hiddens = [target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)]
+        elif unknown_hidden_weights(teacher):
+            self.hiddens = [width]  # a family hidden pruning cannot narrow
+        else:
+            self.hiddens = [width] + [h for h in range(width // STEP * STEP, STEP - 1, -STEP) if h < width]
+        self.budget = budget
+        self.rows = len(plan.kept) if plan else teacher.get_input_embeddings().weight.shape[0]
+        self.metadata = metadata_bytes(teacher_dir, plan.kept if plan else None)
+        self._shapes = {h: _shapes(teacher, teacher_dir, cfg, h, self.rows) for h in self.hiddens}
+
+    def size(self, layers: int, hidden: int):
+        """(file bytes, each tensor's TensorCost) of a student of `layers` layers, `hidden` wide."""
+        from shrink.quantize.gguf_size import file_bytes, tensor_costs
+
+        outside, per_layer, gqa = self._shapes[hidden]
+        tensors = outside + [(f"blk.{i}.{name}", shape) for i in range(layers) for name, shape in per_layer]
+        costs = tensor_costs(tensors, self.budget.quant, layers, gqa, self.budget.imatrix)
+        return file_bytes(self.metadata, costs), costs
+
+
 def choose_size(budget: Budget, cfg, teacher, teacher_dir: Path, teacher_layers: int, plan=None) -> tuple[int, int, dict]:
     """(layers, hidden size, the manifest's size_budget record) of the student that fits
     `budget` under RULE; ShrinkError saying the smallest size when none does. `plan`:
     the vocabulary pruning (its kept rows are the student's)."""
-    from shrink.distill.hidden_width import STEP, target_hidden, unknown_hidden_weights
-    from shrink.export.gguf_layout import metadata_bytes
-
-    width = teacher.config.get_text_config().hidden_size
-    if cfg.hidden_size is not None or cfg.hidden_ratio is not None:
-        hiddens = [target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)]
-    elif unknown_hidden_weights(teacher):
-        hiddens = [width]  # a family hidden pruning cannot narrow
-    else:
-        hiddens = [width] + [h for h in range(width // STEP * STEP, STEP - 1, -STEP) if h < width]
-    rows = len(plan.kept) if plan else teacher.get_input_embeddings().weight.shape[0]
-    metadata = metadata_bytes(teacher_dir, plan.kept if plan else None)
-    layer_sets = {h: _shapes(teacher, teacher_dir, cfg, h, rows) for h in hiddens}
-
-    def cost(layers: int, hidden: int):
-        from shrink.quantize.gguf_size import file_bytes, tensor_costs
-
-        outside, per_layer, gqa = layer_sets[hidden]
-        tensors = outside + [(f"blk.{i}.{name}", shape) for i in range(layers) for name, shape in per_layer]
-        costs = tensor_costs(tensors, budget.quant, layers, gqa, budget.imatrix)
-        return file_bytes(metadata, costs), costs
-
+    found = Candidates(budget, cfg, teacher, teacher_dir, plan)
+    narrowest = found.hiddens[-1]
     for layers in range(teacher_layers, 0, -1):
-        if cost(layers, hiddens[-1])[0] > budget.limit_bytes:
-            continue
-        for hidden in hiddens:
-            total, costs = cost(layers, hidden)
+        if found.size(layers, narrowest)[0] > budget.limit_bytes:
+            continue  # no width fits this many layers
+        for hidden in found.hiddens:
+            total, costs = found.size(layers, hidden)
             if total <= budget.limit_bytes:
                 record = {"limit_bytes": budget.limit_bytes, "quant": budget.quant, "imatrix": budget.imatrix,
                           "target": budget.target, "rule": RULE, "layers": layers, "hidden_size": hidden,
-                          "vocab_rows": rows, "metadata_bytes": metadata, "predicted_bytes": total,
+                          "vocab_rows": found.rows, "metadata_bytes": found.metadata, "predicted_bytes": total,
                           "tensors": [[c.name, c.type, c.bytes] for c in costs]}
                 return layers, hidden, record
-    smallest = cost(1, hiddens[-1])[0]
+    smallest = found.size(1, narrowest)[0]
     hint = "" if plan else "; --prune-vocab keeps only the task's tokens"
     raise ShrinkError(f"{budget.origin}: no student fits {budget.limit_bytes / 1e6:.2f} MB: the smallest, 1 layer "
-                      f"with hidden size {hiddens[-1]} and {rows:,} vocabulary rows, is {smallest / 1e6:.2f} MB{hint}")
+                      f"with hidden size {narrowest} and {found.rows:,} vocabulary rows, is {smallest / 1e6:.2f} MB{hint}")
 
 
 def _shapes(teacher, teacher_dir: Path, cfg, hidden: int, rows: int):
