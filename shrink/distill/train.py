@@ -5,10 +5,12 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
 1. Check every input before anything is loaded or written.
 2. Load the teacher (a GGUF file is converted once into a cached folder); build the
    student (shrink.distill.student.build_student): the teacher's layers cut evenly or by
-   importance on the task, optionally narrowed (shrink.distill.width), or an existing
-   smaller model (--student); optionally prune its vocabulary to the tokens of the
-   training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
-   data), the teacher then being read on those tokens only.
+   importance on the task (as many as a size budget allows: shrink.distill.size_budget),
+   optionally narrowed (shrink.distill.width, shrink.distill.hidden_width), or an
+   existing smaller model (--student); optionally prune its vocabulary to the tokens of
+   the training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
+   data; planned first, as a size budget counts the rows kept), the teacher then being
+   read on those tokens only.
 3. Train the student on completion tokens: a divergence to the teacher at temperature T
    (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with cross-entropy on the reference,
    plus optional hidden-state alignment (shrink.distill.hidden). The teacher's outputs
