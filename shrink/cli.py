@@ -140,8 +140,9 @@ def distill(config_file, as_json, **options):
     """Train a smaller student that imitates the teacher on a task.
 
     The student is the teacher with LAYERS decoder layers kept (evenly spaced, or the
-    most important on the task), optionally narrowed (--ffn-ratio, --heads-ratio), or an
-    existing smaller model (--student). It learns from the teacher's token distributions
+    most important on the task), optionally narrowed (--ffn-ratio, --heads-ratio,
+    --hidden-size), or an existing smaller model (--student). --max-size-mb (or
+    --for-target) chooses the layers and hidden size that fit a GGUF file size instead. It learns from the teacher's token distributions
     on the completion tokens (--loss at TEMPERATURE) mixed with cross-entropy on the
     reference completions. --prune-vocab shrinks the vocabulary to the tokens of the
     training data (and --vocab-data). --resume continues an interrupted run when its
@@ -157,6 +158,8 @@ def distill(config_file, as_json, **options):
           --layer-selection importance --ffn-ratio 0.5 --loss jsd
       shrink distill --teacher ./teacher --data train.jsonl --out student --layers 4 \\
           --prune-vocab --vocab-data unlabeled-reviews.txt
+      shrink distill --teacher ./teacher --data train.jsonl --out student --prune-vocab \\
+          --max-size-mb 20 --quant Q4_K_M
       torchrun --nproc_per_node 4 -m shrink distill --teacher ./teacher \\
           --data train.jsonl --out student --layers 4 --batch-size 32
       shrink distill --config distill.toml --steps 20 --out quick-student

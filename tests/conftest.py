@@ -28,3 +28,21 @@ def teacher(tmp_path_factory, task_files) -> Path:
 
     rows = [json.loads(line) for line in task_files["train"].read_text().splitlines()]
     return tiny.make_teacher(tmp_path_factory.mktemp("teacher") / "teacher", rows)
+
+
+@pytest.fixture(scope="session")
+def wide_teacher(tmp_path_factory):
+    """family -> a 2-layer, 512-wide tiny teacher of that family (tests/tiny_families.py),
+    briefly trained, built on first use: wide enough to prune its hidden size to 256."""
+    import tiny_families
+
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            rows = tiny.toy_examples(160, seed=1)
+            folder = tmp_path_factory.mktemp(f"wide-{family}") / f"{family}-teacher"
+            made[family] = tiny_families.make_teacher(folder, family, rows, steps=8, layers=2, hidden=512)
+        return made[family]
+
+    return get

@@ -298,7 +298,8 @@ def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, t
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ([], "--layers is required (or --student DIR, to start from an existing smaller model)"),
+    ([], "--layers is required (or --max-size-mb/--for-target to fit a size, or --student DIR, to start from an "
+         "existing smaller model)"),
     (["--layers", "2", "--student", "{teacher}"],
      "--layers and --student cannot be used together: --student starts from that model, no layers are cut"),
     (["--student", "{teacher}", "--layer-selection", "importance"],

@@ -18,6 +18,7 @@ from typing import Any
 from shrink.distill.batches import LOSS_ON
 from shrink.errors import ShrinkError
 from shrink.metrics import METRIC_NAMES
+from shrink.quantize.gguf_size import SIZED
 from shrink.toml_files import read_toml
 
 
@@ -43,7 +44,18 @@ class DistillConfig:
     eval_data: Path | None = option(
         None, "Held-out task data; student and teacher accuracy go into the manifest.", flag="--eval")
     out: Path = option(help="Student folder to write.", setting=False)
-    layers: int | None = option(None, "Decoder layers the student keeps (required unless --student).")
+    layers: int | None = option(
+        None, "Decoder layers the student keeps (required unless --student, --max-size-mb or --for-target).")
+    max_size_mb: float | None = option(  # shrink.distill.size_budget
+        None, "Choose the layers and hidden size so that the student's GGUF at --quant fits this many MB (10^6 bytes), "
+        "from each tensor's byte cost; instead of --layers.")
+    quant: str | None = option(  # the GGUF types the size budget models
+        None, "With --max-size-mb: the GGUF type the student is sized for.  [default: Q4_K_M]", choices=tuple(SIZED))
+    for_target: str | None = option(
+        None, "Size the student for a device target (targets.toml): its max_size_mb at its ladder's first GGUF type; "
+        "instead of --layers.")
+    targets_file: Path | None = option(
+        None, "With --for-target: the device targets file.  [default: the one shipped with shrink]", flag="--targets")
     layer_selection: str = option(
         "even", "Which teacher layers to keep: evenly spaced, or those that change the hidden state most on the task "
         "data (always the first and the last).", choices=("even", "importance"))
@@ -51,6 +63,11 @@ class DistillConfig:
         1.0, "Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
     heads_ratio: float = option(
         1.0, "Fraction of attention heads kept, in whole key/value groups, by activation on the task (1 = all).")
+    hidden_size: int | None = option(  # shrink.distill.hidden_width
+        None, "Hidden (embedding) channels the student keeps, by activation on the task: a multiple of 256 below the "
+        "teacher's.")
+    hidden_ratio: float | None = option(
+        None, "Fraction of hidden channels kept, rounded to a multiple of 256 (at least 256); not with --hidden-size.")
     student: Path | None = option(
         None, "Start from this smaller model folder (it must share the teacher's tokenizer) instead of cutting the teacher.")
     steps: int | None = option(None, "Optimizer steps (instead of --epochs).")  # None: derived from epochs

@@ -29,12 +29,15 @@ from __future__ import annotations
 class HiddenAlignment:
     """Forward hooks on the student's decoder layers and on the teacher layers they came
     from (`pairs[i]`: the teacher layer of student layer i); `loss` reads the latest
-    forward pass of each."""
+    forward pass of each. `channels`: for a student of a narrower hidden size
+    (shrink.distill.hidden_width), the teacher channel each of its channels came from:
+    the teacher's hidden states are compared on those."""
 
-    def __init__(self, student, teacher, pairs: list[int]):
+    def __init__(self, student, teacher, pairs: list[int], channels: list[int] | None = None):
         from shrink.distill.layers import decoder_layers
 
         self.pairs = list(pairs)
+        self.channels = channels
         self.student_out: dict[int, object] = {}
         self.teacher_out: dict[int, object] = {}
         s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
@@ -58,6 +61,8 @@ class HiddenAlignment:
             s, t = self.student_out[i], self.teacher_out[j]
             s_sel = s[student_mask[:, student_mask.shape[1] - s.shape[1]:]].float()  # (n, d)
             t_sel = t[teacher_mask[:, teacher_mask.shape[1] - t.shape[1]:]].float()  # (n, d)
+            if self.channels is not None:
+                t_sel = t_sel[:, self.channels]  # (n, the student's d)
             terms.append(1 - torch.nn.functional.cosine_similarity(s_sel, t_sel, dim=-1).mean())
         return torch.stack(terms).mean()
 

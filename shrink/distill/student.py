@@ -1,6 +1,8 @@
 """The student: the teacher with fewer decoder layers (evenly spaced, or chosen by
-importance: shrink.distill.importance), optionally narrowed (shrink.distill.width), or
-an existing smaller model that reads the teacher's token ids (--student)."""
+importance: shrink.distill.importance; as many as a size budget allows:
+shrink.distill.size_budget), optionally narrowed (shrink.distill.width,
+shrink.distill.hidden_width), or an existing smaller model that reads the teacher's
+token ids (--student)."""
 
 from __future__ import annotations
 
@@ -42,28 +44,39 @@ def cut_student(teacher, keep: list[int]):
     return model_from_state(config, state, "cut")
 
 
-def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device: str):
+def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device: str, teacher_dir=None, plan=None):
     """The student before vocabulary pruning, on the CPU or `device`: the model in
-    `cfg.student`, or the teacher cut to `cfg.layers` layers (`cfg.layer_selection`),
-    then narrowed when `cfg.ffn_ratio` or `cfg.heads_ratio` is below 1. Returns (student,
-    the teacher layer each student layer was copied from (None for --student), settings
-    to record in the manifest)."""
+    `cfg.student`, or the teacher cut to `cfg.layers` layers (`cfg.layer_selection`; with
+    --max-size-mb/--for-target, the layers and hidden size shrink.distill.size_budget
+    chooses for the vocabulary `plan` keeps), then narrowed when `cfg.ffn_ratio` or
+    `cfg.heads_ratio` is below 1 and to the hidden size asked for
+    (shrink.distill.hidden_width). Returns (student, the teacher layer each student layer
+    was copied from (None for --student), settings to record in the manifest)."""
     from shrink.console import console
+    from shrink.distill.hidden_width import channel_scores, hidden_size_of, prune_hidden, target_hidden
     from shrink.distill.importance import important_layers, layer_distances, task_batches
+    from shrink.distill.size_budget import budget_of, choose_size
     from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
     from shrink.hf import load_causal_lm
 
     info: dict = {}
+    layers, hidden = cfg.layers, None
+    budget = budget_of(cfg)
+    if budget is not None:
+        layers, hidden, info["size_budget"] = choose_size(budget, cfg, teacher, teacher_dir, teacher_layers, plan)
+        console.print(f"size budget: {layers} of {teacher_layers} layers, hidden size {hidden}: "
+                      f"{info['size_budget']['predicted_bytes'] / 1e6:.2f} MB at {budget.quant}, "
+                      f"within {budget.limit_bytes / 1e6:.2f} MB ({budget.origin})")
     if cfg.student is not None:
         student, keep = load_causal_lm(cfg.student), None
     elif cfg.layer_selection == "importance":
         distances = layer_distances(teacher, task_batches(tokenizer, examples, device, cfg.max_length))
-        keep = important_layers(distances, cfg.layers)
+        keep = important_layers(distances, layers)
         info["layer_scores"] = [round(d, 6) for d in distances]  # angular distance of every teacher layer
         console.print("layer importance (angular distance): " + " ".join(f"{i}:{d:.3f}" for i, d in enumerate(distances)))
         student = cut_student(teacher, keep)
     else:
-        keep = even_layers(teacher_layers, cfg.layers)
+        keep = even_layers(teacher_layers, layers)
         student = cut_student(teacher, keep)
 
     if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
@@ -77,6 +90,15 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
                           "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
         console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels, "
                       f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
+    width = hidden_size_of(student)
+    hidden = hidden or target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)
+    if hidden < width:
+        student = student.to(device).eval()
+        scores = channel_scores(student, task_batches(tokenizer, examples, device, cfg.max_length))
+        student, channels = prune_hidden(student, hidden, scores)
+        info.setdefault("widths", {})["hidden_size"] = [width, hidden]  # [before, after]
+        info["hidden_channels_kept"] = channels  # the teacher's channel each student channel was copied from
+        console.print(f"hidden size pruned: {width} -> {hidden} channels")
     inherit_generation(student, teacher)
     return student, keep, info
 
@@ -95,21 +117,36 @@ def inherit_generation(student, teacher) -> None:
             del config.auto_map
 
 
+def student_eos(teacher, tokenizer, examples) -> list[int]:
+    """The ids that will end the student's generations, before it exists: the teacher's
+    EOS list (inherit_generation copies it) and the chat rows' end of turn
+    (stop_at_end_of_turn adds it)."""
+    eos = _ids(teacher.generation_config.eos_token_id)
+    return eos + [i for i in end_of_turn_ids(tokenizer, examples) if i not in eos]
+
+
+def end_of_turn_ids(tokenizer, examples) -> list[int]:
+    """The ids of the tokens that close a turn in the chat rows' template."""
+    ends = {ex.end_of_turn for ex in examples if ex.chat}
+    ids = [tokenizer.convert_tokens_to_ids(end) for end in ends if end]
+    return [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
+
+
 def stop_at_end_of_turn(student, tokenizer, examples) -> list[int]:
     """A chat student stops where its template closes a turn: the chat rows' end-of-turn
     token (Gemma's <end_of_turn>, ChatML's <|im_end|>) joins its generation config's EOS
     list (which every export's stop ids come from), when the teacher's did not list it.
     Returns the ids added."""
-    ends = {ex.end_of_turn for ex in examples if ex.chat}
-    ids = [tokenizer.convert_tokens_to_ids(end) for end in ends if end]
-    ids = [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
     config = student.generation_config
-    eos = config.eos_token_id
-    eos = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
-    added = [i for i in ids if i not in eos]
+    eos = _ids(config.eos_token_id)
+    added = [i for i in end_of_turn_ids(tokenizer, examples) if i not in eos]
     if added:
         config.eos_token_id = eos + added
     return added
+
+
+def _ids(eos) -> list[int]:
+    return list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
 
 
 def keep_end_of_turn(path, eos_token_id) -> None:

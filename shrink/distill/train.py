@@ -5,10 +5,12 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
 1. Check every input before anything is loaded or written.
 2. Load the teacher (a GGUF file is converted once into a cached folder); build the
    student (shrink.distill.student.build_student): the teacher's layers cut evenly or by
-   importance on the task, optionally narrowed (shrink.distill.width), or an existing
-   smaller model (--student); optionally prune its vocabulary to the tokens of the
-   training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
-   data), the teacher then being read on those tokens only.
+   importance on the task (as many as a size budget allows: shrink.distill.size_budget),
+   optionally narrowed (shrink.distill.width, shrink.distill.hidden_width), or an
+   existing smaller model (--student); optionally prune its vocabulary to the tokens of
+   the training data and --vocab-data (shrink.distill.prune_vocab, never the evaluation
+   data; planned first, as a size budget counts the rows kept), the teacher then being
+   read on those tokens only.
 3. Train the student on completion tokens (`loss_on` all: the prompt's too, matched with
    the teacher's past a teacher prefix: shrink.distill.batches): a divergence to the
    teacher at temperature T (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with
@@ -46,7 +48,7 @@ from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
-from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn
+from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn, student_eos
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
@@ -112,8 +114,12 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
         if not 0.0 < ratio <= 1.0:
             raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")
-    if cfg.student is None and cfg.layers is None:
-        raise ShrinkError("--layers is required (or --student DIR, to start from an existing smaller model)")
+    from shrink.distill.size_budget import budget_of
+
+    budget = budget_of(cfg)  # --max-size-mb/--for-target, checked
+    if cfg.student is None and cfg.layers is None and budget is None:
+        raise ShrinkError("--layers is required (or --max-size-mb/--for-target to fit a size, or --student DIR, "
+                          "to start from an existing smaller model)")
     if cfg.student is not None:
         if cfg.layers is not None:
             raise ShrinkError("--layers and --student cannot be used together: --student starts from that model, no layers are cut")
@@ -161,8 +167,11 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         from shrink.distill.student import check_student_folder
 
         check_student_folder(Path(cfg.student), folder, train)
-    else:
+    elif cfg.layers is not None:
         even_layers(total, cfg.layers)  # raises on an out-of-range --layers
+    from shrink.distill.hidden_width import check_hidden_options
+
+    check_hidden_options(cfg, Path(cfg.student or folder), "--student's" if cfg.student else "the teacher's")
     if inputs is not None:
         teacher_cache.check_matches(cfg, folder, inputs)  # a --teacher-cache made for this run
     check_teacher_files(folder, cfg.student, cfg.prune_vocab)  # a student llama.cpp's converter can export
@@ -204,14 +213,17 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         teacher_dtype = torch.bfloat16 if device == "cuda" else torch.float32
         teacher = load_causal_lm(teacher_dir, device, teacher_dtype)
         tokenizer = load_tokenizer(teacher_dir)
-    student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device)
+    plan = None
+    if cfg.prune_vocab:  # planned before the student is built: a size budget counts the rows it keeps
+        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts,  # never the eval data
+                            student_eos(teacher, tokenizer, train_examples), top=cfg.vocab_top)
+    student, keep, student_info = build_student(cfg, teacher, tokenizer, train_examples, teacher_layers, device,
+                                                teacher_dir, plan)
     turn_ends = stop_at_end_of_turn(student, tokenizer, train_examples)
     if turn_ends:
         console.print(f"the student stops at its chat template's end of turn (eos ids {student.generation_config.eos_token_id})")
-    student_tokenizer, plan, scratch = tokenizer, None, tempfile.TemporaryDirectory()
-    if cfg.prune_vocab:
-        plan = plan_pruning(tokenizer, task_texts(train_examples) + checked.vocab_texts,  # never the eval data
-                            student.generation_config.eos_token_id, top=cfg.vocab_top)
+    student_tokenizer, scratch = tokenizer, tempfile.TemporaryDirectory()
+    if plan is not None:
         prune_model(student, plan)
         student_tokenizer = save_pruned_tokenizer(tokenizer, plan, Path(scratch.name))
         console.print(f"vocabulary pruned to the task: {len(plan.kept):,} of {plan.teacher_vocab_size:,} tokens kept")
@@ -224,7 +236,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         + f"{_params(student) / 1e6:.1f}M parameters (teacher {_params(teacher) / 1e6:.1f}M)"
     )
     # --hidden-weight: hooks catch both models' layer outputs in the forward passes below.
-    align = HiddenAlignment(student, teacher, keep) if cfg.hidden_weight else None
+    align = HiddenAlignment(student, teacher, keep, student_info.get("hidden_channels_kept")) if cfg.hidden_weight else None
 
     seqs = encode_examples(tokenizer, train_examples, cfg.max_length)  # what the student reads
     t_seqs = seqs
@@ -349,7 +361,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         "teacher_prefix_sha256": input_hashes.sha256_of(checked.inputs, "teacher-prefix"),
         "teacher_weights_sha256": {e["path"]: e["sha256"] for e in input_hashes.of_roles(checked.inputs, "teacher-weights")},
         "teacher_cache_manifest_sha256": artifact.manifest_hash(Path(cfg.teacher_cache)) if cfg.teacher_cache else None,
-        **student_info,  # layer_scores (--layer-selection importance), widths (--ffn-ratio/--heads-ratio)
+        **student_info,  # layer_scores (--layer-selection importance), widths, size_budget (shrink.distill.student)
     }
     if plan is not None:
         settings.update(vocab_kept=len(plan.kept), teacher_vocab=plan.teacher_vocab_size,
