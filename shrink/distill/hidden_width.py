@@ -144,12 +144,13 @@ def channel_scores(model, batches):
     import torch
 
     from shrink.distill.layers import decoder_layers
+    from shrink.distill.width import run_hooked
 
     check_layout(model)
     norms = [layer.get_submodule(name) for layer in decoder_layers(model) for name in NORMS if hasattr(layer, name)]
     norms.append(model.get_submodule("model.norm"))
     sums = [torch.zeros(hidden_size_of(model), dtype=torch.float64) for _ in norms]
-    current, count = {}, 0
+    current = {}
 
     def hook(index):
         def record(module, args, output):
@@ -157,15 +158,7 @@ def channel_scores(model, batches):
         return record
 
     handles = [norm.register_forward_hook(hook(i)) for i, norm in enumerate(norms)]
-    try:
-        with torch.no_grad():
-            for ids, attn in batches:
-                current["valid"] = attn.bool()
-                model.base_model(input_ids=ids, attention_mask=attn)
-                count += int(attn.sum())
-    finally:
-        for h in handles:
-            h.remove()
+    count = run_hooked(model, batches, handles, current)
     return torch.stack(sums).sum(0) / max(count, 1)
 
 

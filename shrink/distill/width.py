@@ -96,7 +96,7 @@ def activation_scores(model, batches) -> list[dict]:
     check_layout(model)
     sums = [{"ffn": torch.zeros(w.intermediate, dtype=torch.float64),
              "heads": torch.zeros(w.heads, dtype=torch.float64)} for _ in layers]
-    current, count = {}, 0
+    current = {}
 
     def on_ffn(index):
         def record(module, args):
@@ -114,15 +114,7 @@ def activation_scores(model, batches) -> list[dict]:
     for i, layer in enumerate(layers):
         handles.append(layer.get_submodule("mlp.down_proj").register_forward_pre_hook(on_ffn(i)))
         handles.append(layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(on_heads(i)))
-    try:
-        with torch.no_grad():
-            for ids, attn in batches:
-                current["valid"] = attn.bool()
-                model.base_model(input_ids=ids, attention_mask=attn)
-                count += int(attn.sum())
-    finally:
-        for h in handles:
-            h.remove()
+    count = run_hooked(model, batches, handles, current)
     per_group = w.heads // w.kv_heads
     return [{"ffn": s["ffn"] / max(count, 1), "groups": (s["heads"] / max(count, 1)).view(w.kv_heads, per_group).sum(-1)}
             for s in sums]
@@ -179,3 +171,22 @@ def _rows(units, size: int):
     import torch
 
     return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def run_hooked(model, batches, handles, current: dict) -> int:
+    """Runs the task's (ids, attention mask) batches through the model's body while the
+    forward hooks `handles` record activations (they read `current["valid"]`, the mask of
+    real tokens), removes the hooks, and returns how many real tokens went through."""
+    import torch
+
+    count = 0
+    try:
+        with torch.no_grad():
+            for ids, attn in batches:
+                current["valid"] = attn.bool()
+                model.base_model(input_ids=ids, attention_mask=attn)
+                count += int(attn.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return count
