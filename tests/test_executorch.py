@@ -368,3 +368,28 @@ def test_phone_pte_target_ships(exports, eval_file, tmp_path, monkeypatch):
                          capture_output=True, text=True, check=True)
     assert got.stdout.strip() == ExecuTorchRuntime(out).generate("Review: the coffee was wonderful\nSentiment:",
                                                                  16, stop=("\n",)).strip()
+
+
+def test_a_broken_program_is_one_error_line(exports, tmp_path):
+    """Garbage, a truncated .pte and an ExecuTorch program that is not a causal LM with a
+    KV cache: each refused with one line naming the file, exit 2."""
+    import torch
+    from executorch.exir import to_edge
+
+    class AddOne(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    exp = exports("llama", "fp32")
+    data = (exp.out / "model.pte").read_bytes()
+    plain = to_edge(torch.export.export(AddOne(), (torch.ones(2),))).to_executorch().buffer
+    for content, message in [(b"not a pte", "ExecuTorch cannot load this file ("),
+                             (data[: len(data) // 2], "ExecuTorch cannot load this file ("),
+                             (plain, "not a causal LM exported with a KV cache (forward(tokens, positions) and "
+                                     "get_max_context_len); export it with shrink export --target executorch")]:
+        folder = tmp_path / str(len(content))
+        shutil.copytree(exp.out, folder)
+        (folder / "model.pte").write_bytes(content)
+        r = invoke("run", folder, "hello", "--no-verify")
+        assert r.exit_code == 2 and r.stderr.startswith(f"Error: {folder / 'model.pte'}: {message}"), r.output
+        assert len(r.stderr.strip().splitlines()) == 1

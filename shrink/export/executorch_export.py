@@ -91,12 +91,12 @@ def check_student(student: Path) -> dict:
 def context_for(config: dict, max_context: int | None) -> int:
     """The KV cache's length: `max_context`, or DEFAULT_CONTEXT; never past the positions
     the model was built for."""
-    limit = config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    limit = config.get("max_position_embeddings")
     if max_context is None:
-        return min(DEFAULT_CONTEXT, limit)
+        return min(DEFAULT_CONTEXT, limit or DEFAULT_CONTEXT)
     if max_context < MIN_CONTEXT:
         raise ShrinkError(f"--max-context {max_context}: at least {MIN_CONTEXT} tokens")
-    if max_context > limit:
+    if limit and max_context > limit:
         raise ShrinkError(f"--max-context {max_context} (or a device target's context_length): more than the "
                           f"{limit} positions the model takes (max_position_embeddings in its config.json)")
     return max_context
