@@ -266,14 +266,15 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 
 @cli.command()
 @click.argument("student", type=Path)
-@click.option("--target", required=True, help="A format (gguf, onnx, gptq) or a device target from targets.toml (laptop, phone, cpu-server, gpu-server, ...).")
+@click.option("--target", required=True, help="A format (gguf, onnx, gptq, executorch) or a device target from targets.toml (laptop, phone, phone-pte, cpu-server, gpu-server, ...).")
 @click.option("--targets", "targets_file", type=Path, help="Device targets file.  [default: the one shipped with shrink]")
-@click.option("--quant", help="GGUF type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, ...; default Q4_K_M) or ONNX weights (fp32, int8, int4; default int8).")
+@click.option("--quant", help="GGUF type (F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, ...; default Q4_K_M), ONNX weights (fp32, int8, int4; default int8) or ExecuTorch (fp32, 8da8w, 8da4w; default 8da4w).")
 @click.option("--bits", type=click.Choice(["4", "8"]), help="GPTQ bits per weight.  [default: 4]")
-@click.option("--group-size", type=int, help="GPTQ: weights sharing one scale (-1: one per output channel).  [default: 128]")
+@click.option("--group-size", type=int, help="GPTQ, ExecuTorch 8da4w/8da8w: weights sharing one scale (-1: one per output channel).  [default: GPTQ 128, 8da4w 32, 8da8w -1]")
 @click.option("--desc-act", is_flag=True, default=None, help="GPTQ: quantize columns by decreasing activation (more accurate, slower kernels).")
 @click.option("--calibration", type=Path, help="GPTQ, GGUF --imatrix: task data to calibrate on.  [default: the student's training data, else --eval]")
 @click.option("--imatrix", is_flag=True, default=None, help="GGUF: quantize with an importance matrix computed from the task's data (needed by IQ1/IQ2/IQ3_XXS types).")
+@click.option("--max-context", type=int, help="ExecuTorch: tokens of the static KV cache, prompt and output together.  [default: 2048, or the model's max_position_embeddings when smaller]")
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
 @metric_option
 @click.option("--out", required=True, type=Path, help="Artifact folder to write.")
@@ -284,14 +285,16 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--strict-tokenizer", is_flag=True, help="Parity: token ids that differ from the student's on the drift suite (texts beyond the evaluation prompts) make the export not valid, instead of a warning.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, eval_data, metric, out,
-           threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
+def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, max_context, eval_data,
+           metric, out, threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
     \b
     gguf  llama.cpp's converter and quantizer (--quant Q4_K_M, ...); runs in llama.cpp.
     onnx  an ONNX graph with past key/values (--quant fp32|int8|int4); runs in onnxruntime.
     gptq  GPTQModel, calibrated on the task (--bits, --group-size); runs in transformers.
+    executorch  a .pte with a static KV cache (--quant fp32|8da8w|8da4w, --max-context);
+          runs in ExecuTorch's runtime (XNNPACK), as in an Android or iOS app.
 
     With --eval the artifact is evaluated through its runtime and checked against the
     student (token ids, top-1 agreement, KL); an export that fails the check is marked
@@ -307,6 +310,7 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
       shrink export student --target gguf --quant Q4_K_M --eval eval.jsonl --out student-q4
       shrink export student --target onnx --quant int8 --eval eval.jsonl --out student-onnx
       shrink export student --target gptq --bits 4 --eval eval.jsonl --out student-gptq
+      shrink export student --target executorch --quant 8da4w --max-context 1024 --eval eval.jsonl --out student-pte
       shrink export student --target phone --eval eval.jsonl --out phone-bundle
     """
     from shrink.export.flow import TARGETS, ExportOptions, export as run_export
@@ -316,7 +320,7 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
         from shrink.targets import DEFAULT_FILE, get_target
 
         given = {"--quant": quant, "--bits": bits, "--group-size": group_size, "--desc-act": desc_act,
-                 "--calibration": calibration, "--imatrix": imatrix, "--threads": threads,
+                 "--calibration": calibration, "--imatrix": imatrix, "--max-context": max_context, "--threads": threads,
                  "--min-top1": min_top1, "--max-kl": max_kl}
         clash = [flag for flag, value in given.items() if value is not None]
         device_target = get_target(target, targets_file)
@@ -336,7 +340,7 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
         raise click.UsageError(f"--targets: --target {target} is a format, not a device target")
     opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
                          desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device,
-                         metric=metric)
+                         metric=metric, max_context=max_context)
     manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl,
                           strict_tokenizer=strict_tokenizer)
     _report_artifact(out, manifest, as_json)
@@ -349,7 +353,7 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
 @click.option("--teacher-prefix", type=Path, help="Text file put before every prompt for the teacher only (as in distill).")
 @click.option("--teacher-runtime", type=click.Choice(["auto", "torch"]), default="auto", show_default=True,
               help="auto: the teacher as it is served (a GGUF file in llama.cpp, a folder in torch); torch: a GGUF teacher's dequantized copy in torch.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp, onnxruntime and ExecuTorch.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing a shrink artifact's (and teacher's) files against the manifest (trusted builds, for speed).")
 @metric_option
@@ -362,8 +366,9 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
     """Measure the task's score through the artifact's own runtime.
 
     A Hugging Face folder runs in torch (a GPTQ one through GPTQModel's kernels), a GGUF
-    artifact in llama.cpp, an ONNX one in onnxruntime. Examples with choices are scored
-    by log-probability; others by --metric (default exact match) on the greedy output.
+    artifact in llama.cpp, an ONNX one in onnxruntime, a .pte in ExecuTorch. Examples with
+    choices are scored by log-probability; others by --metric (default exact match) on the
+    greedy output.
     The teacher runs the same way: a GGUF teacher in llama.cpp, as its users serve it.
     A shrink artifact (and a --teacher that is one) is first checked against its
     manifest: a changed file exits 1 naming it.
@@ -393,7 +398,7 @@ def eval_cmd(artifact, data, teacher, teacher_prefix, teacher_runtime, threads, 
 @click.argument("artifact", type=Path)
 @click.argument("prompt")
 @click.option("--max-tokens", default=64, show_default=True, help="Most tokens to generate.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp and onnxruntime.  [default: all cores]")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp, onnxruntime and ExecuTorch.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For torch models.")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the artifact's files against its manifest (trusted builds, for speed).")
 @click.option("--truncate", is_flag=True, help="Cut a prompt too long for the context from the left, leaving MAX_TOKENS of room (said on stderr), instead of refusing it.")
@@ -404,9 +409,9 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate, chat
 
     Generation ends at the model's end-of-generation tokens (its generation config's
     EOS ids and the tokenizer's EOS), the same in every runtime. A prompt longer than
-    the runtime's context (llama.cpp's n_ctx, else the model's max_position_embeddings)
-    is refused unless --truncate. A shrink artifact is first checked against its
-    manifest: a changed file exits 1 naming it.
+    the runtime's context (llama.cpp's n_ctx, a .pte's KV cache, else the model's
+    max_position_embeddings) is refused unless --truncate. A shrink artifact is first
+    checked against its manifest: a changed file exits 1 naming it.
 
     \b
     Examples:

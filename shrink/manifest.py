@@ -36,8 +36,8 @@ SCHEMA_VERSION = 2  # 1: before the typed manifest (see migrate)
 # stored, which decides the runtime that serves it).
 KIND_FORMATS = {
     "student": ("hf",),                  # shrink distill: a Hugging Face folder
-    "export": ("gguf", "onnx", "gptq"),  # shrink export --target FORMAT
-    "bundle": ("gguf", "onnx", "gptq"),  # shrink export --target DEVICE: the rung chosen
+    "export": ("gguf", "onnx", "gptq", "pte"),  # shrink export --target FORMAT (pte: --target executorch)
+    "bundle": ("gguf", "onnx", "gptq", "pte"),  # shrink export --target DEVICE: the rung chosen
     "teacher-cache": ("safetensors",),   # shrink teacher-cache: top-k log-prob shards
     "labels": ("jsonl",),                # shrink label: a task file the teacher answered (beside it, not a folder)
 }

@@ -8,7 +8,8 @@ ShrinkError should quote), and steps aside when SHRINK_DEBUG is set (`debug_enab
 - transformers and the plug-ins it imports: `quiet_transformers`;
 - llama.cpp's Python converter: `quiet_converter`;
 - torch.onnx, onnxscript and onnxruntime: `quiet_exporters`;
-- GPTQModel, which prints to stdout from Python and native code: `gptqmodel_output`.
+- GPTQModel, which prints to stdout from Python and native code: `gptqmodel_output`;
+- ExecuTorch's runtime, whose C++ logs go to file descriptor 2: `native_stderr`.
 
 llama.cpp and ggml write model-loader dumps, per-tensor quantization lines and context
 warnings through a single log callback, to stderr by default. llama-cpp-python installs a
@@ -228,7 +229,28 @@ def gptqmodel_output():
         text.close()
 
 
-def _tail(log, saved_fd: int, lines: int = 5) -> list[str]:
-    os.dup2(saved_fd, 1)
+@contextlib.contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """Keep what native code writes to file descriptor 2 inside the block (ExecuTorch's
+    cpuinfo and threadpool lines when its runtime loads) off the terminal, unless
+    SHRINK_DEBUG; the list it yields holds those lines afterwards, for an error to quote."""
+    lines: list[str] = []
+    if debug_enabled():
+        yield lines
+        return
+    sys.stderr.flush()
+    log = tempfile.TemporaryFile(mode="w+b")
+    saved = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        yield lines
+    finally:
+        lines.extend(_tail(log, saved, fd=2, lines=20))
+        os.close(saved)
+        log.close()
+
+
+def _tail(log, saved_fd: int, lines: int = 5, fd: int = 1) -> list[str]:
+    os.dup2(saved_fd, fd)
     log.seek(0)
     return log.read().decode("utf-8", "replace").strip().splitlines()[-lines:]

@@ -19,7 +19,7 @@ from shrink.toml_files import read_toml
 
 DEFAULT_FILE = Path(__file__).with_name("targets.toml")
 
-RUNTIMES = {"llama.cpp": "gguf", "onnxruntime": "onnx", "torch": "gptq"}  # runtime -> the format it serves
+RUNTIMES = {"llama.cpp": "gguf", "onnxruntime": "onnx", "torch": "gptq", "executorch": "pte"}  # runtime -> its format
 GPTQ_QUANTS = {"8bit": 8, "4bit": 4}
 
 # Constraints, with what they measure. Limits are checked against measured figures.
@@ -44,12 +44,13 @@ class TargetsError(ShrinkError):
 class Target:
     name: str
     description: str
-    runtime: str  # llama.cpp | onnxruntime | torch
-    formats: tuple[str, ...]  # gguf | onnx | gptq
+    runtime: str  # llama.cpp | onnxruntime | torch | executorch
+    formats: tuple[str, ...]  # gguf | onnx | gptq | pte
     quants: tuple[str, ...]  # tried in this order
     constraints: dict[str, float] = field(default_factory=dict)
     threads: int | None = None
-    context_length: int | None = None  # tokens: llama.cpp's n_ctx (None: 2048), onnxruntime's longest sequence
+    context_length: int | None = None  # tokens: llama.cpp's n_ctx (None: 2048), onnxruntime's longest sequence,
+    # a .pte's KV cache (exported with it)
     imatrix: bool = False  # GGUF: quantize with a task-aware importance matrix
     device: str = "cpu"  # where torch-served (GPTQ) candidates run: cpu | cuda
 
@@ -67,9 +68,12 @@ class Target:
 def quant_fits_format(fmt: str, quant: str) -> bool:
     from shrink.quantize.gguf_types import quant_type
     from shrink.quantize.onnx_quant import QUANTS as ONNX_QUANTS
+    from shrink.quantize.torchao_quant import QUANTS as PTE_QUANTS
 
     if fmt == "onnx":
         return quant in ONNX_QUANTS
+    if fmt == "pte":
+        return quant in PTE_QUANTS
     if fmt == "gptq":
         return quant in GPTQ_QUANTS
     try:
@@ -108,7 +112,7 @@ def get_target(name: str, path: Path | None = None) -> Target:
     targets = load_targets(path)
     if name not in targets:
         raise ShrinkError(f"--target {name}: no such target in {path or DEFAULT_FILE} "
-                          f"(targets: {', '.join(targets)}; formats: gguf, onnx, gptq)")
+                          f"(targets: {', '.join(targets)}; formats: gguf, onnx, gptq, executorch)")
     return targets[name]
 
 
@@ -139,7 +143,7 @@ def _parse(name: str, table: dict, problems: list[str]) -> Target | None:
     formats, quants = strings("formats"), strings("quants")
     for fmt in formats:
         if fmt not in RUNTIMES.values():
-            problems.append(f"{key}.formats: {fmt!r} is not one of gguf, onnx, gptq")
+            problems.append(f"{key}.formats: {fmt!r} is not one of {', '.join(RUNTIMES.values())}")
         elif runtime in RUNTIMES and RUNTIMES[runtime] != fmt:
             problems.append(f"{key}.formats: {fmt!r} is not served by runtime {runtime!r} "
                             f"(it serves {RUNTIMES[runtime]})")

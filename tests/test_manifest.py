@@ -77,13 +77,14 @@ def test_source_and_bundle_sections(tmp_path):
 
 def test_kinds_and_formats_are_those_written():
     assert KINDS == ("student", "export", "bundle", "teacher-cache", "labels")
-    assert FORMATS == ("hf", "gguf", "onnx", "gptq", "safetensors", "jsonl")  # teacher-cache shards, labels
+    assert FORMATS == ("hf", "gguf", "onnx", "gptq", "pte", "safetensors", "jsonl")  # teacher-cache shards, labels
 
 
 @pytest.mark.parametrize("changes, problem", [
     ({"kind": "studnet"}, "field 'kind' is \"studnet\", expected one of student, export, bundle, teacher-cache, labels"),
     ({"format": "gguf"}, "field 'format' is \"gguf\", a student is hf"),
-    ({"format": "tflite"}, "field 'format' is \"tflite\", expected one of hf, gguf, onnx, gptq, safetensors, jsonl"),
+    ({"format": "tflite"}, "field 'format' is \"tflite\", expected one of hf, gguf, onnx, gptq, pte, safetensors, "
+                           "jsonl"),
     ({"valid": "yes"}, "field 'valid' is \"yes\", expected true or false"),
     ({"settings": None}, "field 'settings' is missing"),
     ({"metrics": {"accuracy": 0.5}}, "field 'metrics' is {\"accuracy\": 0.5}, expected an object with an integer "

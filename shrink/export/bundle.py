@@ -2,8 +2,8 @@
 
 The folder holds the model file(s), `manifest.json` (hashes, the provenance chain
 teacher -> student -> artifact, metrics, the target and each constraint met or not),
-a README model card, an Ollama `Modelfile` for GGUF bundles and `run.py`, a minimal run
-example in the runtime's own API. `shrink verify BUNDLE` re-checks every hash.
+a README model card (for a .pte, how an Android or iOS app loads it), an Ollama
+`Modelfile` for GGUF bundles and `run.py`, a minimal run example in the runtime's own API. `shrink verify BUNDLE` re-checks every hash.
 
 run.py is written into every candidate's folder before it is measured, since its peak
 RAM is the peak of a process running that run.py; the chosen one ships as measured. Its
@@ -30,10 +30,10 @@ RUN_SCRIPT = "run.py"
 class Serving:
     """How a bundle's run.py sets up its runtime, and so what its peak RAM is measured with."""
 
-    runtime: str  # llama.cpp | onnxruntime | torch
+    runtime: str  # llama.cpp | onnxruntime | torch | executorch
     # Tokens of context: llama.cpp's n_ctx (its KV cache is allocated for all of them when
     # the model loads), onnxruntime's longest sequence (its past grows with the tokens
-    # held); transformers has no fixed one.
+    # held), a .pte's static KV cache (exported with it); transformers has no fixed one.
     context_length: int
     threads: int | None  # CPU threads (None: the runtime's default)
     device: str  # torch (GPTQ): cpu | cuda
@@ -133,8 +133,9 @@ def modelfile(gguf: str, serve: Serving) -> str:
 
 def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
     """A minimal script in the serving runtime's own API (shrink itself for ONNX, whose
-    generation loop with past key/values is shrink.runtime.onnx_runtime), with `serve`'s
-    settings: the ones its peak RAM is measured with."""
+    generation loop with past key/values is shrink.runtime.onnx_runtime; for a .pte,
+    ExecuTorch's Python runtime and the tokenizers library, as an app runs it), with
+    `serve`'s settings: the ones its peak RAM is measured with."""
     threads = serve.threads or "None"
     head = ('"""Run this bundle: python run.py ["PROMPT"]\n\nThe settings below are the ones the bundle\'s '
             'peak RAM was measured with."""\nimport sys\nfrom pathlib import Path\n\n'
@@ -146,6 +147,8 @@ def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
             f"n_threads={threads}, n_threads_batch={threads}, logits_all={serve.logits_all}, verbose=False)\n"
             f'out = llm(prompt, max_tokens={serve.max_tokens}, temperature=0.0, stop=["\\n"])\n'
             'print(out["choices"][0]["text"])\n')
+    if fmt == "pte":
+        return head + PTE_RUN.format(threads=threads, max_tokens=serve.max_tokens)
     if fmt == "gptq":
         return head + (
             "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs gptqmodel and optimum\n\n"
@@ -158,6 +161,65 @@ def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
         "from shrink.runtime.onnx_runtime import OnnxRuntime  # onnxruntime with past key/values\n\n"
         f"rt = OnnxRuntime(here, threads={threads}, context_length={serve.context_length})\n"
         f"print(rt.generate(prompt, max_tokens={serve.max_tokens}, stop=('\\n',)))\n")
+
+
+# run.py of a .pte bundle: ExecuTorch's runtime, the prompt in calls of get_max_seq_len tokens
+# (the prefill), then one token a call on top of the KV cache the program keeps.
+PTE_RUN = '''import torch  # ExecuTorch's Python bindings take and return torch tensors
+import executorch.kernels.quantized  # noqa: F401 - the 8-bit embedding kernel of 8da4w/8da8w
+from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+from executorch.runtime import Runtime
+from tokenizers import Tokenizer
+
+threads = {threads}
+if threads:
+    _unsafe_reset_threadpool(threads)
+program = Runtime.get().load_program(here / "model.pte")
+forward = program.load_method("forward")
+meta = {{name: program.load_method(name).execute([]) for name in ("get_max_seq_len", "get_eos_ids")}}
+step, eos = meta["get_max_seq_len"][0], set(meta["get_eos_ids"])
+tok = Tokenizer.from_file(str(here / "tokenizer.json"))
+ids = tok.encode(prompt).ids
+for start in range(0, len(ids), step):  # the prompt: logits (1, n, vocab)
+    chunk = ids[start:start + step]
+    logits = forward.execute([torch.tensor([chunk]), torch.arange(start, start + len(chunk))])[0]
+out = []
+for _ in range({max_tokens}):
+    token = int(logits[0, -1].argmax())
+    if token in eos:
+        break
+    out.append(token)
+    logits = forward.execute([torch.tensor([[token]]), torch.tensor([len(ids) + len(out) - 1])])[0]
+text = tok.decode(ids + out)[len(tok.decode(ids)):]
+print(text.split("\\n")[0])
+'''
+
+def pte_apps(metadata: dict) -> str:
+    """The model card's section for a .pte: how an Android or iOS app loads it, with
+    ExecuTorch's LLM runner, from the metadata the export wrote into it."""
+    bos = 1 if metadata.get("get_bos_id", -1) >= 0 else 0
+    context = metadata.get("get_max_context_len")
+    return f"""
+### In an Android or iOS app
+
+`model.pte` is an ExecuTorch program for its XNNPACK CPU backend: the app links ExecuTorch
+with XNNPACK and its quantized kernels (the `executorch-android` AAR and the ExecuTorch
+Swift package hold both). Beside `forward(tokens, positions) -> logits` the program holds
+the metadata ExecuTorch's LLM runner reads (`get_max_context_len` {context}, `get_max_seq_len`,
+`get_bos_id`, `get_eos_ids`, `get_vocab_size`, `use_kv_cache`, `enable_dynamic_shape`), so
+the runner loads it with `tokenizer.json` and stops at the model's end-of-generation tokens:
+
+- Android (Java or Kotlin, `org.pytorch.executorch.extension.llm`):
+  `LlmModule module = new LlmModule(modelPath, tokenizerPath, 0.0f); module.load();` then
+  `module.generate(prompt, LlmGenerationConfig.create().echo(false).numBos({bos}).build(), callback)`;
+  the tokens arrive in `LlmCallback.onResult`.
+- iOS (Swift, `import ExecuTorchLLM`):
+  `let runner = TextLLMRunner(modelPath: modelPath, tokenizerPath: tokenizerPath, specialTokens: [])`,
+  `try runner.load()`, then
+  `try runner.generate(prompt, Config {{ $0.temperature = 0; $0.bosCount = {bos} }}) {{ token in ... }}`.
+
+A prompt and its answer share the {context} tokens of the program's KV cache.
+"""
 
 
 def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, chosen, files: list[str],
@@ -193,6 +255,7 @@ def model_card(name: str, target: dict, provenance: list[dict], metrics: dict, c
                 f"python -m llama_cpp.server --model {name}/{_gguf_name_of(files)} --host 127.0.0.1 --port 8000\n"
                 f"llama-server -m {name}/{_gguf_name_of(files)} --port 8000",
         "onnx": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py",
+        "pte": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py",
         "gptq": f"shrink run {name} \"{_escape(prompt)}\"\npython {name}/run.py",
     }[chosen.format]
     figures = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -227,7 +290,7 @@ Through the runtime that serves it, on {metrics.get('eval_examples')} held-out e
 The prompt format is the task's: for example `{_escape(prompt)}`. A chat model's GGUF
 carries its chat template: both servers apply it to `/v1/chat/completions` requests,
 which the `openai` client sends (`base_url="http://127.0.0.1:8000/v1"`).
-
+{pte_apps(chosen.settings.get("metadata", {})) if chosen.format == "pte" else ""}
 ## Files
 
 {chr(10).join(f'- `{f}`' for f in files)}

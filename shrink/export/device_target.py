@@ -23,7 +23,7 @@ from shrink import artifact
 from shrink.console import console
 from shrink.errors import ShrinkError
 from shrink.export.bundle import RUN_SCRIPT, Serving, serving, write_bundle, write_run_script
-from shrink.export.flow import ExportOptions, format_module, read_source_manifest
+from shrink.export.flow import TARGET_FORMATS, ExportOptions, format_module, read_source_manifest
 from shrink.export.parity import measure, verdict
 from shrink.hf import check_model_dir
 from shrink.manifest import Manifest
@@ -88,7 +88,7 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
     threads, thread_note = _threads(target)
     serve = serving(target)  # run.py's settings, which its peak RAM is measured with
     baseline = _baseline(student, examples, Path(eval_data), source_manifest)
-    options = [_options(target, fmt, quant, threads) for fmt, quant in target.ladder()]
+    options = [_options(target, fmt, quant, threads, serve) for fmt, quant in target.ladder()]
     options = [format_module(o.target).check(o, source_manifest, eval_data) for o in options]
 
     with artifact.staged_folder(out, force) as tmp:
@@ -99,7 +99,8 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
         candidates = []
         try:
             for opts in options:
-                cand = Candidate(opts.target, opts.quant or f"{opts.bits}bit", scratch / f"{opts.target}-{opts.quant or opts.bits}")
+                cand = Candidate(TARGET_FORMATS[opts.target], opts.quant or f"{opts.bits}bit",
+                                 scratch / f"{opts.target}-{opts.quant or opts.bits}")
                 cand.folder.mkdir()
                 console.print(f"[bold]{target.name}[/bold]: building {cand.name}")
                 if opts.imatrix:  # computed once for every GGUF rung
@@ -138,9 +139,12 @@ def _threads(target: Target) -> tuple[int | None, str | None]:
     return target.threads, None
 
 
-def _options(target: Target, fmt: str, quant: str, threads: int | None) -> ExportOptions:
+def _options(target: Target, fmt: str, quant: str, threads: int | None, serve: Serving) -> ExportOptions:
     if fmt == "gptq":
         return ExportOptions(target="gptq", bits=GPTQ_QUANTS[quant], threads=threads, device=target.device)
+    if fmt == "pte":  # its KV cache is the context run.py serves (and its peak RAM is measured) with
+        return ExportOptions(target="executorch", quant=quant, max_context=serve.context_length, threads=threads,
+                             device=target.device)
     imatrix = True if fmt == "gguf" and target.imatrix else None
     return ExportOptions(target=fmt, quant=quant, imatrix=imatrix, threads=threads, device=target.device)
 

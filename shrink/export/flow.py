@@ -1,7 +1,8 @@
 """`shrink export`: one flow for every format.
 
-A format module (gguf_artifact, onnx_artifact, gptq_artifact) knows how to build its
-files into a staging folder and which parity thresholds suit each of its quantizations.
+A format module (gguf_artifact, onnx_artifact, gptq_artifact, executorch_artifact) knows
+how to build its files into a staging folder and which parity thresholds suit each of its
+quantizations.
 Everything else is shared: input checks before any work, evaluation through the runtime
 that serves the format, parity against the Hugging Face student, the manifest, and the
 atomic rename. An export that fails parity is still written, marked `valid: false`, and
@@ -24,27 +25,30 @@ from shrink.hf import check_model_dir
 from shrink.manifest import Manifest
 from shrink.tasks import load_task_for
 
-TARGETS = ("gguf", "onnx", "gptq")
+# --target -> the format its artifact is stored in (the manifest's `format`).
+TARGET_FORMATS = {"gguf": "gguf", "onnx": "onnx", "gptq": "gptq", "executorch": "pte"}
+TARGETS = tuple(TARGET_FORMATS)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    target: str  # gguf | onnx | gptq
-    quant: str | None = None  # GGUF type or ONNX fp32/int8/int4; None: the format's default
+    target: str  # gguf | onnx | gptq | executorch
+    quant: str | None = None  # GGUF type, ONNX fp32/int8/int4 or ExecuTorch fp32/8da4w/8da8w; None: the format's default
     bits: int | None = None  # GPTQ (None: 4)
-    group_size: int | None = None  # GPTQ (None: 128)
+    group_size: int | None = None  # GPTQ (None: 128), ExecuTorch (None: 32 for 8da4w, per channel for 8da8w)
     desc_act: bool | None = None  # GPTQ (None: off)
     calibration: Path | None = None  # GPTQ: task data to calibrate on
     imatrix: bool | Path | None = None  # GGUF: True computes one from the calibration data; a Path reads one
     threads: int | None = None
     device: str = "auto"  # where GPTQ quantizes and torch-served artifacts are evaluated
     metric: str | None = None  # how --eval answers are scored (None: choice for rows with choices, else exact)
+    max_context: int | None = None  # ExecuTorch: tokens of the static KV cache (None: 2048, or the model's positions)
 
 
 FLAGS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act", "calibration": "--calibration",
-         "imatrix": "--imatrix"}
-OWNERS = {"bits": ("gptq",), "group_size": ("gptq",), "desc_act": ("gptq",), "calibration": ("gptq", "gguf"),
-          "imatrix": ("gguf",)}
+         "imatrix": "--imatrix", "max_context": "--max-context"}
+OWNERS = {"bits": ("gptq",), "group_size": ("gptq", "executorch"), "desc_act": ("gptq",),
+          "calibration": ("gptq", "gguf"), "imatrix": ("gguf",), "max_context": ("executorch",)}
 
 
 def refuse_foreign_options(opts: ExportOptions) -> None:
@@ -63,6 +67,8 @@ def format_module(target: str):
         from shrink.export import onnx_artifact as mod
     elif target == "gptq":
         from shrink.export import gptq_artifact as mod
+    elif target == "executorch":
+        from shrink.export import executorch_artifact as mod
     else:
         raise ShrinkError(f"--target {target}: not a format (choose from {', '.join(TARGETS)})")
     return mod
@@ -106,8 +112,8 @@ def export(
             metrics["parity"]["passed"] = not failed
             if not failed:
                 _warn_drift(metrics["parity"], opts.target)
-        manifest = artifact.finish(tmp, kind="export", format=opts.target, source=student, settings=settings,
-                                   metrics=metrics, valid=not failed)
+        manifest = artifact.finish(tmp, kind="export", format=TARGET_FORMATS[opts.target], source=student,
+                                   settings=settings, metrics=metrics, valid=not failed)
     if failed:
         worst = metrics["parity"]["worst_example"]
         raise ParityError(f"{out}: parity with {student} failed ({'; '.join(failed)}); "

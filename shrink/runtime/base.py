@@ -22,7 +22,7 @@ from shrink.errors import ModelError, ShrinkError
 
 
 class Runtime(Protocol):
-    name: str  # "torch" | "torch+gptqmodel" | "llama.cpp" | "onnxruntime"
+    name: str  # "torch" | "torch+gptqmodel" | "llama.cpp" | "onnxruntime" | "executorch"
     stop_ids: frozenset[int]  # the token ids that end a generation (not part of its text)
     context_length: int | None  # most tokens a sequence may hold, prompt and output (None: no limit)
 
@@ -201,21 +201,24 @@ def greedy_generate(rt: Runtime, prompt: str | list[int], max_tokens: int, stop:
 
 # The files that hold an artifact's weights, per format (its size is theirs).
 WEIGHT_FILES = {"hf": ("*.safetensors",), "gptq": ("*.safetensors",), "gguf": ("*.gguf",),
-                "onnx": ("*.onnx", "*.onnx.data")}
+                "onnx": ("*.onnx", "*.onnx.data"), "pte": ("*.pte",)}
 
 
 def artifact_format(path: Path) -> str:
     """'hf' for a Hugging Face folder, 'gptq' for a GPTQ checkpoint folder, 'gguf' for a
-    GGUF file or a folder holding one, 'onnx' for an ONNX file or a folder holding model.onnx."""
+    GGUF file or a folder holding one, 'onnx' for an ONNX file or a folder holding model.onnx,
+    'pte' for an ExecuTorch program or a folder holding model.pte."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix in (".gguf", ".onnx"):
+        if path.suffix in (".gguf", ".onnx", ".pte"):
             return path.suffix[1:]
-        raise ModelError(f"{path}: not a model (expected a Hugging Face folder, a .gguf or an .onnx file)")
+        raise ModelError(f"{path}: not a model (expected a Hugging Face folder, a .gguf, .onnx or .pte file)")
     if (path / "model.onnx").is_file():
         return "onnx"
+    if (path / "model.pte").is_file():
+        return "pte"
     if (path / "config.json").is_file():
         from shrink.hf import quantization_method
 
@@ -225,4 +228,4 @@ def artifact_format(path: Path) -> str:
             raise ModelError(f"{path / 'config.json'}: not valid JSON ({e})") from None
     if list(path.glob("*.gguf")):
         return "gguf"
-    raise ModelError(f"{path}: no config.json, .gguf or model.onnx file in this folder")
+    raise ModelError(f"{path}: no config.json, .gguf, model.onnx or model.pte file in this folder")
