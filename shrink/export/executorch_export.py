@@ -5,9 +5,9 @@ transformers (fp32), quantized in place with torchao (shrink.quantize.torchao_qu
 given a static KV cache of `max_context` tokens held as buffers on its attention layers
 and an attention written for it (`with_static_cache`), traced by `torch.export`, lowered
 to the XNNPACK backend (`to_edge_transform_and_lower(..., XnnpackPartitioner())`) and
-serialized (`to_executorch`). optimum-executorch does this too but pins transformers
-5.0.0rc1, so it is not used; transformers' own recipe (a StaticCache under its sdpa)
-copies the whole cache at every call (see with_static_cache).
+serialized (`to_executorch`). optimum-executorch exports to ExecuTorch too but pins
+transformers 5.0.0rc1, so it is not used; transformers' own recipe (a StaticCache under
+its sdpa) copies the whole cache at every call (see with_static_cache).
 
 The program's one method `forward` takes
 
