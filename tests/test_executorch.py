@@ -3,9 +3,10 @@
 runtime: logits, incremental decoding on the program's KV cache, greedy text, parity
 figures in the manifest; eval and run on a .pte; ExecuTorch's LLM runner (what an
 Android or iOS app links) loading the program; a planted corrupted weight caught by parity;
-an unsupported family refused; a device-target bundle served by ExecuTorch.
+an unsupported family, bad options and a broken .pte refused; a device-target bundle
+served by ExecuTorch.
 
-Lowering to XNNPACK dominates the run time (20-40 s of one core an export), so each
+Lowering to XNNPACK dominates the run time (30-60 s of one core an export), so each
 (family, quant) is exported once per module, two at a time, and shared by the tests
 (`exports`).
 """
