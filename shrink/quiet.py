@@ -231,21 +231,25 @@ def gptqmodel_output():
 
 @contextlib.contextmanager
 def native_stderr() -> Iterator[list[str]]:
-    """Keep what native code writes to file descriptor 2 inside the block (ExecuTorch's
-    cpuinfo and threadpool lines when its runtime loads) off the terminal, unless
-    SHRINK_DEBUG; the list it yields holds those lines afterwards, for an error to quote."""
+    """Keep what native code writes to stderr inside the block (ExecuTorch's cpuinfo,
+    threadpool and loader lines when its runtime loads) off the terminal, unless
+    SHRINK_DEBUG: file descriptor 2, and Python's sys.stderr, which ExecuTorch's bindings
+    also write to. The list it yields holds those lines afterwards, for an error to quote."""
     lines: list[str] = []
     if debug_enabled():
         yield lines
         return
     sys.stderr.flush()
     log = tempfile.TemporaryFile(mode="w+b")
+    python = io.StringIO()
     saved = os.dup(2)
     os.dup2(log.fileno(), 2)
     try:
-        yield lines
+        with contextlib.redirect_stderr(python):
+            yield lines
     finally:
         lines.extend(_tail(log, saved, fd=2, lines=20))
+        lines.extend(line for line in python.getvalue().splitlines() if line.strip())
         os.close(saved)
         log.close()
 

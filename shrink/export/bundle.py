@@ -3,7 +3,8 @@
 The folder holds the model file(s), `manifest.json` (hashes, the provenance chain
 teacher -> student -> artifact, metrics, the target and each constraint met or not),
 a README model card (for a .pte, how an Android or iOS app loads it), an Ollama
-`Modelfile` for GGUF bundles and `run.py`, a minimal run example in the runtime's own API. `shrink verify BUNDLE` re-checks every hash.
+`Modelfile` for GGUF bundles and `run.py`, a minimal run example in the runtime's own API.
+`shrink verify BUNDLE` re-checks every hash.
 
 run.py is written into every candidate's folder before it is measured, since its peak
 RAM is the peak of a process running that run.py; the chosen one ships as measured. Its

@@ -1,7 +1,6 @@
 """Runtimes that serve an artifact behind one protocol (shrink.runtime.base.Runtime):
-torch (Hugging Face and GPTQ folders), llama.cpp (GGUF), onnxruntime (ONNX) and
-ExecuTorch (.pte), and
-`open_runtime`, which opens an artifact in the runtime that serves its format."""
+torch (Hugging Face and GPTQ folders), llama.cpp (GGUF), onnxruntime (ONNX) and ExecuTorch
+(.pte), and `open_runtime`, which opens an artifact in the runtime that serves its format."""
 
 from __future__ import annotations
 
