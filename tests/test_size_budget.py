@@ -189,8 +189,8 @@ def test_a_budget_nothing_fits_is_refused(wide_teacher, task_files, tmp_path):
      "--quant: not with --for-target (the target's ladder names the GGUF type)"),
     (["--for-target", "cpu-server"],
      "--for-target cpu-server: it is served as onnx, not GGUF; a size budget is for GGUF files"),
-    (["--for-target", "watch"], "--for-target watch: no such target in {targets} (targets: laptop, phone, cpu-server, "
-                                "gpu-server)"),
+    (["--for-target", "watch"], "--for-target watch: no such target in {targets} (targets: laptop, phone, phone-pte, "
+                                "cpu-server, gpu-server)"),
     (["--max-size-mb", "5", "--student", "{teacher}"],
      "--max-size-mb: not with --student (the student's size is that model's)"),
 ])
