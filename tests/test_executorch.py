@@ -1,5 +1,5 @@
 """`shrink export --target executorch`: tiny Llama, Qwen2 and Gemma 3 students exported to
-.pte (fp32 and 8da4w) through the CLI, each checked against torch through ExecuTorch's own
+.pte (fp32 and 8da4w; Qwen3 in fp32) through the CLI, each checked against torch through ExecuTorch's own
 runtime: logits, incremental decoding on the program's KV cache, greedy text, parity
 figures in the manifest; eval and run on a .pte; ExecuTorch's LLM runner (what an
 Android or iOS app links) loading the program; a planted corrupted weight caught by parity;
@@ -38,6 +38,7 @@ from shrink.runtime.torch_runtime import TorchRuntime  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ["llama", "qwen2", "gemma3"]
 QUANTS = ["fp32", "8da4w"]
+FP32_FAMILIES = FAMILIES + ["qwen3"]  # Qwen3 differs from Qwen2 by its per-head q/k norms: fp32 checks them
 CONTEXT = 128  # --max-context: the static KV cache, tokens
 WINDOW = 16  # the tiny Gemma 3's sliding window (tiny_families.build_model); LONG goes three times past it
 LONG = " ".join([r["prompt"] + r["completion"] for r in tiny.toy_examples(3, seed=11)] + tiny.PARITY_SUITE[1:4])
@@ -82,7 +83,8 @@ def exports(tmp_path_factory, students, eval_file):
     --target executorch --eval`, in processes of their own, as many at a time as there are
     cores (two in CI): lowering is single-threaded Python, so this halves the wait."""
     root = tmp_path_factory.mktemp("exports")
-    jobs = {(family, quant): root / f"{family}-{quant}" for family in FAMILIES for quant in QUANTS}
+    keys = [(family, quant) for family in FAMILIES for quant in QUANTS] + [("qwen3", "fp32")]
+    jobs = {key: root / "-".join(key) for key in keys}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def export(job):
@@ -92,7 +94,7 @@ def exports(tmp_path_factory, students, eval_file):
                "--threads", "1", "--json"]
         return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
-    for family in FAMILIES:  # trained here, one after the other, before the exports start
+    for family in FP32_FAMILIES:  # trained here, one after the other, before the exports start
         students(family)
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         done = dict(zip(jobs, pool.map(export, jobs.items())))
@@ -103,7 +105,7 @@ def exports(tmp_path_factory, students, eval_file):
     return lambda family, quant: cache[family, quant]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FP32_FAMILIES)
 def fp32(request, exports) -> Exported:
     return exports(request.param, "fp32")
 
