@@ -31,6 +31,9 @@ def main() -> int:
                     help="DistillConfig fields over the task's recipe, as JSON (repeatable; default: the recipe as is)")
     ap.add_argument("--out", type=Path, default=Path("bench/tune-run"))
     ap.add_argument("--no-gguf", action="store_true", help="measure in torch only")
+    ap.add_argument("--labels", type=Path, default=None,
+                    help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
+                         "(DIR/data/train-labeled.jsonl of shrink demo or of this script), instead of labeling again")
     args = ap.parse_args()
 
     from shrink.demo.pipeline import TASKS, demo_teacher
@@ -48,7 +51,14 @@ def main() -> int:
     files = importlib.import_module(task.module).write_task_files(args.out / "data")  # test is written, never read
     teacher = demo_teacher()
     train = files["train"]
-    if not task.labeled:  # the teacher labels the inputs once, for every variant
+    if not task.labeled and args.labels:  # labeled before: its inputs must be this training split's
+        inputs = [json.loads(line)["prompt"] for line in files["train"].read_text(encoding="utf-8").splitlines()]
+        labeled = [json.loads(line) for line in args.labels.read_text(encoding="utf-8").splitlines()]
+        if not labeled or not {r["prompt"] for r in labeled} <= set(inputs):
+            sys.exit(f"{args.labels}: not labels of this training split's inputs")
+        train = args.out / "data" / "train-labeled.jsonl"
+        shutil.copyfile(args.labels, train)
+    elif not task.labeled:  # the teacher labels the inputs once, for every variant
         from shrink.label import LabelConfig, label
 
         train = args.out / "data" / "train-labeled.jsonl"
