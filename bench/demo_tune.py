@@ -31,6 +31,7 @@ def main() -> int:
                     help="DistillConfig fields over the task's recipe, as JSON (repeatable; default: the recipe as is)")
     ap.add_argument("--out", type=Path, default=Path("bench/tune-run"))
     ap.add_argument("--no-gguf", action="store_true", help="measure in torch only")
+    ap.add_argument("--keep", action="store_true", help="keep each variant's student and Q4_K_M (OUT/v<i>)")
     ap.add_argument("--labels", type=Path, default=None,
                     help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
                          "(DIR/data/train-labeled.jsonl of shrink demo or of this script), instead of labeling again")
@@ -95,7 +96,8 @@ def main() -> int:
         print(json.dumps(run), flush=True)
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps(record, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
     print("\n| variant | dev (torch) | dev (Q4_K_M) | Q4_K_M MB | distill s |\n|---|---|---|---|---|")
     for r in record["runs"]:
         q4 = f"{r['dev_q4_k_m']:.1%} | {r['q4_k_m_bytes'] / 1e6:.1f}" if "dev_q4_k_m" in r else "- | -"

@@ -114,6 +114,19 @@ def _runtimes(exp: Exported) -> tuple[TorchRuntime, ExecuTorchRuntime]:
     return TorchRuntime(exp.student, device="cpu"), ExecuTorchRuntime(exp.out, threads=1)
 
 
+def _copy_of(exp: Exported):
+    """A stand-in for the .pte build step that writes `exp`'s files (the export is the
+    module's, already lowered), so a test exercises the rest of the flow without lowering
+    again."""
+    def build(student, tmp, opts, source_manifest):
+        for f in exp.out.iterdir():
+            if f.name != "manifest.json":
+                shutil.copy2(f, tmp / f.name)
+        return {k: v for k, v in exp.manifest["settings"].items() if k != "target"}  # the flow adds it
+
+    return build
+
+
 def _rel_diff(got: np.ndarray, expected: np.ndarray) -> float:
     """max |got - expected| relative to the logit scale."""
     return float(np.abs(got - expected).max() / np.abs(expected).max())
@@ -278,13 +291,7 @@ def test_planted_corrupted_weight_is_caught_by_parity(exports, eval_file, tmp_pa
     exp = exports("llama", "fp32")
     broken = tiny.corrupted_copy(exp.student, tmp_path / "broken")
 
-    def build(student, tmp, opts, source_manifest):
-        for f in exp.out.iterdir():
-            if f.name != "manifest.json":
-                shutil.copy2(f, tmp / f.name)
-        return {k: v for k, v in exp.manifest["settings"].items() if k != "target"}  # the flow adds it
-
-    monkeypatch.setattr(ea, "build", build)
+    monkeypatch.setattr(ea, "build", _copy_of(exp))
     out = tmp_path / "pte"
     r = invoke("export", broken, "--target", "executorch", "--quant", "fp32", "--eval", eval_file, "--out", out)
     assert r.exit_code == 1, r.output
@@ -343,10 +350,7 @@ def test_phone_pte_target_ships(exports, eval_file, tmp_path, monkeypatch):
 
     def build(student, tmp, opts, source_manifest):
         assert opts.target == "executorch" and opts.quant == "8da4w" and opts.max_context == CONTEXT
-        for f in exp.out.iterdir():
-            if f.name != "manifest.json":
-                shutil.copy2(f, tmp / f.name)
-        return {k: v for k, v in exp.manifest["settings"].items() if k != "target"}  # the flow adds it
+        return _copy_of(exp)(student, tmp, opts, source_manifest)
 
     monkeypatch.setattr(ea, "build", build)
     tf = tmp_path / "targets.toml"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import EMPTY_PROMPT, Runtime, greedy_generate, stop_ids, sum_logprobs
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, find_model_file, greedy_generate, stop_ids, sum_logprobs
 
 MODEL_FILE = "model.pte"
 # The methods the export writes beside `forward`, named as ExecuTorch's LLM runner reads
@@ -41,16 +41,7 @@ METADATA = {
 
 def find_pte(path: str | Path) -> Path:
     """The model.pte at `path`, or in folder `path`."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".pte":
-            raise ModelError(f"{path}: not a .pte file")
-        return path
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such file or folder")
-    if not (path / MODEL_FILE).is_file():
-        raise ModelError(f"{path}: no {MODEL_FILE} in this folder")
-    return path / MODEL_FILE
+    return find_model_file(path, MODEL_FILE)
 
 
 def load_program(path: Path):

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import (EMPTY_PROMPT, Runtime, context_of, greedy_generate, read_config, stop_ids,
-                                 sum_logprobs)
+from shrink.runtime.base import (EMPTY_PROMPT, Runtime, context_of, find_model_file, greedy_generate, read_config,
+                                 stop_ids, sum_logprobs)
 from shrink.quiet import debug_enabled
 
 KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
@@ -33,16 +33,7 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
 
 def find_onnx(path: str | Path) -> Path:
     """The model.onnx at `path`, or in folder `path`."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".onnx":
-            raise ModelError(f"{path}: not an .onnx file")
-        return path
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such file or folder")
-    if not (path / MODEL_FILE).is_file():
-        raise ModelError(f"{path}: no {MODEL_FILE} in this folder")
-    return path / MODEL_FILE
+    return find_model_file(path, MODEL_FILE)
 
 
 class OnnxRuntime(Runtime):
