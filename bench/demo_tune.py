@@ -14,6 +14,7 @@ as it finishes (a long sweep that stops keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -35,6 +36,9 @@ def main() -> int:
     ap.add_argument("--labels", type=Path, default=None,
                     help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
                          "(DIR/data/train-labeled.jsonl of shrink demo or of this script), instead of labeling again")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads for labeling and the Q4_K_M's score (default: all cores; 1 when two "
+                         "sweeps share the machine, since llama.cpp's threads spin)")
     args = ap.parse_args()
 
     from shrink.demo.pipeline import TASKS, demo_teacher
@@ -66,10 +70,11 @@ def main() -> int:
 
         train = args.out / "data" / "train-labeled.jsonl"
         label(LabelConfig(teacher=teacher, data=files["train"], out=train, teacher_prefix=files["prefix"],
-                          max_new_tokens=task.max_new_tokens))
+                          max_new_tokens=task.max_new_tokens, threads=args.threads))
     record_path = Path("bench/results") / f"demo-tune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
-              "task": args.task, "recipe": task.recipe, "runs": []}
+              "task": args.task, "recipe": task.recipe,
+              "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), "runs": []}
     for i, variant in enumerate(args.variant or [{}]):
         fields = {**task.recipe, **variant}
         folder = args.out / f"v{i}"
@@ -86,11 +91,12 @@ def main() -> int:
         if not args.no_gguf:
             try:
                 q = export(folder / "student", folder / "Q4_K_M",
-                           ExportOptions("gguf", quant="Q4_K_M", metric=task.metric), eval_data=files["dev"])
+                           ExportOptions("gguf", quant="Q4_K_M", metric=task.metric, threads=args.threads),
+                           eval_data=files["dev"])
                 run.update(dev_q4_k_m=round(q.metrics["accuracy"], 4), q4_k_m_bytes=q.metrics["size_bytes"])
             except ParityError as e:  # the file is written and marked not valid: still measured, and said so
                 gguf = next((folder / "Q4_K_M").glob("*.gguf"))
-                res = evaluate(open_runtime(gguf), dev, "Q4_K_M on dev (llama.cpp)", metric=task.metric)
+                res = evaluate(open_runtime(gguf, threads=args.threads), dev, "Q4_K_M on dev (llama.cpp)", metric=task.metric)
                 run.update(dev_q4_k_m=round(res.accuracy, 4), q4_k_m_bytes=gguf.stat().st_size, parity_failed=str(e))
         record["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -31,6 +31,25 @@ def test_demo_dataset_is_large_varied_and_split(tmp_path):
     assert not any(r["text"] in files["prefix"].read_text() for r in rows)
 
 
+def test_extract_splits_share_no_name_city_or_phrasing(tmp_path):
+    from shrink.demo import extract
+
+    files = extract.write_task_files(tmp_path)
+    train, dev, test = (load_task(files[k], need_completion=False) for k in ("train", "dev", "test"))
+    assert (len(train), len(dev), len(test)) == tuple(extract.SIZES.values())
+    assert all(e.completion is None for e in train) and all(e.completion for e in dev + test)
+    words = [{w.strip(".,:;!?()-/") for e in part for w in e.prompt.split()} for part in (train, dev, test)]
+    for pool in (extract.TEST_FIRST, extract.TEST_LAST, extract.TEST_CITIES):
+        assert set(pool) & words[2] and not set(pool) & (words[0] | words[1])
+    for pool in (extract.DEV_FIRST, extract.DEV_LAST, extract.DEV_CITIES):
+        assert not set(pool) & words[0] and not set(pool) & words[2]
+    # Most training names are invented, hundreds of them: copying fits the training rows, recall does not.
+    invented = [n for n in extract.INVENTED_FIRST + extract.INVENTED_LAST if n in words[0]]
+    assert len(invented) >= 300 and len({e.prompt for e in train}) == len(train)
+    first = [json.loads(e.completion)["name"].split()[0] for e in test]
+    assert set(first) <= set(extract.TEST_FIRST)
+
+
 def png_size(path):
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"

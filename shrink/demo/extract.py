@@ -8,7 +8,8 @@ The messages are written here from phrasings and name, city and product lists, w
 fixed seed, so every run sees the same files. The splits are built apart on purpose:
 
 - train: inputs only, no answers (the teacher labels them: `shrink label`), from the
-  TRAIN phrasings, names and cities;
+  TRAIN phrasings, and names and cities most of which are invented from syllables
+  (hundreds of each), so that no list of names a student could memorise fits them;
 - dev: with answers, where settings may be chosen: like test, from phrasings, names and
   cities that neither train nor test has, so that a dev score measures what test does
   (answers for messages unlike the training ones), not recall of training names;
@@ -86,6 +87,20 @@ Berlin Hamburg Munich Cologne Frankfurt Stuttgart Leipzig Dresden Vienna Salzbur
 Rotterdam Utrecht Brussels Antwerp Ghent Copenhagen Aarhus Stockholm Uppsala Oslo Helsinki Warsaw Prague Brno Budapest
 Athens Sofia Bucharest Toronto Ottawa Calgary Montreal Vancouver Winnipeg Sydney Melbourne Brisbane Auckland
 Wellington Tokyo Nagoya Seoul Busan Manila Jakarta Mumbai Delhi Chennai Pune Cairo Tunis Accra Dakar""".split())
+# Most training names and cities are invented from syllables, thousands of them, so that
+# no list of names fits the training answers and what does is copying them from the message.
+SYLLABLES = tuple("""ka lo mi ren to sa vi dor el na bri tan os ul fe gar is po ny zel ar te mon qui ba li sto ve
+ra dun ko me si har ju bel cor an ti wen ga fi rho sel mar ob tu ly dra ne kim""".split())
+
+
+def invented(count: int, seed: str, parts: tuple[int, ...]) -> tuple[str, ...]:
+    """`count` distinct capitalised words of `parts` syllables each (a fixed seed)."""
+    rng, words = random.Random(seed), set()
+    while len(words) < count:
+        words.add("".join(rng.choice(SYLLABLES) for _ in range(rng.choice(parts))).capitalize())
+    return tuple(sorted(words))
+
+
 DEV_FIRST = ("Elif", "Gustav", "Pilar", "Ayodele", "Magnus", "Renata", "Kenta", "Oksana", "Thabo", "Marisol")
 DEV_LAST = ("Sorensen", "Delgado", "Yilmaz", "Brennan", "Abara", "Lindgren", "Szabo", "Ferreira")
 DEV_CITIES = ("Gdansk", "Leipheim", "Durban", "Tampere", "Cusco", "Nantucket", "Split", "Aarau")
@@ -95,6 +110,10 @@ TEST_LAST = ("Okafor", "Larsen", "Moreau", "Tanaka", "Fischer", "Romero", "Kowal
              "Herrera", "Nakamura", "Petrov", "Achebe", "Castellano", "Vasquez", "Holmberg")
 TEST_CITIES = ("Nairobi", "Tallinn", "Adelaide", "Cork", "Halifax", "Bologna", "Lagos", "Krakow", "Geneva", "Fresno",
                "Riga", "Vilnius", "Hobart", "Kampala", "Lima", "Quito")
+_HELD_OUT = set(DEV_FIRST + DEV_LAST + DEV_CITIES + TEST_FIRST + TEST_LAST + TEST_CITIES)
+INVENTED_FIRST, INVENTED_LAST, INVENTED_CITIES = (
+    tuple(w for w in invented(n, f"{SEED}-{kind}", parts) if w not in _HELD_OUT)
+    for kind, n, parts in (("first", 400, (2, 3)), ("last", 500, (2, 3, 4)), ("city", 400, (2, 3))))
 ITEMS = ("blender", "kettle", "lamp", "backpack", "phone case", "desk chair", "toaster", "headphones",
          "rice cooker", "yoga mat", "coffee grinder", "umbrella", "printer", "water bottle", "mattress", "drill")
 
@@ -118,7 +137,8 @@ def message(rng: random.Random, phrasings, first, last, cities) -> tuple[str, di
 def rows(split: str) -> list[dict]:
     """The split's task rows: train without completions, dev and test with the true JSON."""
     rng = random.Random(f"{SEED}-{split}")
-    pools = {"train": (TRAIN_PHRASINGS, TRAIN_FIRST, TRAIN_LAST, TRAIN_CITIES),
+    pools = {"train": (TRAIN_PHRASINGS, TRAIN_FIRST + INVENTED_FIRST, TRAIN_LAST + INVENTED_LAST,
+                       TRAIN_CITIES + INVENTED_CITIES),
              "dev": (DEV_PHRASINGS, DEV_FIRST, DEV_LAST, DEV_CITIES),
              "test": (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES)}[split]
     out = []

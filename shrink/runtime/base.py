@@ -69,6 +69,16 @@ def sum_logprobs(rows: np.ndarray, targets: list[int]) -> float:
     return float((rows[np.arange(len(targets)), targets] - lse).sum())
 
 
+def continuation_scores(conts: list[list[int]], rows_for) -> list[float]:
+    """Each continuation's summed log-probability (sum_logprobs), where rows_for(cont) gives
+    the (len(cont), vocab) logit rows that predict its tokens; an empty one scores 0."""
+    scores = []
+    for cont in conts:
+        cont = [int(i) for i in cont]
+        scores.append(sum_logprobs(rows_for(cont), cont) if cont else 0.0)
+    return scores
+
+
 def end_of_generation(eos_token_id, tokenizer) -> frozenset[int]:
     """The token ids that end a generation: a generation config's `eos_token_id` (one id,
     a list, or None) and the tokenizer's EOS."""

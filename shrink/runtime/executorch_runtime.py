@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import EMPTY_PROMPT, Runtime, find_model_file, greedy_generate, stop_ids, sum_logprobs
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, continuation_scores, find_model_file, greedy_generate, stop_ids
 
 MODEL_FILE = "model.pte"
 # The methods the export writes beside `forward`, named as ExecuTorch's LLM runner reads
@@ -198,15 +198,8 @@ class ExecuTorchRuntime(Runtime):
             raise ShrinkError(EMPTY_PROMPT)
         start = self.program.resume(prompt)
         first = self._run(prompt[start:], start)[-1:]  # (1, vocab): predicts each continuation's first token
-        scores = []
-        for cont in conts:
-            cont = [int(i) for i in cont]
-            if not cont:
-                scores.append(0.0)
-                continue
-            rows = first if len(cont) == 1 else np.concatenate([first, self._run(cont[:-1], len(prompt))])
-            scores.append(sum_logprobs(rows, cont))  # rows: (len(cont), vocab)
-        return scores
+        return continuation_scores(
+            conts, lambda cont: first if len(cont) == 1 else np.concatenate([first, self._run(cont[:-1], len(prompt))]))
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
                  stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:

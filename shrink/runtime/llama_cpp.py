@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
-from shrink.runtime.base import EMPTY_PROMPT, Runtime, cut_at_stop, prompt_ids, sum_logprobs
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, continuation_scores, cut_at_stop, prompt_ids
 
 
 def find_gguf(path: str | Path) -> Path:
@@ -176,16 +176,8 @@ class LlamaCppRuntime(Runtime):
         if not prompt:
             raise ShrinkError(EMPTY_PROMPT)
         p = len(prompt)
-        scores = []
-        for cont in conts:
-            cont = [int(i) for i in cont]
-            if not cont:
-                scores.append(0.0)
-                continue
-            # Row t predicts token t+1: rows p-1 .. p+len(cont)-2 predict the continuation.
-            rows = self._eval(prompt + cont)[p - 1 : p - 1 + len(cont)]  # (len(cont), vocab)
-            scores.append(sum_logprobs(rows, cont))
-        return scores
+        # Row t predicts token t+1: rows p-1 .. p+len(cont)-2 predict the continuation.
+        return continuation_scores(conts, lambda cont: self._eval(prompt + cont)[p - 1 : p - 1 + len(cont)])
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
                  stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:

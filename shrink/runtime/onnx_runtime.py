@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError, requires
-from shrink.runtime.base import (EMPTY_PROMPT, Runtime, context_of, find_model_file, greedy_generate, read_config,
-                                 stop_ids, sum_logprobs)
+from shrink.runtime.base import (EMPTY_PROMPT, Runtime, context_of, continuation_scores, find_model_file,
+                                 greedy_generate, read_config, stop_ids)
 from shrink.quiet import debug_enabled
 
 KV = list[np.ndarray]  # key0, value0, key1, value1, ...: each (1, kv_heads, past, head_dim)
@@ -128,15 +128,8 @@ class OnnxRuntime(Runtime):
             raise ShrinkError(EMPTY_PROMPT)
         logits, past = self._run(prompt, None)
         first = logits[-1:]  # (1, vocab): predicts each continuation's first token
-        scores = []
-        for cont in conts:
-            cont = [int(i) for i in cont]
-            if not cont:
-                scores.append(0.0)
-                continue
-            rows = first if len(cont) == 1 else np.concatenate([first, self._run(cont[:-1], past)[0]])
-            scores.append(sum_logprobs(rows, cont))  # rows: (len(cont), vocab)
-        return scores
+        return continuation_scores(
+            conts, lambda cont: first if len(cont) == 1 else np.concatenate([first, self._run(cont[:-1], past)[0]]))
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
                  stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:
