@@ -87,7 +87,7 @@ Berlin Hamburg Munich Cologne Frankfurt Stuttgart Leipzig Dresden Vienna Salzbur
 Rotterdam Utrecht Brussels Antwerp Ghent Copenhagen Aarhus Stockholm Uppsala Oslo Helsinki Warsaw Prague Brno Budapest
 Athens Sofia Bucharest Toronto Ottawa Calgary Montreal Vancouver Winnipeg Sydney Melbourne Brisbane Auckland
 Wellington Tokyo Nagoya Seoul Busan Manila Jakarta Mumbai Delhi Chennai Pune Cairo Tunis Accra Dakar""".split())
-# Most training names and cities are invented from syllables, thousands of them, so that
+# Most training names and cities are invented from syllables, hundreds of each, so that
 # no list of names fits the training answers and what does is copying them from the message.
 SYLLABLES = tuple("""ka lo mi ren to sa vi dor el na bri tan os ul fe gar is po ny zel ar te mon qui ba li sto ve
 ra dun ko me si har ju bel cor an ti wen ga fi rho sel mar ob tu ly dra ne kim""".split())

@@ -87,17 +87,24 @@ def end_of_generation(eos_token_id, tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in ids if isinstance(i, int) and i >= 0)
 
 
+def file_or_folder(path: Path, suffix: str) -> bool:
+    """Whether `path` is a model file (it must end in `suffix`) rather than a folder; any
+    other path is refused."""
+    if path.is_file():
+        if path.suffix != suffix:
+            raise ModelError(f"{path}: not a {suffix} file")
+        return True
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such file or folder")
+    return False
+
+
 def find_model_file(path: str | Path, name: str) -> Path:
     """The model file `name` (model.onnx, model.pte) at `path`, or in folder `path`; a
     file given directly must have its suffix."""
     path = Path(path)
-    suffix = Path(name).suffix
-    if path.is_file():
-        if path.suffix != suffix:
-            raise ModelError(f"{path}: not a {suffix} file")
+    if file_or_folder(path, Path(name).suffix):
         return path
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such file or folder")
     if not (path / name).is_file():
         raise ModelError(f"{path}: no {name} in this folder")
     return path / name

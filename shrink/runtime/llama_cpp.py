@@ -19,18 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from shrink.errors import ModelError, ShrinkError
-from shrink.runtime.base import EMPTY_PROMPT, Runtime, continuation_scores, cut_at_stop, prompt_ids
+from shrink.runtime.base import EMPTY_PROMPT, Runtime, continuation_scores, cut_at_stop, file_or_folder, prompt_ids
 
 
 def find_gguf(path: str | Path) -> Path:
     """The .gguf file at `path`, or the one in folder `path` (the manifest picks among several)."""
     path = Path(path)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelError(f"{path}: not a .gguf file")
+    if file_or_folder(path, ".gguf"):
         return path
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such file or folder")
     files = sorted(path.glob("*.gguf"))
     if len(files) == 1:
         return files[0]
