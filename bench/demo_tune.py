@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--labels", type=Path, default=None,
                     help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
                          "(DIR/data/train-labeled.jsonl of shrink demo or of this script), instead of labeling again")
+    ap.add_argument("--train-size", type=int, default=None,
+                    help="extract only: this many training inputs (the default split's first, then more from the "
+                         "same generator); the record counts the labeled rows trained on")
     ap.add_argument("--threads", type=int, default=None,
                     help="llama.cpp threads for labeling and the Q4_K_M's score (default: all cores; 1 when two "
                          "sweeps share the machine, since llama.cpp's threads spin)")
@@ -55,7 +58,11 @@ def main() -> int:
 
     task = TASKS[args.task]
     shutil.rmtree(args.out, ignore_errors=True)
-    files = importlib.import_module(task.module).write_task_files(args.out / "data")  # test is written, never read
+    module = importlib.import_module(task.module)
+    if args.train_size is not None and args.task != "extract":
+        sys.exit("--train-size: only the extract task generates its training inputs")
+    more = {"train_size": args.train_size} if args.train_size is not None else {}
+    files = module.write_task_files(args.out / "data", **more)  # test is written, never read
     teacher = demo_teacher()
     train = files["train"]
     if not task.labeled and args.labels:  # labeled before: its inputs must be this training split's
@@ -73,7 +80,7 @@ def main() -> int:
                           max_new_tokens=task.max_new_tokens, threads=args.threads))
     record_path = Path("bench/results") / f"demo-tune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
-              "task": args.task, "recipe": task.recipe,
+              "task": args.task, "recipe": task.recipe, "train_examples": len(train.read_text(encoding="utf-8").splitlines()),
               "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), "runs": []}
     for i, variant in enumerate(args.variant or [{}]):
         fields = {**task.recipe, **variant}

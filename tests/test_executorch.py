@@ -236,7 +236,7 @@ def test_8da4w_is_smaller_and_agrees(exports, family):
     assert check["max_abs_diff"] < check["tolerance"] * check["logit_scale"]
     p = q.manifest["metrics"]["parity"]
     assert q.manifest["valid"] and p["passed"] and p["thresholds"]["min_top1"] == 0.85
-    assert 0.85 <= p["top1_agreement"] < 1.0  # quantized: close, not exact
+    assert p["top1_agreement"] >= 0.85 and 0 < p["mean_kl"] <= 0.15  # quantized: close, not exact
     assert abs(q.manifest["metrics"]["accuracy"] - f.manifest["metrics"]["accuracy"]) <= 0.1
 
 

@@ -86,3 +86,62 @@ def test_drift_is_recorded_per_text_and_fails_only_when_strict():
     assert verdict(figures, Thresholds(0.9, 0.1)) == []
     assert verdict(figures, Thresholds(0.9, 0.1, min_suite_match=1.0)) == [
         "tokenizer ids differ on 2 of 3 drift-suite texts (' b', '  c')"]
+
+
+class Chars:
+    """A Runtime over characters: BOS 0, then each character's code. Its logits put `peak`
+    on the next character's code, and on `pick(ids, i)` instead where that gives a token."""
+
+    def __init__(self, pick=lambda ids, i: None, tie=False):
+        self.pick, self.tie = pick, tie
+
+    def encode(self, text, special=False):
+        return [0] + [ord(c) for c in text]
+
+    def logits(self, ids):
+        import numpy as np
+
+        out = np.zeros((len(ids), 128), dtype=np.float32)
+        for i, tok in enumerate(ids):
+            chosen = self.pick(ids, i)
+            out[i, chosen if chosen is not None else (tok + 1) % 128] = 10.0
+            if self.tie:  # a second token 0.001 nats from the best: the student does not decide
+                out[i, (tok + 2) % 128] = 9.999
+        return out
+
+
+def test_parity_is_judged_where_serving_reads_the_model():
+    from shrink.export.parity import measure
+    from shrink.tasks import Example
+
+    rows = [Example("ABC:", " xy"), Example("DE:", None, choices=(" p", " q"))]
+    where = ["eval.jsonl:1", "eval.jsonl:2"]
+    student = Chars()
+
+    def prompt_only(ids, i):  # disagrees on a prompt's own letters (and BOS), never after them
+        return 5 if ids[i] == 0 or chr(ids[i]).isupper() else None
+
+    # Judged: ':' (it picks the first answer token), ' ', 'x', 'y' (it decides to stop);
+    # the choices' ':' and ' ', but never a choice's last token. The prompts' own positions
+    # are recorded only: a completion-only student never learned them.
+    p = measure(student, Chars(prompt_only), rows, where, suite=[])
+    assert p["judged"] == "answer positions" and p["positions"] == 4 + 2 * 2
+    assert p["top1_agreement"] == 1.0 and p["mean_kl"] < 1e-4
+    assert p["prompt_positions"]["positions"] == 4 + 3 and p["prompt_positions"]["top1_agreement"] == 0.0
+    assert verdict(p, Thresholds(0.85, 0.15)) == []
+
+    def answers_too(ids, i):  # also wrong on the answers' tokens
+        return 5 if ids[i] == 0 or chr(ids[i]).isupper() or chr(ids[i]) in "xy" else None
+
+    p = measure(student, Chars(answers_too), rows, where, suite=[])
+    assert p["top1_agreement"] == (8 - 2) / 8 and p["worst_example"]["where"] == "eval.jsonl:1"
+    assert verdict(p, Thresholds(0.85, 0.15)) == ["top-1 agreement 75.0% < 85%", f"mean KL {p['mean_kl']:.4f} > 0.15"]
+
+    # A near-tie in the student is not a disagreement, whichever of the two the export picks.
+    tied = Chars(tie=True)
+    p = measure(tied, Chars(lambda ids, i: (ids[i] + 2) % 128), rows, where, suite=[])
+    assert p["top1_agreement"] == 1.0 and p["prompt_positions"]["top1_agreement"] == 1.0
+
+    # Rows without answers are judged on their prompts' positions.
+    p = measure(student, Chars(prompt_only), [Example("ABC:", None)], where, suite=[])
+    assert p["judged"] == "prompt positions" and p["positions"] == 5 and p["top1_agreement"] == 0.2

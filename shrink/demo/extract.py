@@ -134,15 +134,16 @@ def message(rng: random.Random, phrasings, first, last, cities) -> tuple[str, di
     return rng.choice(phrasings).format(item=rng.choice(ITEMS), **fields), fields
 
 
-def rows(split: str) -> list[dict]:
-    """The split's task rows: train without completions, dev and test with the true JSON."""
+def rows(split: str, count: int | None = None) -> list[dict]:
+    """The split's task rows: train without completions, dev and test with the true JSON.
+    `count` (default SIZES[split]): more rows extend the default ones, which come first."""
     rng = random.Random(f"{SEED}-{split}")
     pools = {"train": (TRAIN_PHRASINGS, TRAIN_FIRST + INVENTED_FIRST, TRAIN_LAST + INVENTED_LAST,
                        TRAIN_CITIES + INVENTED_CITIES),
              "dev": (DEV_PHRASINGS, DEV_FIRST, DEV_LAST, DEV_CITIES),
              "test": (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES)}[split]
     out = []
-    for _ in range(SIZES[split]):
+    for _ in range(SIZES[split] if count is None else count):
         text, fields = message(rng, *pools)
         row = {"prompt": TEMPLATE.format(text=text)}
         if split != "train":
@@ -151,13 +152,15 @@ def rows(split: str) -> list[dict]:
     return out
 
 
-def write_task_files(folder: Path) -> dict[str, Path]:
-    """train.jsonl (inputs only), dev.jsonl, test.jsonl and teacher_prefix.txt in `folder`."""
+def write_task_files(folder: Path, train_size: int | None = None) -> dict[str, Path]:
+    """train.jsonl (inputs only; `train_size` rows, default SIZES["train"]), dev.jsonl,
+    test.jsonl and teacher_prefix.txt in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split in SIZES:
         paths[split] = folder / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows(split)), encoding="utf-8")
+        count = train_size if split == "train" else None
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows(split, count)), encoding="utf-8")
     paths["prefix"] = folder / "teacher_prefix.txt"
     paths["prefix"].write_text(TEACHER_PREFIX, encoding="utf-8")
     return paths

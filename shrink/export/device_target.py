@@ -208,7 +208,7 @@ def _measure(cand: Candidate, opts: ExportOptions, target: Target, threads, serv
     rt = open_runtime(cand.folder, device=opts.device, threads=threads, context_length=serve.context_length)
     try:
         where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
-        cand.parity = measure(reference, rt, [ex.prompt for ex in examples], where)
+        cand.parity = measure(reference, rt, examples, where)
     finally:
         rt.close()
     thresholds = format_module(opts.target).thresholds(opts)
@@ -289,8 +289,8 @@ class _CachedRuntime:
         self.name = self.rt.name
         self._logits: dict[tuple[int, ...], Any] = {}
 
-    def encode(self, text: str) -> list[int]:
-        return self.rt.encode(text)
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return self.rt.encode(text, special)
 
     def logits(self, ids: list[int]):
         key = tuple(ids)

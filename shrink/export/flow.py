@@ -144,7 +144,7 @@ def _warn_drift(parity: dict, target: str) -> None:
 
 
 def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: ExportOptions) -> dict[str, Any]:
-    """The export against the Hugging Face student, on the evaluation prompts and the
+    """The export against the Hugging Face student, on the evaluation rows and the
     drift suite (with the student's own special tokens as text)."""
     from shrink.runtime import open_runtime
     from shrink.runtime.torch_runtime import TorchRuntime
@@ -152,9 +152,8 @@ def check_parity(student: Path, built: Path, examples, eval_path: Path, opts: Ex
     reference = TorchRuntime(student, device="cpu")
     candidate = open_runtime(built, device=opts.device, threads=opts.threads)
     try:
-        prompts = [ex.prompt for ex in examples]
         where = [f"{eval_path}:{i}" for i in range(1, len(examples) + 1)]
-        return measure(reference, candidate, prompts, where, suite_texts(reference.tokenizer))
+        return measure(reference, candidate, examples, where, suite_texts(reference.tokenizer))
     finally:
         candidate.close()
         reference.close()

@@ -1,9 +1,16 @@
 """Parity: an export measured against the Hugging Face student it was made from.
 
-On the evaluation prompts, both runtimes read the same token ids (the student's) and
-their next-token distributions are compared at every position: top-1 agreement and mean
-KL(student || export). Separately, the export's own tokenizer must give the student's
-ids. The figures go into the manifest; below the thresholds the export is not valid.
+On the evaluation rows, both runtimes read the same token ids (the student's) and their
+next-token distributions are compared: top-1 agreement and mean KL(student || export).
+The judged positions are the answer positions, the ones serving the task reads: each
+row's prompt followed by its completion, or by each of its choices (as evaluation
+scores them), from the prompt's last token on. The prompt's own positions are compared
+too and recorded (`prompt_positions`), not judged: a student trained on completions
+alone never learned to predict its prompts' tokens, and near-ties there flip under any
+quantization without changing one answer (measured in bench/RESULTS.md, issue 15). A
+row without an answer is judged on its prompt's positions. Separately, the export's own
+tokenizer must give the student's ids. The figures go into the manifest; below the
+thresholds the export is not valid.
 
 The evaluation prompts are one task's text; a tokenizer can agree on all of them and
 still split other text differently (llama.cpp's SentencePiece adds a '▁' before a text
@@ -22,6 +29,9 @@ import numpy as np
 from shrink.errors import ShrinkError
 
 MAX_PROMPTS = 64  # evaluation prompts compared (parity is about the math, not coverage)
+# Top-1 agreement: the export's pick agrees when the student gives it within this many
+# nats of its own best token (a tie the student itself does not decide).
+TIE_NATS = 0.01
 
 # (text, what it probes). Token ids only: each text through both tokenizers, no model.
 DRIFT_SUITE = (
@@ -87,29 +97,71 @@ def drift(reference, candidate, texts: list[str]) -> dict:
             "token_id_match": round(equal / len(results), 4) if results else 1.0}
 
 
-def measure(reference, candidate, prompts: list[str], where: list[str], suite: list[str] | None = None) -> dict:
-    """Parity figures of `candidate` against `reference` (two Runtimes) on `prompts`, and
-    the tokenizers' agreement on the drift suite (`suite`: default DRIFT_SUITE's texts);
-    `where[i]` names prompt i (file:line) for the worst-example report."""
-    agree = total = 0
-    kls, worst = [], (-1.0, "")
-    token_match = 0
-    for prompt, name in list(zip(prompts, where))[:MAX_PROMPTS]:
-        ids = reference.encode(prompt)
-        token_match += candidate.encode(prompt) == ids
-        ref, cand = reference.logits(ids), candidate.logits(ids)  # (seq, vocab) each
+def answer_texts(ex) -> list[str]:
+    """What follows a row's prompt when the task is served: its choices, else its
+    completion (none for an input without an answer)."""
+    if ex.choices:
+        return list(ex.choices)
+    return [ex.completion] if ex.completion else []
+
+
+class _Positions:
+    """Top-1 agreement and KL over one set of positions, pooled per row then averaged."""
+
+    def __init__(self):
+        self.agree = self.total = 0
+        self.kls: list[float] = []
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, span: slice) -> None:
+        ref, cand = ref[span], cand[span]
+        if not len(ref):
+            return
         p, q = _log_softmax(ref.astype(np.float64)), _log_softmax(cand.astype(np.float64))
-        kl = (np.exp(p) * (p - q)).sum(-1)  # (seq,)
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        total += len(ids)
-        kls.append(float(kl.mean()))
-        if kls[-1] > worst[0]:
-            worst = (kls[-1], name)
-    n = len(kls)
+        self.kls.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
+        picked = np.take_along_axis(p, cand.argmax(-1)[:, None], -1)[:, 0]  # the student's log-prob of the export's pick
+        self.agree += int((picked >= p.max(-1) - TIE_NATS).sum())
+        self.total += len(ref)
+
+    def figures(self) -> dict:
+        return {"positions": self.total, "top1_agreement": round(self.agree / self.total, 4) if self.total else 1.0,
+                "mean_kl": round(float(np.mean(self.kls)), 5) if self.kls else 0.0}
+
+
+def measure(reference, candidate, examples, where: list[str], suite: list[str] | None = None) -> dict:
+    """Parity figures of `candidate` against `reference` (two Runtimes) on `examples`
+    (shrink.tasks.Example), judged at their answer positions (see the module's text), and
+    the tokenizers' agreement on the drift suite (`suite`: default DRIFT_SUITE's texts);
+    `where[i]` names row i (file:line) for the worst-example report."""
+    from shrink.evaluate import split_ids
+
+    judged, prompts = _Positions(), _Positions()
+    worst, token_match, n = (-1.0, ""), 0, 0
+    for ex, name in list(zip(examples, where))[:MAX_PROMPTS]:
+        n += 1
+        prompt_ids = reference.encode(ex.prompt, ex.chat)
+        token_match += candidate.encode(ex.prompt, ex.chat) == prompt_ids
+        answers = answer_texts(ex)
+        context, conts = split_ids(reference, ex.prompt, answers, ex.chat) if answers else (prompt_ids, [])
+        # (ids, judged span): a completion's last position decides whether to stop, a
+        # choice's last is never read; no answer: the prompt's own positions
+        seqs = [(context + c, slice(max(len(context) - 1, 0), len(context) + len(c) - (0 if ex.completion else 1)))
+                for c in conts if c] or [(prompt_ids, slice(0, len(prompt_ids)))]
+        row = _Positions()
+        for i, (ids, span) in enumerate(seqs):
+            ref, cand = reference.logits(ids), candidate.logits(ids)  # (seq, vocab) each
+            row.add(ref, cand, span)
+            if i == 0 and span.start > 0:
+                prompts.add(ref, cand, slice(0, span.start))
+        judged.agree, judged.total = judged.agree + row.agree, judged.total + row.total
+        judged.kls.append(float(np.mean(row.kls)))
+        if judged.kls[-1] > worst[0]:
+            worst = (judged.kls[-1], name)
+    figures = judged.figures()
     return {
         "prompts": n,
-        "top1_agreement": round(agree / total, 4),
-        "mean_kl": round(float(np.mean(kls)), 5),
+        "judged": "answer positions" if prompts.total else "prompt positions",
+        **figures,
+        "prompt_positions": prompts.figures(),
         "token_id_match": round(token_match / n, 4),
         "worst_example": {"where": worst[1], "mean_kl": round(worst[0], 5)},
         "suite": drift(reference, candidate, suite if suite is not None else suite_texts()),
