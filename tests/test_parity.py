@@ -122,10 +122,10 @@ def test_parity_is_judged_where_serving_reads_the_model():
         return 5 if ids[i] == 0 or chr(ids[i]).isupper() else None
 
     # Judged: ':' (it picks the first answer token), ' ', 'x', 'y' (it decides to stop);
-    # the choices' ':' and ' ', but never a choice's last token. The prompts' own positions
-    # are recorded only: a completion-only student never learned them.
+    # the choices' ':' once and each one's ' ', never a choice's last token. The prompts'
+    # own positions are recorded only: a completion-only student never learned them.
     p = measure(student, Chars(prompt_only), rows, where, suite=[])
-    assert p["judged"] == "answer positions" and p["positions"] == 4 + 2 * 2
+    assert p["judged"] == "answer positions" and p["positions"] == 4 + 1 + 2
     assert p["top1_agreement"] == 1.0 and p["mean_kl"] < 1e-4
     assert p["prompt_positions"]["positions"] == 4 + 3 and p["prompt_positions"]["top1_agreement"] == 0.0
     assert verdict(p, Thresholds(0.85, 0.15)) == []
@@ -134,8 +134,8 @@ def test_parity_is_judged_where_serving_reads_the_model():
         return 5 if ids[i] == 0 or chr(ids[i]).isupper() or chr(ids[i]) in "xy" else None
 
     p = measure(student, Chars(answers_too), rows, where, suite=[])
-    assert p["top1_agreement"] == (8 - 2) / 8 and p["worst_example"]["where"] == "eval.jsonl:1"
-    assert verdict(p, Thresholds(0.85, 0.15)) == ["top-1 agreement 75.0% < 85%", f"mean KL {p['mean_kl']:.4f} > 0.15"]
+    assert p["top1_agreement"] == round((7 - 2) / 7, 4) and p["worst_example"]["where"] == "eval.jsonl:1"
+    assert verdict(p, Thresholds(0.85, 0.15)) == ["top-1 agreement 71.4% < 85%", f"mean KL {p['mean_kl']:.4f} > 0.15"]
 
     # A near-tie in the student is not a disagreement, whichever of the two the export picks.
     tied = Chars(tie=True)

@@ -142,10 +142,12 @@ def measure(reference, candidate, examples, where: list[str], suite: list[str] |
         token_match += candidate.encode(ex.prompt, ex.chat) == prompt_ids
         answers = answer_texts(ex)
         context, conts = split_ids(reference, ex.prompt, answers, ex.chat) if answers else (prompt_ids, [])
-        # (ids, judged span): a completion's last position decides whether to stop, a
-        # choice's last is never read; no answer: the prompt's own positions
-        seqs = [(context + c, slice(max(len(context) - 1, 0), len(context) + len(c) - (0 if ex.completion else 1)))
-                for c in conts if c] or [(prompt_ids, slice(0, len(prompt_ids)))]
+        # (ids, judged span): the prompt's last position once (the choices share it), a
+        # completion's last decides whether to stop, a choice's last is never read; no
+        # answer: the prompt's own positions
+        seqs = [(context + c, slice(max(len(context) - (1 if i == 0 else 0), 0),
+                                    len(context) + len(c) - (0 if ex.completion else 1)))
+                for i, c in enumerate(c for c in conts if c)] or [(prompt_ids, slice(0, len(prompt_ids)))]
         row = _Positions()
         for i, (ids, span) in enumerate(seqs):
             ref, cand = reference.logits(ids), candidate.logits(ids)  # (seq, vocab) each
