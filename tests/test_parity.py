@@ -114,7 +114,7 @@ def test_parity_is_judged_where_serving_reads_the_model():
     from shrink.export.parity import measure
     from shrink.tasks import Example
 
-    rows = [Example("ABC:", " xy"), Example("DE:", None, choices=(" p", " q"))]
+    rows = [Example("ABC:", " xy"), Example("DE:", " p", choices=(" p", " q"))]  # labeled: scored as choices
     where = ["eval.jsonl:1", "eval.jsonl:2"]
     student = Chars()
 

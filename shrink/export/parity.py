@@ -122,6 +122,12 @@ class _Positions:
         self.agree += int((picked >= p.max(-1) - TIE_NATS).sum())
         self.total += len(ref)
 
+    def add_row(self, row: "_Positions") -> None:
+        """Pool one row's positions; the row counts once in the mean KL."""
+        self.agree, self.total = self.agree + row.agree, self.total + row.total
+        if row.kls:
+            self.kls.append(float(np.mean(row.kls)))
+
     def figures(self) -> dict:
         return {"positions": self.total, "top1_agreement": round(self.agree / self.total, 4) if self.total else 1.0,
                 "mean_kl": round(float(np.mean(self.kls)), 5) if self.kls else 0.0}
@@ -134,19 +140,20 @@ def measure(reference, candidate, examples, where: list[str], suite: list[str] |
     `where[i]` names row i (file:line) for the worst-example report."""
     from shrink.evaluate import split_ids
 
+    rows = list(zip(examples, where))[:MAX_PROMPTS]
     judged, prompts = _Positions(), _Positions()
-    worst, token_match, n = (-1.0, ""), 0, 0
-    for ex, name in list(zip(examples, where))[:MAX_PROMPTS]:
-        n += 1
+    worst, token_match, answered = (-1.0, ""), 0, False
+    for ex, name in rows:
         prompt_ids = reference.encode(ex.prompt, ex.chat)
         token_match += candidate.encode(ex.prompt, ex.chat) == prompt_ids
         answers = answer_texts(ex)
+        answered = answered or bool(answers)
         context, conts = split_ids(reference, ex.prompt, answers, ex.chat) if answers else (prompt_ids, [])
         # (ids, judged span): the prompt's last position once (the choices share it), a
         # completion's last decides whether to stop, a choice's last is never read; no
         # answer: the prompt's own positions
         seqs = [(context + c, slice(max(len(context) - (1 if i == 0 else 0), 0),
-                                    len(context) + len(c) - (0 if ex.completion else 1)))
+                                    len(context) + len(c) - (1 if ex.choices else 0)))
                 for i, c in enumerate(c for c in conts if c)] or [(prompt_ids, slice(0, len(prompt_ids)))]
         row = _Positions()
         for i, (ids, span) in enumerate(seqs):
@@ -154,17 +161,15 @@ def measure(reference, candidate, examples, where: list[str], suite: list[str] |
             row.add(ref, cand, span)
             if i == 0 and span.start > 0:
                 prompts.add(ref, cand, slice(0, span.start))
-        judged.agree, judged.total = judged.agree + row.agree, judged.total + row.total
-        judged.kls.append(float(np.mean(row.kls)))
-        if judged.kls[-1] > worst[0]:
+        judged.add_row(row)
+        if row.kls and judged.kls[-1] > worst[0]:
             worst = (judged.kls[-1], name)
-    figures = judged.figures()
     return {
-        "prompts": n,
-        "judged": "answer positions" if prompts.total else "prompt positions",
-        **figures,
+        "prompts": len(rows),
+        "judged": "answer positions" if answered else "prompt positions",
+        **judged.figures(),
         "prompt_positions": prompts.figures(),
-        "token_id_match": round(token_match / n, 4),
+        "token_id_match": round(token_match / len(rows), 4),
         "worst_example": {"where": worst[1], "mean_kl": round(worst[0], 5)},
         "suite": drift(reference, candidate, suite if suite is not None else suite_texts()),
     }
