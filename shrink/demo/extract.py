@@ -26,7 +26,7 @@ import json
 import random
 from pathlib import Path
 
-SIZES = {"train": 600, "dev": 100, "test": 150}
+SIZES = {"train": 1200, "dev": 100, "test": 150}
 SEED = 20261201
 TEMPLATE = "Message: {text}\nJSON:"
 FIELDS = ("name", "city", "order")
