@@ -448,7 +448,7 @@ def run(artifact, prompt, max_tokens, threads, device, no_verify, truncate, chat
 @click.option("--task", type=click.Choice(["sentiment", "extract"]), default="sentiment", show_default=True,
               help="sentiment: labeled reviews, a choice; extract: support messages without answers, labeled by the teacher, answered as JSON.")
 @click.option("--layers", type=int, help="Decoder layers the student keeps.  [default: the task's recipe]")
-@click.option("--epochs", type=float, help="Passes over the training data (1,201 reviews; 600 messages).  "
+@click.option("--epochs", type=float, help="Passes over the training data (1,201 reviews; 1,200 messages).  "
               "[default: the task's recipe]")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
