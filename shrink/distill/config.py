@@ -88,6 +88,10 @@ class DistillConfig:
     on_policy: float = option(  # shrink.distill.on_policy
         0.0, "Fraction of batches (0 to 1) whose completions the student samples itself and the teacher scores "
         "(GKD's lambda); the divergence alone trains on those, no cross-entropy.")
+    split_words: float = option(  # shrink.distill.split_words
+        0.0, "Chance (0 to 1), each step, that a word the completion copies from the prompt is spelled in smaller "
+        "pieces in both, so the student learns to copy words its vocabulary lacks (those pieces train on the "
+        "reference; the rest on the teacher).")
     max_length: int = option(512, "Tokens per sequence; longer prompts are trimmed on the left.")
     save_every: int = option(200, "Steps between checkpoints.")
     device: str = option(

@@ -29,6 +29,10 @@ both at temperature T (`--loss`, with `--beta` for the last two):
                                                       keeps the loss and its gradients bounded
                                                       while q is far from p
 
+With --split-words (shrink.distill.split_words), a position that predicts a piece of a
+split word has no teacher distribution: there D is the cross-entropy on the reference
+piece (the KL to a one-hot teacher), and D's mean is over both kinds of position.
+
 Everything is computed from log-probabilities: the mixture's log m is a logsumexp of
 log(beta) + log p and log(1 - beta) + log q, never log(beta * p + (1 - beta) * q), so
 logits of any size give finite values and gradients. The divergence is summed over the
@@ -45,20 +49,31 @@ IGNORE = -100  # a target without cross-entropy (torch's default ignore_index)
 
 
 def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float,
-                 *, kind: str = "fkl", beta: float = 0.5, ce_scale: float = 1.0):
+                 *, kind: str = "fkl", beta: float = 0.5, ce_scale: float = 1.0, matched=None):
     """Returns (loss, divergence, ce) as tensors; the divergence is T^2-scaled, before
     the alpha mix. Logits are (n, vocab) at the n loss positions; targets (n,) are the
     reference tokens there, IGNORE where no cross-entropy is taken (the prompt's
     positions). `ce_scale` multiplies the CE term (under torchrun, distributed.Shard's:
     a rank whose share of the completion positions differs from its share of all
-    positions)."""
+    positions). `matched` (n,) bool (--split-words: shrink.distill.split_words): the
+    positions that have a teacher distribution, teacher_logits holding their rows in
+    order; at the others the divergence is the cross-entropy on the target (the KL to a
+    one-hot teacher), and one without a target carries none."""
     import torch.nn.functional as F
 
     s = student_logits.float()  # (n, vocab)
-    t = teacher_logits.float()  # (n, vocab)
-    s_logp = F.log_softmax(s / temperature, dim=-1)
-    t_logp = F.log_softmax(t / temperature, dim=-1)
-    kl = divergence(s_logp, t_logp, kind, beta) * temperature**2
+    t = teacher_logits.float()  # (n, vocab), or (matched positions, vocab)
+    if matched is None:
+        kl = divergence(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1), kind,
+                        beta) * temperature**2
+    else:
+        soft, hard = s[matched], targets[~matched]
+        counted = soft.shape[0] + int((hard != IGNORE).sum())
+        total = F.cross_entropy(s[~matched], hard, ignore_index=IGNORE, reduction="sum")  # 0 when none
+        if soft.shape[0]:
+            d = divergence(F.log_softmax(soft / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1), kind, beta)
+            total = total + d * temperature**2 * soft.shape[0]
+        kl = total / max(counted, 1)
     ce = F.cross_entropy(s, targets, ignore_index=IGNORE) * ce_scale  # mean over the completion positions
     return alpha * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
 

@@ -15,7 +15,8 @@ teacher (folder or GGUF) + task data  ->  student folder (Hugging Face model + m
    the teacher's past a teacher prefix: shrink.distill.batches): a divergence to the
    teacher at temperature T (fkl, rkl, jsd or skl: shrink.distill.loss) mixed with
    cross-entropy on the reference completion, plus optional hidden-state alignment
-   (shrink.distill.hidden). The teacher's outputs come from the teacher itself or from
+   (shrink.distill.hidden); --split-words spells copied words in the student's smaller
+   pieces (shrink.distill.split_words). The teacher's outputs come from the teacher itself or from
    a teacher cache (shrink.distill.teacher_cache). bf16 autocast on CUDA; under
    torchrun, each rank takes its share of every global batch (shrink.distill.distributed).
 4. Save an atomic checkpoint every `save_every` steps (rank 0), with the sha256 of every
@@ -46,6 +47,7 @@ from shrink.distill.checkpoint import read_state
 from shrink.distill.config import DistillConfig
 from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
+from shrink.distill.split_words import WordSplitter
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn, student_eos
@@ -109,6 +111,11 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         raise ShrinkError(f"--on-policy must be between 0 and 1 (the fraction of on-policy batches), got {cfg.on_policy}")
     if cfg.hidden_weight < 0:
         raise ShrinkError(f"--hidden-weight must be 0 (off) or positive, got {cfg.hidden_weight}")
+    if not 0.0 <= cfg.split_words <= 1.0:
+        raise ShrinkError(f"--split-words must be between 0 and 1 (the chance a copied word is split), got {cfg.split_words}")
+    if cfg.split_words and cfg.hidden_weight:
+        raise ShrinkError("--split-words: not with --hidden-weight (a split sequence has more positions than the "
+                          "teacher's, so their hidden states do not pair up)")
     if cfg.layer_selection not in ("even", "importance"):
         raise ShrinkError(f"--layer-selection must be even or importance, got {cfg.layer_selection!r}")
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
@@ -279,6 +286,11 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
 
     # --on-policy: the batches the student writes itself (shrink.distill.on_policy), scored by the live teacher.
     rollout = on_policy.Rollout(cfg, student, trainee, teacher, plan, pad, device, ranks, t_cache) if cfg.on_policy else None
+    # --split-words: copied words spelled in smaller pieces (shrink.distill.split_words).
+    splitter = None
+    if cfg.split_words:
+        splitter = WordSplitter(tokenizer, student_tokenizer, plan.kept if plan else None, cfg.split_words, cfg.seed,
+                                cfg.max_length)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tokens_seen, started = 0, time.perf_counter()
     with progress("step", "loss", "tok_s") as bar:
@@ -286,29 +298,38 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         while step < total_steps:
             epoch, index = divmod(step, per_epoch)
             rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
-            batch_tokens = sum(len(seqs[i].ids) for i in rows)  # over every rank
-            part = distributed.shard(ranks, rows, [seqs[i].positions for i in rows],
-                                     [len(seqs[i].ids) - seqs[i].start for i in rows])  # completion positions
-            rows = part.rows  # this process's share of the batch (all of it without torchrun)
             on_policy_step = rollout is not None and rollout.chosen(step)
+            split = {i: splitter.split(seqs[i], epoch, i) for i in rows} if splitter and not on_policy_step else {}
+            read = [split[i].seq if split else seqs[i] for i in rows]  # what the student reads, row by row
+            batch_tokens = sum(len(q.ids) for q in read)  # over every rank
+            part = distributed.shard(ranks, rows, [q.positions for q in read],
+                                     [len(q.ids) - q.start for q in read])  # completion positions
+            rows = part.rows  # this process's share of the batch (all of it without torchrun)
             if on_policy_step:  # --on-policy: the student writes the completions, the live teacher scores them
                 scored = rollout.score([seqs[i] for i in rows], [t_seqs[i] for i in rows], part, step)
                 loss, kl, ce, mask, t_mask, part = scored.loss, scored.kl, scored.ce, scored.mask, scored.t_mask, scored.shard
             else:
-                ids, attn, mask = collate([seqs[i] for i in rows], pad, device)  # teacher-vocabulary ids
-                t_ids, t_attn, t_mask = collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs else (ids, attn, mask)
+                read = [split[i].seq if split else seqs[i] for i in rows]
+                ids, attn, mask = collate(read, pad, device)  # teacher-vocabulary ids
+                t_ids, t_attn, t_mask = (collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs or split
+                                         else (ids, attn, mask))
                 s_ids = ids if id_map is None else id_map[ids]  # the same text in the student's ids
                 targets = s_ids[:, 1:][mask[:, :-1]]  # (n,) the token each selected position predicts
-                targets = targets.masked_fill(~completion_flags([seqs[i] for i in rows], device), IGNORE)  # CE: completion
+                targets = targets.masked_fill(~completion_flags(read, device), IGNORE)  # CE: completion
                 if teacher_outputs is not None:
                     t_logits = torch.cat([teacher_outputs[i] for i in rows]).float()  # (n, student vocab)
                 else:
                     with torch.no_grad():
                         t_logits = selected_logits(teacher, t_ids, t_attn, t_mask, rows=kept_rows, prefix=t_cache)  # (n, student vocab)
+                matched = None
+                if split:  # the teacher's rows for the positions that predict a token it read whole
+                    t_rows, matched = teacher_rows([split[i].teacher for i in rows], [t_seqs[i].positions for i in rows],
+                                                   device)
+                    t_logits = t_logits[t_rows]
                 with autocast:
                     s_logits = trainee(selected_logits, s_ids, attn, mask)  # (n, student vocab)
                 loss, kl, ce = distill_loss(s_logits, t_logits, targets, cfg.temperature, cfg.alpha, kind=cfg.loss,
-                                            beta=cfg.beta, ce_scale=part.ce_scale)
+                                            beta=cfg.beta, ce_scale=part.ce_scale, matched=matched)
             if align is not None:  # the hooks caught this batch's layer outputs of both models
                 loss = loss + cfg.hidden_weight * align.loss(mask, t_mask)
             for group in optimizer.param_groups:
@@ -398,6 +419,21 @@ def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, ro
             outputs += [t.to(torch.float16) for t in logits.split(counts)]
             bar.advance(task, len(part))
     return outputs
+
+
+def teacher_rows(maps: list[list[int]], counts: list[int], device: str):
+    """--split-words: (the rows of the batch's teacher outputs, in the order of the
+    student's positions that have one; the (n,) bool mask of those positions). `maps[r]`
+    is row r's Split.teacher, `counts[r]` how many teacher rows row r has."""
+    import torch
+
+    rows, matched, offset = [], [], 0
+    for teacher, count in zip(maps, counts):
+        rows += [offset + j for j in teacher if j >= 0]
+        matched += [j >= 0 for j in teacher]
+        offset += count
+    return (torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(matched, dtype=torch.bool, device=device))
 
 
 def _report_prompt_positions(seqs) -> None:
