@@ -16,8 +16,8 @@ import tiny
 from shrink.distill.batches import collate, encode_examples
 from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, save_pruned_tokenizer
-from shrink.distill.split_words import WordSplitter, unsplit
-from shrink.distill.train import DistillConfig, distill, teacher_rows
+from shrink.distill.split_words import WordSplitter, teacher_rows, unsplit
+from shrink.distill.train import DistillConfig, distill
 from shrink.distill.vocab_sources import task_texts
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer

@@ -117,3 +117,18 @@ class WordSplitter:
 def unsplit(seq: Sequence) -> Split:
     """The sequence as it is: every loss position matched with the teacher's own."""
     return Split(seq, list(range(seq.positions)))
+
+
+def teacher_rows(maps: list[list[int]], counts: list[int], device: str):
+    """--split-words: (the rows of the batch's teacher outputs, in the order of the
+    student's positions that have one; the (n,) bool mask of those positions). `maps[r]`
+    is row r's Split.teacher, `counts[r]` how many teacher rows row r has."""
+    import torch
+
+    rows, matched, offset = [], [], 0
+    for teacher, count in zip(maps, counts):
+        rows += [offset + j for j in teacher if j >= 0]
+        matched += [j >= 0 for j in teacher]
+        offset += count
+    return (torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(matched, dtype=torch.bool, device=device))

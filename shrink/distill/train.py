@@ -47,7 +47,7 @@ from shrink.distill.checkpoint import read_state
 from shrink.distill.config import DistillConfig
 from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
-from shrink.distill.split_words import WordSplitter
+from shrink.distill.split_words import WordSplitter, teacher_rows
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn, student_eos
@@ -300,16 +300,16 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
             rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
             on_policy_step = rollout is not None and rollout.chosen(step)
             split = {i: splitter.split(seqs[i], epoch, i) for i in rows} if splitter and not on_policy_step else {}
-            read = [split[i].seq if split else seqs[i] for i in rows]  # what the student reads, row by row
-            batch_tokens = sum(len(q.ids) for q in read)  # over every rank
-            part = distributed.shard(ranks, rows, [q.positions for q in read],
-                                     [len(q.ids) - q.start for q in read])  # completion positions
+            reads = {i: split[i].seq if split else seqs[i] for i in rows}  # what the student reads, row by row
+            batch_tokens = sum(len(q.ids) for q in reads.values())  # over every rank
+            part = distributed.shard(ranks, rows, [reads[i].positions for i in rows],
+                                     [len(reads[i].ids) - reads[i].start for i in rows])  # completion positions
             rows = part.rows  # this process's share of the batch (all of it without torchrun)
             if on_policy_step:  # --on-policy: the student writes the completions, the live teacher scores them
                 scored = rollout.score([seqs[i] for i in rows], [t_seqs[i] for i in rows], part, step)
                 loss, kl, ce, mask, t_mask, part = scored.loss, scored.kl, scored.ce, scored.mask, scored.t_mask, scored.shard
             else:
-                read = [split[i].seq if split else seqs[i] for i in rows]
+                read = [reads[i] for i in rows]
                 ids, attn, mask = collate(read, pad, device)  # teacher-vocabulary ids
                 t_ids, t_attn, t_mask = (collate([t_seqs[i] for i in rows], pad, device) if t_seqs is not seqs or split
                                          else (ids, attn, mask))
@@ -419,21 +419,6 @@ def precompute_teacher(teacher, seqs, batch_size: int, pad: int, device: str, ro
             outputs += [t.to(torch.float16) for t in logits.split(counts)]
             bar.advance(task, len(part))
     return outputs
-
-
-def teacher_rows(maps: list[list[int]], counts: list[int], device: str):
-    """--split-words: (the rows of the batch's teacher outputs, in the order of the
-    student's positions that have one; the (n,) bool mask of those positions). `maps[r]`
-    is row r's Split.teacher, `counts[r]` how many teacher rows row r has."""
-    import torch
-
-    rows, matched, offset = [], [], 0
-    for teacher, count in zip(maps, counts):
-        rows += [offset + j for j in teacher if j >= 0]
-        matched += [j >= 0 for j in teacher]
-        offset += count
-    return (torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(matched, dtype=torch.bool, device=device))
 
 
 def _report_prompt_positions(seqs) -> None:
