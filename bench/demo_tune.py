@@ -39,6 +39,9 @@ def main() -> int:
     ap.add_argument("--train-size", type=int, default=None,
                     help="extract only: this many training inputs (the default split's first, then more from the "
                          "same generator); the record counts the labeled rows trained on")
+    ap.add_argument("--extra-train", type=Path, default=None,
+                    help="more labeled training rows in shrink's task format (say bench/teacher_reviews.py's "
+                         "WORK/labeled.jsonl), trained on after the training split's; the record hashes them")
     ap.add_argument("--threads", type=int, default=None,
                     help="llama.cpp threads for labeling and the Q4_K_M's score (default: all cores; 1 when two "
                          "sweeps share the machine, since llama.cpp's threads spin)")
@@ -78,10 +81,18 @@ def main() -> int:
         train = args.out / "data" / "train-labeled.jsonl"
         label(LabelConfig(teacher=teacher, data=files["train"], out=train, teacher_prefix=files["prefix"],
                           max_new_tokens=task.max_new_tokens, threads=args.threads))
+    extra = {}
+    if args.extra_train is not None:
+        rows = [line for line in args.extra_train.read_text(encoding="utf-8").splitlines() if line.strip()]
+        plus = args.out / "data" / "train-plus-extra.jsonl"
+        plus.write_text(train.read_text(encoding="utf-8") + "".join(r + "\n" for r in rows), encoding="utf-8")
+        extra = {"extra_train": str(args.extra_train), "extra_train_rows": len(rows),
+                 "extra_train_sha256": hashlib.sha256(args.extra_train.read_bytes()).hexdigest()}
+        train = plus
     record_path = Path("bench/results") / f"demo-tune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
               "task": args.task, "recipe": task.recipe, "train_examples": len(train.read_text(encoding="utf-8").splitlines()),
-              "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), "runs": []}
+              "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), **extra, "runs": []}
     for i, variant in enumerate(args.variant or [{}]):
         fields = {**task.recipe, **variant}
         folder = args.out / f"v{i}"
