@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,11 @@ RECORDED = BENCH / "results" / "teacher-reviews-20261202-105327.jsonl"
 
 
 def load_script():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("teacher_reviews", BENCH / "teacher_reviews.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    """bench/teacher_reviews.py as a module (its top level imports the standard library only)."""
+    spec = importlib.util.spec_from_file_location("teacher_reviews", BENCH / "teacher_reviews.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_keep_new_drops_short_repeated_copied_and_near_copied_texts():
