@@ -190,18 +190,21 @@ def distill(config_file, as_json, **options):
               help="Answers per input (distinct ones kept, each a row), sampled at --temperature: more diverse training data.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0: greedy answers; above 0: sampled from softmax(logits / temperature).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Below 1: sample from the most probable tokens that hold this much probability (nucleus sampling).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out rows the teacher is less sure of (choice probability, or its answer's mean token probability).")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For a torch teacher.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, samples, temperature, seed,
+def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, samples, temperature, top_p, seed,
           min_confidence, threads, device, as_json):
     """Let the teacher answer the inputs: a task file to distill on.
 
     Rows with `choices` get the teacher's most probable choice; the others its greedy
-    answer (up to --max-new-tokens), or --samples answers sampled at --temperature. Each
+    answer (up to --max-new-tokens), or --samples answers sampled at --temperature (and
+    --top-p). Each
     labeled row gets a `confidence`. Stopped runs
     continue where they stopped when started again with the same inputs and settings.
 
@@ -215,7 +218,8 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
 
     cfg = LabelConfig(teacher=teacher, data=data, out=out, teacher_prefix=teacher_prefix, chat_template=chat_template,
                       max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, min_confidence=min_confidence,
-                      samples=samples, temperature=temperature, seed=seed, threads=threads, device=device)
+                      samples=samples, temperature=temperature, top_p=top_p, seed=seed, threads=threads,
+                      device=device)
     manifest = run_label(cfg)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))

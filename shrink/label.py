@@ -45,6 +45,7 @@ class LabelConfig:
     min_confidence: float = 0.0  # rows the teacher is less sure of are left out (and counted)
     samples: int = 1  # answers per input row (distinct ones kept); more than 1 needs a temperature
     temperature: float = 0.0  # 0: greedy; else sampling from softmax(logits / temperature)
+    top_p: float = 1.0  # below 1: sampling from the nucleus of that much probability (needs a temperature)
     seed: int = 0  # of the sampling
     threads: int | None = None  # llama.cpp threads
     device: str = "auto"  # torch teachers
@@ -55,7 +56,7 @@ class LabelConfig:
                 "chat_template": self.chat_template, "max_new_tokens": self.max_new_tokens,
                 "stop": None if self.stop is None else list(self.stop),
                 "decoding": "greedy" if self.temperature == 0 else "sampling",
-                "samples": self.samples, "temperature": self.temperature, "seed": self.seed}
+                "samples": self.samples, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
 def label(cfg: LabelConfig) -> dict[str, Any]:
@@ -74,6 +75,10 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
         raise ShrinkError("--samples: more than one answer per input needs --temperature above 0 (greedy answers are all the same)")
     if cfg.temperature < 0:
         raise ShrinkError(f"--temperature must be 0 or more, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise ShrinkError(f"--top-p must be above 0 and at most 1, got {cfg.top_p}")
+    if cfg.top_p < 1 and cfg.temperature == 0:
+        raise ShrinkError("--top-p: sampling from the nucleus needs --temperature above 0 (greedy answers ignore it)")
     teacher = Path(cfg.teacher)
     if not teacher.exists():
         raise ShrinkError(f"--teacher: no such file or folder {teacher}")
@@ -187,7 +192,7 @@ def _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_ru
                 else:
                     texts = [answered[i]] if i in answered else [
                         answer(rt, ex, generation) if cfg.temperature == 0 else
-                        answer(rt, ex, generation, Sampler(cfg.temperature, cfg.seed * 1_000_003 + i * 101 + k))
+                        answer(rt, ex, generation, Sampler(cfg.temperature, cfg.seed * 1_000_003 + i * 101 + k, cfg.top_p))
                         for k in range(cfg.samples)]
                     rows = [_answered(rt, ex, raw[i], text, split_ids) for text in dict.fromkeys(texts)]
                 for row in rows:

@@ -163,3 +163,46 @@ def test_samples_need_a_temperature(teacher, inputs, tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == ("Error: --samples: more than one answer per input needs --temperature "
                                                  "above 0 (greedy answers are all the same)")
+
+
+def test_top_p_samples_from_the_nucleus_after_the_temperature():
+    import numpy as np
+
+    from shrink.runtime.base import Sampler
+
+    logits = np.log([0.5, 0.3, 0.15, 0.05])
+    assert Sampler(1.0, 0).probabilities(logits) == pytest.approx([0.5, 0.3, 0.15, 0.05])
+    # The smallest set of most probable tokens holding top_p, renormalized.
+    assert Sampler(1.0, 0, top_p=0.7).probabilities(logits) == pytest.approx([0.625, 0.375, 0, 0])
+    assert Sampler(1.0, 0, top_p=0.85).probabilities(logits) == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert Sampler(1.0, 0, top_p=0.1).probabilities(logits) == pytest.approx([1, 0, 0, 0])
+    # Temperature first: at T = 4 the distribution is flatter, so 0.7 takes three tokens.
+    hot = np.exp(logits / 4) / np.exp(logits / 4).sum()
+    assert hot[0] + hot[1] < 0.7 <= hot[0] + hot[1] + hot[2]
+    assert Sampler(4.0, 0, top_p=0.7).probabilities(logits) == pytest.approx(list(hot[:3] / hot[:3].sum()) + [0])
+    sampler = Sampler(1.0, 5, top_p=0.7)
+    draws = np.bincount([sampler(logits) for _ in range(4000)], minlength=4)
+    assert draws[2] == draws[3] == 0
+    assert draws[0] / 4000 == pytest.approx(0.625, abs=0.03)
+    with pytest.raises(ValueError):
+        Sampler(1.0, 0, top_p=0)
+
+
+def test_a_tiny_top_p_samples_the_greedy_answers(teacher, inputs, tmp_path):
+    greedy, nucleus = tmp_path / "greedy.jsonl", tmp_path / "nucleus.jsonl"
+    assert invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", greedy, "--max-new-tokens", 3).exit_code == 0
+    r = invoke("label", "--teacher", teacher, "--data", inputs["free"], "--out", nucleus, "--max-new-tokens", 3,
+               "--samples", 4, "--temperature", 3.0, "--top-p", 1e-6, "--seed", 1)
+    assert r.exit_code == 0, r.output
+    # A nucleus of one token is the most probable one: every sample is the greedy answer.
+    assert [(row["id"], row["completion"]) for row in read_rows(nucleus)] == \
+           [(row["id"], row["completion"]) for row in read_rows(greedy)]
+    assert Manifest.read_from(manifest_path(nucleus)).settings["top_p"] == 1e-6
+
+
+def test_top_p_needs_a_temperature(teacher, inputs, tmp_path):
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["free"]),
+                                 "--out", str(tmp_path / "o.jsonl"), "--top-p", "0.9"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == ("Error: --top-p: sampling from the nucleus needs --temperature above 0 "
+                                                 "(greedy answers ignore it)")

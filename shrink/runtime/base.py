@@ -190,18 +190,39 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 class Sampler:
     """Picks the next token by sampling softmax(logits / temperature) with its own seeded
-    generator (`shrink label --samples`); generation is greedy without one."""
+    generator (`shrink label --samples`); generation is greedy without one.
 
-    def __init__(self, temperature: float, seed: int):
+    With `top_p` below 1 it samples from the nucleus (Holtzman et al. 2020): the most
+    probable tokens whose probabilities, after the temperature, first sum to `top_p` or
+    more, renormalized (transformers' order: temperature, then top-p)."""
+
+    def __init__(self, temperature: float, seed: int, top_p: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be above 0 to sample, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.temperature = temperature
+        self.top_p = top_p
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, logits) -> int:
+    def probabilities(self, logits) -> np.ndarray:
+        """The distribution a token is drawn from (zero outside the nucleus)."""
         if hasattr(logits, "detach"):  # a torch tensor
             logits = logits.detach().float().cpu().numpy()
         z = np.asarray(logits, dtype=np.float64) / self.temperature
         p = np.exp(z - z.max())
-        return int(self.rng.choice(len(p), p=p / p.sum()))
+        p /= p.sum()
+        if self.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            # Keep tokens while the mass before them is under top_p: the first always stays.
+            before = np.cumsum(p[order]) - p[order]
+            p[order[before >= self.top_p]] = 0.0
+            p /= p.sum()
+        return p
+
+    def __call__(self, logits) -> int:
+        p = self.probabilities(logits)
+        return int(self.rng.choice(len(p), p=p))
 
 
 def greedy_generate(rt: Runtime, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...],
