@@ -204,9 +204,8 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
 
     Rows with `choices` get the teacher's most probable choice; the others its greedy
     answer (up to --max-new-tokens), or --samples answers sampled at --temperature (and
-    --top-p). Each
-    labeled row gets a `confidence`. Stopped runs
-    continue where they stopped when started again with the same inputs and settings.
+    --top-p). Each labeled row gets a `confidence`. Stopped runs continue where they
+    stopped when started again with the same inputs and settings.
 
     \b
     Examples:
@@ -218,8 +217,8 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
 
     cfg = LabelConfig(teacher=teacher, data=data, out=out, teacher_prefix=teacher_prefix, chat_template=chat_template,
                       max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, min_confidence=min_confidence,
-                      samples=samples, temperature=temperature, top_p=top_p, seed=seed, threads=threads,
-                      device=device)
+                      samples=samples, temperature=temperature, top_p=top_p, seed=seed,
+                      threads=threads, device=device)
     manifest = run_label(cfg)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))

@@ -157,12 +157,17 @@ def test_samples_give_distinct_answers_per_input(teacher, inputs, tmp_path):
     assert again.read_text() == out.read_text()  # seeded
 
 
-def test_samples_need_a_temperature(teacher, inputs, tmp_path):
+@pytest.mark.parametrize("option, error", [
+    (["--samples", "3"], "Error: --samples: more than one answer per input needs --temperature above 0 "
+                         "(greedy answers are all the same)"),
+    (["--top-p", "0.9"], "Error: --top-p: sampling from the nucleus needs --temperature above 0 "
+                         "(greedy answers ignore it)"),
+])
+def test_sampling_options_need_a_temperature(teacher, inputs, tmp_path, option, error):
     r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["free"]),
-                                 "--out", str(tmp_path / "o.jsonl"), "--samples", "3"])
+                                 "--out", str(tmp_path / "o.jsonl"), *option])
     assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == ("Error: --samples: more than one answer per input needs --temperature "
-                                                 "above 0 (greedy answers are all the same)")
+    assert r.output.strip().splitlines()[-1] == error
 
 
 def test_top_p_samples_from_the_nucleus_after_the_temperature():
@@ -198,11 +203,3 @@ def test_a_tiny_top_p_samples_the_greedy_answers(teacher, inputs, tmp_path):
     assert [(row["id"], row["completion"]) for row in read_rows(nucleus)] == \
            [(row["id"], row["completion"]) for row in read_rows(greedy)]
     assert Manifest.read_from(manifest_path(nucleus)).settings["top_p"] == 1e-6
-
-
-def test_top_p_needs_a_temperature(teacher, inputs, tmp_path):
-    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["free"]),
-                                 "--out", str(tmp_path / "o.jsonl"), "--top-p", "0.9"])
-    assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == ("Error: --top-p: sampling from the nucleus needs --temperature above 0 "
-                                                 "(greedy answers ignore it)")
