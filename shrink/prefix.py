@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from shrink.kv_cache import cache_kwargs, returned_cache
+
 
 def common_prefix(seqs: list[list[int]]) -> list[int]:
     if not seqs:
@@ -36,7 +38,7 @@ class PrefixCache:
         self.ids = list(prefix)
         with torch.inference_mode():
             x = torch.tensor([self.ids], device=device)
-            self._cache = model.base_model(input_ids=x, use_cache=True).past_key_values
+            self._cache = returned_cache(model.base_model(input_ids=x, use_cache=True))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,7 +57,8 @@ class PrefixCache:
         n = len(self.ids)
         full_mask = torch.cat([torch.ones_like(attn[:, :n]), attn[:, n:]], dim=1)
         out = model.base_model(
-            input_ids=ids[:, n:], attention_mask=full_mask, past_key_values=self.for_batch(ids.shape[0]), use_cache=True
+            input_ids=ids[:, n:], attention_mask=full_mask, **cache_kwargs(model.base_model, self.for_batch(ids.shape[0])),
+            use_cache=True,
         )
         return out.last_hidden_state
 

@@ -26,7 +26,7 @@ LAYERS = [
     ("measure", "label"),
     ("evaluate",),
     ("quantize", "runtime"),
-    ("tasks", "prefix", "logits", "teacher_gguf", "artifact", "hf", "tables", "console", "quiet", "errors",
+    ("tasks", "prefix", "kv_cache", "logits", "teacher_gguf", "artifact", "hf", "tables", "console", "quiet", "errors",
      "toml_files", "manifest", "atomic", "gguf_owner", "chat", "metrics", "__init__"),
 ]
 BASE = "base"  # the last layer's name in the README line

@@ -64,6 +64,7 @@ from typing import Any
 
 from shrink.distill.batches import Sequence, collate
 from shrink.distill.loss import distill_loss
+from shrink.kv_cache import cache_kwargs, returned_cache
 from shrink.logits import selected_logits
 
 MARGIN = 8  # tokens a sampled completion may run past its reference's length (EOS included)
@@ -121,7 +122,7 @@ def sample(forward, prompts: list[list[int]], budgets: list[int], draws: list, e
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (n, width) positions that skip the padding
     out = forward(_step, ids, attn, pos, None)
-    cache, logits = out.past_key_values, out.logits[:, -1]  # (n, vocab)
+    cache, logits = returned_cache(out), out.logits[:, -1]  # (n, vocab)
     u = torch.zeros((n, max(budgets)), dtype=torch.float64)  # (n, most tokens any row may write)
     for r, d in enumerate(draws):
         u[r, : len(d)] = d
@@ -141,12 +142,12 @@ def sample(forward, prompts: list[list[int]], budgets: list[int], draws: list, e
         attn = torch.cat([attn, attn.new_ones((n, 1))], dim=1)
         pos = pos[:, -1:] + 1
         out = forward(_step, tokens.unsqueeze(1), attn, pos, cache)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = returned_cache(out), out.logits[:, -1]
 
 
 def _step(model, ids, attn, pos, cache):
     """One forward pass of generation: the last position's logits and the cache."""
-    return model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                  logits_to_keep=1)
 
 

@@ -46,6 +46,7 @@ from shrink.console import progress_step
 from shrink.errors import ModelError, ShrinkError, requires
 from shrink.export.parity import ParityError
 from shrink.hf import check_model_dir
+from shrink.kv_cache import cache_kwargs, returned_cache
 from shrink.quiet import debug_enabled, quiet_exporters
 from shrink.runtime.onnx_runtime import MODEL_FILE, io_names
 
@@ -165,9 +166,9 @@ def _wrapper(model):
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True)
+                          **cache_kwargs(self.lm, cache), use_cache=True)
             present = []
-            for layer in out.past_key_values.layers:
+            for layer in returned_cache(out).layers:
                 present += [layer.keys, layer.values]
             return (out.logits, *present)
 
@@ -183,8 +184,8 @@ def _example_inputs(model) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=g)  # (batch, past + seq)
     with torch.inference_mode():  # a config-less cache, as in the graph: no layer drops keys
-        out = model(input_ids=ids[:, :5], past_key_values=DynamicCache(), use_cache=True)
-    past = [t.clone() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        out = model(input_ids=ids[:, :5], **cache_kwargs(model, DynamicCache()), use_cache=True)
+    past = [t.clone() for layer in returned_cache(out).layers for t in (layer.keys, layer.values)]
     return {"ids": ids, "past": past, "past_len": 5}
 
 

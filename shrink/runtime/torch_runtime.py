@@ -9,6 +9,7 @@ import numpy as np
 
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer, quantization_method, resolve_device
+from shrink.kv_cache import cache_kwargs, returned_cache
 from shrink.runtime.base import EMPTY_PROMPT, Runtime, context_of, end_of_generation, greedy_generate, stop_ids
 
 
@@ -108,8 +109,8 @@ class TorchRuntime(Runtime):
 
         def next_logits(ids: list[int], past):
             x = torch.tensor([ids], device=self.device)
-            res = self.model(input_ids=x, past_key_values=past, use_cache=True, logits_to_keep=1)
-            return res.logits[0, -1], res.past_key_values  # (vocab,)
+            res = self.model(input_ids=x, **cache_kwargs(self.model, past), use_cache=True, logits_to_keep=1)
+            return res.logits[0, -1], returned_cache(res)  # (vocab,)
 
         with torch.inference_mode():
             return greedy_generate(self, prompt, max_tokens, stop, next_logits, stop_ids, sampler)
