@@ -36,13 +36,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_writing import keep_novel, write_texts  # noqa: E402
+
 MAX_NEW_TOKENS = 64
 FIELDS = ("name", "city", "order")
 ORDER = re.compile(r"\b[A-Z][0-9]{4}\b")  # the shop's order numbers (shrink/demo/extract.py)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def message_text(prompt: str) -> str:
@@ -57,58 +56,23 @@ def prompt_for(examples: list[str]) -> str:
 
 def write_candidates(gguf: Path, train: list[str], count: int, seed: int, threads: int | None) -> list[str]:
     """The teacher as served continues `count` prompts of three training messages."""
-    import os
-
-    import llama_cpp
-
-    from shrink import quiet
-    from shrink.console import progress
-
     rng = random.Random(seed)
-    threads = threads or os.cpu_count() or 1
-    with quiet.llama_errors():
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                              seed=seed, verbose=False)
-    out = []
-    with progress("msg") as bar:
-        task = bar.add_task("teacher writing messages (llama.cpp)", total=count)
-        for i in range(count):
-            res = llm.create_completion(prompt_for(rng.sample(train, 3)), max_tokens=MAX_NEW_TOKENS,
-                                        temperature=1.0, top_p=0.95, top_k=0, min_p=0.0, stop=["\n"],
-                                        seed=seed * 1_000_003 + i)
-            out.append(res["choices"][0]["text"].strip())
-            bar.advance(task)
-    return out
+    prompts = [prompt_for(rng.sample(train, 3)) for _ in range(count)]
+    return write_texts(gguf, prompts, MAX_NEW_TOKENS, seed, threads, "message", "msg")
 
 
 def keep_new(cands: list[str], splits: dict[str, list[str]], held_out: set[str]) -> tuple[list[str], Counter]:
-    """Drops short, long, repeated, copied and near-copied texts and texts holding a held-out
-    (dev or test) name or city word; counts why."""
-    why: Counter = Counter()
-    seen = {" ".join(words(t)) for part in splits.values() for t in part}
-    sets = {name: [set(words(t)) for t in part] for name, part in splits.items()}
-    limit = {"train": 0.8, "dev": 0.6, "test": 0.6}
+    """Drops short, long, repeated, copied and near-copied texts, then texts holding a
+    held-out (dev or test) name or city word and texts without an order number; counts why."""
     banned = {w.lower() for w in held_out}
-    kept, own = [], set()
-    for text in cands:
-        w = words(text)
-        key = " ".join(w)
-        if not 5 <= len(w) <= 70:
-            why["length"] += 1
-        elif key in own:
-            why["repeat"] += 1
-        elif key in seen:
-            why["copy of a message"] += 1
-        elif any(_jaccard(set(w), s) >= limit[name] for name, part in sets.items() for s in part):
-            why["near copy of a message"] += 1
-        elif banned & set(w):
-            why["a dev or test name or city"] += 1
-        elif not ORDER.search(text):
-            why["no order number"] += 1
-        else:
-            own.add(key)
-            kept.append(text)
-    return kept, why
+
+    def reject(text: str, w: set[str]) -> str | None:
+        if banned & w:
+            return "a dev or test name or city"
+        return None if ORDER.search(text) else "no order number"
+
+    kept, why = keep_novel(cands, splits, (5, 70), "message", reject)
+    return [cands[i] for i in kept], why
 
 
 def copied_fields(text: str, completion: str) -> bool:
@@ -120,10 +84,6 @@ def copied_fields(text: str, completion: str) -> bool:
         return False
     return isinstance(answer, dict) and all(
         isinstance(answer.get(k), str) and answer[k].strip() and answer[k] in text for k in FIELDS)
-
-
-def _jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a and b else 0.0
 
 
 def main() -> int:

@@ -32,18 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_writing import keep_novel, write_texts  # noqa: E402
+
 MIN_CONFIDENCE = 0.75
 MAX_NEW_TOKENS = 48
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def prompt_for(examples: list[dict], domain: str) -> str:
@@ -54,62 +52,26 @@ def prompt_for(examples: list[dict], domain: str) -> str:
 def write_candidates(gguf: Path, train: list[dict], count: int, seed: int, threads: int | None) -> list[dict]:
     """The teacher as served (its GGUF in llama.cpp) continues `count` prompts of three
     training reviews; about 0.9 s a review on 2 cores, against 14 s in transformers."""
-    import os
-
-    import llama_cpp
-
-    from shrink import quiet
-    from shrink.console import progress
-
     rng = random.Random(seed)
     by_key: dict[tuple[str, str], list[dict]] = {}
     for r in train:
         by_key.setdefault((r["domain"], r["label"]), []).append(r)
     keys = [k for k, v in by_key.items() if len(v) >= 3]
     weights = [len(by_key[k]) for k in keys]
-    threads = threads or os.cpu_count() or 1
-    with quiet.llama_errors():
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                              seed=seed, verbose=False)
-    out = []
-    with progress("rev") as bar:
-        task = bar.add_task("teacher writing reviews (llama.cpp)", total=count)
-        for i in range(count):
-            domain, label = rng.choices(keys, weights)[0]
-            prompt = prompt_for(rng.sample(by_key[(domain, label)], 3), domain)
-            res = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=0.95, top_k=0,
-                                        min_p=0.0, stop=["\n"], seed=seed * 1_000_003 + i)
-            out.append({"text": res["choices"][0]["text"].strip(), "domain": domain, "asked_label": label})
-            bar.advance(task)
-    return out
+    asked, prompts = [], []
+    for _ in range(count):
+        domain, label = rng.choices(keys, weights)[0]
+        asked.append((domain, label))
+        prompts.append(prompt_for(rng.sample(by_key[(domain, label)], 3), domain))
+    texts = write_texts(gguf, prompts, MAX_NEW_TOKENS, seed, threads, "review", "rev")
+    return [{"text": t, "domain": d, "asked_label": a} for t, (d, a) in zip(texts, asked)]
 
 
 def keep_new(cands: list[dict], splits: dict[str, list[dict]]) -> tuple[list[dict], Counter]:
     """Drops short, long, repeated, copied and near-copied texts; counts why."""
-    why: Counter = Counter()
-    seen = {" ".join(words(r["text"])) for part in splits.values() for r in part}
-    sets = {name: [set(words(r["text"])) for r in part] for name, part in splits.items()}
-    limit = {"train": 0.8, "dev": 0.6, "test": 0.6}
-    kept, own = [], set()
-    for c in cands:
-        w = words(c["text"])
-        key = " ".join(w)
-        if not 4 <= len(w) <= 60:
-            why["length"] += 1
-        elif key in own:
-            why["repeat"] += 1
-        elif key in seen:
-            why["copy of a review"] += 1
-        elif any(_jaccard(set(w), s) >= limit[name] for name, part in sets.items() for s in part):
-            why["near copy of a review"] += 1
-        else:
-            own.add(key)
-            kept.append(c)
-    return kept, why
-
-
-def _jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a and b else 0.0
+    kept, why = keep_novel([c["text"] for c in cands], {name: [r["text"] for r in part] for name, part in splits.items()},
+                           (4, 60), "review")
+    return [cands[i] for i in kept], why
 
 
 def main() -> int:

@@ -4,30 +4,20 @@ name or city the demo keeps for evaluation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import BENCH, load
 
 from shrink.demo import extract
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 RECORDED = sorted((BENCH / "results").glob("teacher-messages-*.jsonl"))
 HELD_OUT = set(extract.DEV_FIRST + extract.DEV_LAST + extract.DEV_CITIES
                + extract.TEST_FIRST + extract.TEST_LAST + extract.TEST_CITIES)
 
 
-def load_script():
-    """bench/teacher_messages.py as a module (its top level imports the standard library only)."""
-    spec = importlib.util.spec_from_file_location("teacher_messages", BENCH / "teacher_messages.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_keep_new_drops_short_repeated_copied_held_out_and_orderless_texts():
-    tm = load_script()
+    tm = load("teacher_messages")
     splits = {"train": ["Hi, this is Maria Lopez from Denver. My kettle arrived broken, order K2961."],
               "dev": ["Ola Berg from Oslo - quick question about order A1234, when will the lamp ship?"],
               "test": ["Dear support team, please cancel order B9079. I no longer need the yoga mat. Regards, Ana of Lima."]}
@@ -56,7 +46,7 @@ def test_keep_new_drops_short_repeated_copied_held_out_and_orderless_texts():
     ('["Kalo Brimi", "Tosa", "P5521"]', False),                          # not an object
 ])
 def test_an_answer_is_kept_only_when_it_copies_the_three_fields_from_the_message(answer, ok):
-    tm = load_script()
+    tm = load("teacher_messages")
     text = "Kalo Brimi in Tosa asks where order P5521 is, the drill was due on Monday."
     assert tm.copied_fields(text, " " + answer) is ok
 
@@ -66,7 +56,7 @@ def test_the_teacher_writes_through_llama_cpp_from_training_messages_only(teache
     three of the given messages, and the same texts again with the same seed."""
     from shrink.export.gguf_convert import convert_hf_to_gguf
 
-    tm = load_script()
+    tm = load("teacher_messages")
     gguf = tmp_path / "teacher.gguf"
     convert_hf_to_gguf(teacher, gguf, "f16")
     train = [f"message number {i} about order K{1000 + i}" for i in range(5)]
@@ -82,14 +72,15 @@ def test_the_recorded_teacher_messages_are_no_dev_or_test_message():
     """The messages the demo's teacher wrote and labeled (bench/RESULTS.md) hold no copy or
     near copy (word-set Jaccard >= 0.6) of a dev or test message, no dev or test name or
     city word, and answers that copy their three fields."""
-    tm = load_script()
+    tm = load("teacher_messages")
+    tw = load("teacher_writing")
     rows = [json.loads(line) for line in RECORDED[-1].read_text(encoding="utf-8").splitlines()]
     assert rows
-    held_out = [set(tm.words(tm.message_text(r["prompt"]))) for s in ("dev", "test") for r in extract.rows(s)]
+    held_out = [set(tw.words(tm.message_text(r["prompt"]))) for s in ("dev", "test") for r in extract.rows(s)]
     banned = {w.lower() for w in HELD_OUT}
     for r in rows:
         text = tm.message_text(r["prompt"])
-        w = set(tm.words(text))
-        assert max(tm._jaccard(w, s) for s in held_out) < 0.6, text
+        w = set(tw.words(text))
+        assert max(tw.jaccard(w, s) for s in held_out) < 0.6, text
         assert not banned & w, text
         assert tm.copied_fields(text, r["completion"]), r

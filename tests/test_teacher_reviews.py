@@ -3,28 +3,18 @@ What it keeps must not be, or nearly be, a review the demo evaluates on."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import BENCH, load
 
 from shrink.demo.task import reviews, split_rows
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 RECORDED = BENCH / "results" / "teacher-reviews-20261202-105327.jsonl"
 
 
-def load_script():
-    """bench/teacher_reviews.py as a module (its top level imports the standard library only)."""
-    spec = importlib.util.spec_from_file_location("teacher_reviews", BENCH / "teacher_reviews.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_keep_new_drops_short_repeated_copied_and_near_copied_texts():
-    tr = load_script()
+    tr = load("teacher_reviews")
     splits = {"train": [{"text": "The kettle boils fast and looks lovely on the counter."}],
               "dev": [{"text": "Battery died after a week and support never wrote back."}],
               "test": [{"text": "The soup was cold and the waiter ignored us all night."}]}
@@ -47,15 +37,16 @@ def test_the_recorded_teacher_reviews_are_no_dev_or_test_review():
     """The 958 reviews the demo's teacher wrote (bench/RESULTS.md) hold no copy or near
     copy (word-set Jaccard >= 0.6) of a dev or test review, and their prompts came from
     training reviews only: every domain is a training domain."""
-    tr = load_script()
+    tr = load("teacher_reviews")
+    tw = load("teacher_writing")
     rows = [json.loads(line) for line in RECORDED.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 958 and {r["label"] for r in rows} == {"positive", "negative"}
     assert all(r["confidence"] >= tr.MIN_CONFIDENCE for r in rows)
     splits = split_rows(reviews())
-    held_out = [set(tr.words(r["text"])) for r in splits["dev"] + splits["test"]]
+    held_out = [set(tw.words(r["text"])) for r in splits["dev"] + splits["test"]]
     for r in rows:
-        w = set(tr.words(r["text"]))
-        assert max(tr._jaccard(w, s) for s in held_out) < 0.6, r["text"]
+        w = set(tw.words(r["text"]))
+        assert max(tw.jaccard(w, s) for s in held_out) < 0.6, r["text"]
     assert {r["domain"] for r in rows} <= {r["domain"] for r in splits["train"]}
 
 
@@ -65,7 +56,7 @@ def test_the_teacher_writes_through_llama_cpp_from_training_reviews_only(teacher
     same seed."""
     from shrink.export.gguf_convert import convert_hf_to_gguf
 
-    tr = load_script()
+    tr = load("teacher_reviews")
     gguf = tmp_path / "teacher.gguf"
     convert_hf_to_gguf(teacher, gguf, "f16")
     train = [{"text": f"review number {i} of the shop", "domain": d, "label": lab}
