@@ -195,11 +195,14 @@ def distill(config_file, as_json, **options):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out rows the teacher is less sure of (choice probability, or its answer's mean token probability).")
+@click.option("--copied-only", is_flag=True,
+              help="Extraction tasks: leave out answers not copied from their input (a JSON answer with a string "
+                   "value the input lacks; any other answer the input lacks whole).")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all cores]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="For a torch teacher.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_template, samples, temperature, top_p, seed,
-          min_confidence, threads, device, as_json):
+          min_confidence, copied_only, threads, device, as_json):
     """Let the teacher answer the inputs: a task file to distill on.
 
     Rows with `choices` get the teacher's most probable choice; the others its greedy
@@ -211,13 +214,14 @@ def label(teacher, data, out, teacher_prefix, max_new_tokens, stop, chat_templat
     Examples:
       shrink label --teacher teacher.gguf --data inputs.jsonl --teacher-prefix shots.txt --out labeled.jsonl
       shrink label --teacher ./chat-teacher --data chats.jsonl --chat-template auto --min-confidence 0.5 --out labeled.jsonl
+      shrink label --teacher teacher.gguf --data messages.jsonl --teacher-prefix shots.txt --copied-only --out labeled.jsonl
       shrink distill --teacher teacher.gguf --data labeled.jsonl --layers 4 --out student
     """
     from shrink.label import LabelConfig, label as run_label, label_summary
 
     cfg = LabelConfig(teacher=teacher, data=data, out=out, teacher_prefix=teacher_prefix, chat_template=chat_template,
                       max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, min_confidence=min_confidence,
-                      samples=samples, temperature=temperature, top_p=top_p, seed=seed,
+                      copied_only=copied_only, samples=samples, temperature=temperature, top_p=top_p, seed=seed,
                       threads=threads, device=device)
     manifest = run_label(cfg)
     if as_json:

@@ -7,6 +7,11 @@ geometric mean of its tokens' probabilities: exp of their mean log-probability).
 Distilling on the output is sequence-level distillation: the student learns the
 teacher's next-token distributions over the teacher's own answers.
 
+For extraction tasks, `copied_only` (`--copied-only`) leaves out answers the teacher did
+not copy from its input: a JSON answer with a string value (at any depth) that the input
+does not contain as whole words, any other answer that it does not contain whole. A student learns to
+copy from what it is trained on; a teacher's invented or misspelt field teaches it not to.
+
 The teacher runs in its fastest runtime: a GGUF file in llama.cpp as it is (quantized,
 so a teacher far larger than the student fits in memory), a Hugging Face folder in
 torch (on CUDA when there is one).
@@ -43,6 +48,7 @@ class LabelConfig:
     max_new_tokens: int = 64  # most tokens of a generated answer
     stop: tuple[str, ...] | None = None  # stop strings; None: a newline for raw prompts, none for chats
     min_confidence: float = 0.0  # rows the teacher is less sure of are left out (and counted)
+    copied_only: bool = False  # answers not copied from the input are left out (and counted)
     samples: int = 1  # answers per input row (distinct ones kept); more than 1 needs a temperature
     temperature: float = 0.0  # 0: greedy; else sampling from softmax(logits / temperature)
     top_p: float = 1.0  # below 1: sampling from the nucleus of that much probability (needs a temperature)
@@ -93,6 +99,9 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
     examples = load_task(cfg.data, template, need_completion=False)
     lines = [line for line in Path(cfg.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     raw = [parse_row(line, ex.where) for line, ex in zip(lines, examples)]
+    if cfg.copied_only and any(ex.choices for ex in examples):
+        where = next(ex.where for ex in examples if ex.choices)
+        raise ShrinkError(f"--copied-only: {where} has choices; only generated answers can be copied from the input")
     if cfg.teacher_prefix is not None:
         examples = with_prefix(examples, Path(cfg.teacher_prefix).read_text(encoding="utf-8"))
 
@@ -105,13 +114,54 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
     start = time.perf_counter()
     if _inputs_done(done) < len(examples):
         _label_rows(teacher, examples, raw, done, out, key, generation, cfg, open_runtime)
-    kept = [r for r in done if r["confidence"] >= cfg.min_confidence and r.get("_empty") is not True]
-    empty = sum(r.get("_empty") is True for r in done)
-    dropped = len(done) - len(kept) - empty
+    answered = [r for r in done if r.get("_empty") is not True]
+    sure = [r for r in answered if r["confidence"] >= cfg.min_confidence]
+    kept = [r for r in sure if copied(*_answer_and_input(r))] if cfg.copied_only else sure
     kept = [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept]
     return _write(out, kept, key, cfg, teacher, template, counts={
-        "rows": len(examples), "labeled": len(kept), "dropped_low_confidence": dropped, "dropped_empty": empty,
+        "rows": len(examples), "labeled": len(kept), "dropped_low_confidence": len(answered) - len(sure),
+        "dropped_empty": len(done) - len(answered), "dropped_not_copied": len(sure) - len(kept),
         "seconds": round(time.perf_counter() - start, 3)})
+
+
+def copied(answer: str, source: str) -> bool:
+    """Whether an answer is copied from its input: every string of a JSON object or list
+    (at any depth) is in `source` as whole words (not "Ada Quil" from "Ada Quill"); any
+    other answer is in it whole (stripped)."""
+    text = answer.strip()
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, (dict, list)):
+        return bool(text) and _in(text, source)
+    return all(_in(s, source) for s in _strings(value))
+
+
+def _in(text: str, source: str) -> bool:
+    import re
+
+    return re.search(rf"(?<!\w){re.escape(text)}(?!\w)", source) is not None
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _answer_and_input(row: dict) -> tuple[str, str]:
+    """A labeled row's answer, and the text it was asked about: the prompt, or the chat's
+    messages before the answer."""
+    if "messages" in row:
+        *before, last = row["messages"]
+        return last["content"], "\n".join(str(m.get("content", "")) for m in before)
+    return row["completion"], row["prompt"]
 
 
 def _teacher_sha256(teacher: Path) -> str:
@@ -238,7 +288,8 @@ def _write(out: Path, kept: list[dict], key: dict, cfg: LabelConfig, teacher: Pa
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     manifest = Manifest(
         kind="labels", format="jsonl",
-        settings={**key, "data": str(cfg.data), "teacher": str(teacher), "min_confidence": cfg.min_confidence},
+        settings={**key, "data": str(cfg.data), "teacher": str(teacher), "min_confidence": cfg.min_confidence,
+                  "copied_only": cfg.copied_only},
         metrics={**counts, "size_bytes": out.stat().st_size,
                  "mean_confidence": round(sum(r["confidence"] for r in kept) / len(kept), 6) if kept else None},
         source=Source(str(teacher), None),
@@ -252,6 +303,8 @@ def _write(out: Path, kept: list[dict], key: dict, cfg: LabelConfig, teacher: Pa
                       f"than {cfg.min_confidence:.0%} sure of")
     if counts["dropped_empty"]:
         console.print(f"left out {counts['dropped_empty']} rows the teacher answered with nothing")
+    if counts["dropped_not_copied"]:
+        console.print(f"left out {counts['dropped_not_copied']} answers not copied from their input (--copied-only)")
     return manifest
 
 

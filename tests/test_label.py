@@ -203,3 +203,43 @@ def test_a_tiny_top_p_samples_the_greedy_answers(teacher, inputs, tmp_path):
     assert [(row["id"], row["completion"]) for row in read_rows(nucleus)] == \
            [(row["id"], row["completion"]) for row in read_rows(greedy)]
     assert Manifest.read_from(manifest_path(nucleus)).settings["top_p"] == 1e-6
+
+
+def test_copied_only_keeps_answers_found_in_their_input():
+    from shrink.label import copied
+
+    message = 'Message: Hi, Ada Quill from Zorbu here, order K1234.\nJSON:'
+    assert copied(' {"name": "Ada Quill", "city": "Zorbu", "order": "K1234"}', message)
+    assert not copied(' {"name": "Ada Quill", "city": "London", "order": "K1234"}', message)  # invented
+    assert not copied(' {"name": "Ada Quil", "city": "Zorbu", "order": "K1234"}', message)  # misspelt
+    assert copied(' {"people": [{"name": "Ada Quill"}], "n": 1}', message)  # any depth; numbers are not checked
+    assert not copied(' {"people": [{"name": "Ada"}, {"name": "Bo"}]}', message)
+    assert copied(' Zorbu', message) and not copied(' London', message) and not copied('  ', message)
+    assert copied('K1234', message) and not copied('1234', message)  # whole words; a JSON number too
+
+
+def test_copied_only_leaves_out_answers_not_copied_and_says_how_many(teacher, tmp_path):
+    # Half the prompts hold both answers the toy teacher gives, half neither.
+    rows = [{"prompt": ("positive or negative? " if i % 2 else "") + r["prompt"], "id": i}
+            for i, r in enumerate(tiny.toy_examples(12, seed=3))]
+    data = tiny.write_jsonl(tmp_path / "inputs.jsonl", rows)
+    every, out = tmp_path / "every.jsonl", tmp_path / "copied.jsonl"
+    assert invoke("label", "--teacher", teacher, "--data", data, "--out", every, "--max-new-tokens", 1).exit_code == 0
+    r = invoke("label", "--teacher", teacher, "--data", data, "--out", out, "--max-new-tokens", 1, "--copied-only")
+    assert r.exit_code == 0, r.output
+    labeled = read_rows(every)
+    assert {row["completion"].strip() for row in labeled} <= {"positive", "negative"}
+    expected = [row for row in labeled if row["completion"].strip() in row["prompt"]]
+    assert read_rows(out) == expected and {row["id"] % 2 for row in expected} == {1} and len(expected) >= 4
+    dropped = len(labeled) - len(expected)
+    m = Manifest.read_from(manifest_path(out))
+    assert m.metrics["dropped_not_copied"] == dropped >= 6 and m.metrics["labeled"] == len(expected)
+    assert m.settings["copied_only"] is True and not Manifest.read_from(manifest_path(every)).settings["copied_only"]
+    assert f"left out {dropped} answers not copied from their input (--copied-only)" in r.output
+
+
+def test_copied_only_refuses_choice_rows(teacher, inputs, tmp_path):
+    r = CliRunner().invoke(cli, ["label", "--teacher", str(teacher), "--data", str(inputs["choices"]),
+                                 "--out", str(tmp_path / "x.jsonl"), "--copied-only"])
+    assert r.exit_code == 2 and "Error: --copied-only:" in r.output and "choices.jsonl:1 has choices" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.jsonl").exists()

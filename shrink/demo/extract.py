@@ -128,63 +128,9 @@ TEACHER_PREFIX = (
 )
 
 
-# Half the training messages are put together from parts instead (a fixed share, chosen
-# before any dev figure): 12 phrasings let a student learn where a name sits (after "this
-# is", before the city) rather than copying it wherever it is; on dev the six-layer student
-# wrote "Sincerely" for the name of every "Sincerely, {name}, {city}" message. The parts
-# put capitalised non-names (openers, sign-offs, cities) before names and cities first.
-# No word of them comes from the dev or test phrasings unless TRAIN_PHRASINGS has it
-# (tests/test_demo.py checks), so dev and test still measure sentences never trained on.
-COMPOSED_SHARE = 0.5
-OPENERS = ("Hello.", "Hi there,", "Evening all.", "Urgent!", "Help!", "Complaint:", "Hi folks,", "Hello shop,",
-           "Greetings.", "Attention please:", "Hiya,", "Okay so", "Ugh.", "FYI:", "Hello customer care,")
-BOTH = ("I'm {name} from {city}.", "{name}, {city}.", "This is {name} in {city}.", "{name} here, writing from {city}.",
-        "{city} resident {name}.", "Customer {name}, {city}.", "I live in {city}, my name is {name}.", "{name} ({city})",
-        "{name} - {city}", "Me: {name}, {city}.", "{city}, {name} speaking.", "You can find me in {city}. {name}.",
-        "My details: {name}, {city}.", "Contact: {name}, {city} area.", "It's {name} from {city}.")
-NAME_FIRST = ("My name is {name}.", "{name} here.", "This is {name}.", "I'm {name}.", "Name: {name}.")
-NAME_LAST = ("Best, {name}", "Cheers, {name}", "Thanks, {name}", "Thank you, {name}", "Warmly, {name}",
-             "Yours, {name}", "Many thanks, {name}", "All the best, {name}", "Take care, {name}",
-             "Respectfully, {name}", "Kind wishes, {name}", "Signed, {name}", "- {name}")
-CITY_ONLY = ("I'm in {city}.", "Delivery address is in {city}.", "Shipping was to {city}.", "Greetings from {city}.",
-             "{city} here.", "I live in {city}.", "Writing from {city}.", "(I'm in {city}.)", "Location: {city}.")
-ITEM = ("My {item} arrived broken.", "The {item} never came.", "The {item} is the wrong colour.",
-        "I want to return the {item}.", "The {item} makes a loud noise.", "Half the {item} is missing.",
-        "The {item} was scratched.", "The {item} broke in two days.", "I was sent a used {item}.",
-        "Where is my {item}?", "The {item} smells odd.", "The {item} came without a plug.")
-ORDER = ("Order {order}.", "Order number {order}.", "My order was {order}.", "It was order {order}.",
-         "Ref: {order}.", "Order ID {order}.", "(order {order})", "The order is {order}.", "About order {order}:")
-ASK = ("Please help.", "Please call me back.", "Refund please.", "Can you send a new one?", "What can you do?",
-       "Please fix this.", "Thanks in advance.")
-NOISE = ("I have waited two weeks already.", "Nobody has replied to my emails.", "This is my first order with you.",
-         "My neighbour had the same problem.", "I paid for fast delivery.", "The courier left it in the rain.")
-
-
-def composed(rng: random.Random, fields: dict, item: str) -> str:
-    """A training message put together from parts: an optional opener; the item and order
-    (in either order), maybe noise and a request; the name and city together anywhere, or
-    apart (the name first or as a sign-off, the city anywhere in between); some lower case."""
-    body = [rng.choice(ITEM), rng.choice(ORDER)]
-    rng.shuffle(body)
-    body += [rng.choice(part) for part in (NOISE, ASK) if rng.random() < 0.5]
-    head, tail = [rng.choice(OPENERS)] if rng.random() < 0.4 else [], []
-    if rng.random() < 0.5:
-        body.insert(rng.randint(0, len(body)), rng.choice(BOTH))
-    else:
-        body.insert(rng.randint(0, len(body)), rng.choice(CITY_ONLY))
-        if rng.random() < 0.4:
-            head.append(rng.choice(NAME_FIRST))
-        else:
-            tail.append(rng.choice(NAME_LAST))
-    text = " ".join(head + body + tail)
-    return (text.lower() if rng.random() < 0.1 else text).format(item=item, **fields)
-
-
-def message(rng: random.Random, phrasings, first, last, cities, share: float = 0.0) -> tuple[str, dict]:
+def message(rng: random.Random, phrasings, first, last, cities) -> tuple[str, dict]:
     fields = {"name": f"{rng.choice(first)} {rng.choice(last)}", "city": rng.choice(cities),
               "order": f"{rng.choice('ABCDEFGHJKMNPRSUVXYZ')}{rng.randint(1000, 9999)}"}
-    if share and rng.random() < share:
-        return composed(rng, fields, rng.choice(ITEMS)), fields
     return rng.choice(phrasings).format(item=rng.choice(ITEMS), **fields), fields
 
 
@@ -197,9 +143,8 @@ def rows(split: str, count: int | None = None) -> list[dict]:
              "dev": (DEV_PHRASINGS, DEV_FIRST, DEV_LAST, DEV_CITIES),
              "test": (TEST_PHRASINGS, TEST_FIRST, TEST_LAST, TEST_CITIES)}[split]
     out = []
-    share = COMPOSED_SHARE if split == "train" else 0.0
     for _ in range(SIZES[split] if count is None else count):
-        text, fields = message(rng, *pools, share=share)
+        text, fields = message(rng, *pools)
         row = {"prompt": TEMPLATE.format(text=text)}
         if split != "train":
             row["completion"] = " " + json.dumps(fields)
