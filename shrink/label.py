@@ -9,8 +9,9 @@ teacher's next-token distributions over the teacher's own answers.
 
 For extraction tasks, `copied_only` (`--copied-only`) leaves out answers the teacher did
 not copy from its input: a JSON answer with a string value (at any depth) that the input
-does not contain as whole words, any other answer that it does not contain whole. A student learns to
-copy from what it is trained on; a teacher's invented or misspelt field teaches it not to.
+does not contain as whole words, any other answer that it does not contain whole. A
+student learns to copy from what it is trained on; a teacher's invented or misspelt field
+teaches it not to.
 
 The teacher runs in its fastest runtime: a GGUF file in llama.cpp as it is (quantized,
 so a teacher far larger than the student fits in memory), a Hugging Face folder in
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +141,6 @@ def copied(answer: str, source: str) -> bool:
 
 
 def _in(text: str, source: str) -> bool:
-    import re
-
     return re.search(rf"(?<!\w){re.escape(text)}(?!\w)", source) is not None
 
 
