@@ -41,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_writing import keep_novel, words  # noqa: E402
+from teacher_writing import keep_novel, label_reviews, words  # noqa: E402
 
 MIN_CONFIDENCE = 0.75
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -109,23 +109,14 @@ def main() -> int:
     args = ap.parse_args()
 
     from shrink.demo.pipeline import demo_teacher
-    from shrink.demo.task import CHOICES, TEACHER_PREFIX, TEMPLATE, reviews, split_rows
-    from shrink.label import LabelConfig, label
+    from shrink.demo.task import reviews, split_rows
 
     started = time.perf_counter()
     splits = split_rows(reviews())
     cands = recombine(splits["train"], args.count, args.seed)
     kept, dropped = keep_new(cands, splits)
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    inputs, labeled, prefix = args.work / "inputs.jsonl", args.work / "labeled.jsonl", args.work / "prefix.txt"
-    prefix.write_text(TEACHER_PREFIX, encoding="utf-8")
-    inputs.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=c["text"]), "choices": list(CHOICES),
-                                          "text": c["text"], "domain": c["domain"], "op": c["op"]})
-                              + "\n" for c in kept), encoding="utf-8")
-    summary = label(LabelConfig(teacher=demo_teacher(), data=inputs, out=labeled, teacher_prefix=prefix,
-                                min_confidence=MIN_CONFIDENCE, threads=args.threads)).metrics
-    rows = [json.loads(line) for line in labeled.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, summary = label_reviews(demo_teacher(), kept, args.work, MIN_CONFIDENCE, args.threads)
     out_rows = [{"text": r["text"], "label": r["completion"].strip(), "op": r["op"], "domain": r["domain"],
                  "confidence": round(r["confidence"], 4)} for r in rows]
     out = args.work / "augmented.jsonl"

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_writing import keep_novel, write_texts  # noqa: E402
+from teacher_writing import keep_novel, label_reviews, write_texts  # noqa: E402
 
 MIN_CONFIDENCE = 0.75
 MAX_NEW_TOKENS = 48
@@ -85,8 +85,7 @@ def main() -> int:
     args.out = args.out or args.work / "teacher_reviews.jsonl"
 
     from shrink.demo.pipeline import demo_teacher
-    from shrink.demo.task import CHOICES, TEACHER_PREFIX, TEMPLATE, reviews, split_rows
-    from shrink.label import LabelConfig, label
+    from shrink.demo.task import reviews, split_rows
 
     started = time.perf_counter()
     splits = split_rows(reviews())
@@ -95,15 +94,7 @@ def main() -> int:
     written_s = time.perf_counter() - started
     kept, dropped = keep_new(cands, splits)
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    inputs, labeled, prefix = args.work / "inputs.jsonl", args.work / "labeled.jsonl", args.work / "prefix.txt"
-    prefix.write_text(TEACHER_PREFIX, encoding="utf-8")
-    inputs.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=c["text"]), "choices": list(CHOICES),
-                                          "text": c["text"], "domain": c["domain"], "asked_label": c["asked_label"]})
-                              + "\n" for c in kept), encoding="utf-8")
-    summary = label(LabelConfig(teacher=teacher, data=inputs, out=labeled, teacher_prefix=prefix,
-                                min_confidence=MIN_CONFIDENCE, threads=args.threads)).metrics
-    rows = [json.loads(line) for line in labeled.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, summary = label_reviews(teacher, kept, args.work, MIN_CONFIDENCE, args.threads)
     out_rows = [{"text": r["text"], "label": r["completion"].strip(), "domain": r["domain"],
                  "confidence": round(r["confidence"], 4)} for r in rows]
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")

@@ -1,9 +1,11 @@
-"""What bench/teacher_reviews.py and bench/teacher_messages.py share: the teacher as served
-(its GGUF in llama.cpp) continues prompts, and texts that are short, long, repeated, or a
-copy or near copy of a demo example are dropped and counted."""
+"""What bench/teacher_reviews.py, bench/teacher_messages.py and bench/augment_reviews.py
+share: the teacher as served (its GGUF in llama.cpp) continues prompts, texts that are
+short, long, repeated, or a copy or near copy of a demo example are dropped and counted,
+and new reviews are labeled with the sentiment demo's prompt."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -74,3 +76,23 @@ def keep_novel(texts: list[str], splits: dict[str, list[str]], lengths: tuple[in
             own.add(key)
             kept.append(i)
     return kept, why
+
+
+def label_reviews(teacher: Path, kept: list[dict], work: Path, min_confidence: float,
+                  threads: int | None) -> tuple[list[dict], dict]:
+    """`shrink label` with the sentiment demo's teacher prefix on the reviews `kept` (each a
+    dict with "text", its other fields carried along): writes WORK/prefix.txt,
+    WORK/inputs.jsonl and WORK/labeled.jsonl, and returns the labeled rows (those at
+    `min_confidence` or over) and the labeling summary."""
+    from shrink.demo.task import CHOICES, TEACHER_PREFIX, TEMPLATE
+    from shrink.label import LabelConfig, label
+
+    work.mkdir(parents=True, exist_ok=True)
+    inputs, labeled, prefix = work / "inputs.jsonl", work / "labeled.jsonl", work / "prefix.txt"
+    prefix.write_text(TEACHER_PREFIX, encoding="utf-8")
+    inputs.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=c["text"]), "choices": list(CHOICES), **c})
+                              + "\n" for c in kept), encoding="utf-8")
+    summary = label(LabelConfig(teacher=teacher, data=inputs, out=labeled, teacher_prefix=prefix,
+                                min_confidence=min_confidence, threads=threads)).metrics
+    rows = [json.loads(line) for line in labeled.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows, summary
