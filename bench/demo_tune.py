@@ -89,7 +89,8 @@ def main() -> int:
         extra = {"extra_train": str(args.extra_train), "extra_train_rows": len(rows),
                  "extra_train_sha256": hashlib.sha256(args.extra_train.read_bytes()).hexdigest()}
         train = plus
-    record_path = Path("bench/results") / f"demo-tune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    name = args.out.name.removeprefix("tune-")  # two sweeps started in the same second keep both records
+    record_path = Path("bench/results") / f"demo-tune-{args.task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
               "task": args.task, "recipe": task.recipe, "train_examples": len(train.read_text(encoding="utf-8").splitlines()),
               "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), **extra, "runs": []}

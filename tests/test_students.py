@@ -15,7 +15,7 @@ from shrink.cli import cli
 from shrink.distill.batches import collate, encode_examples
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.importance import important_layers, layer_distances, task_batches
-from shrink.distill.student import cut_student, even_layers
+from shrink.distill.student import cut_student, even_layers, first_layers
 from shrink.distill.train import DistillConfig, distill, with_prefix
 from shrink.distill.width import Widths, activation_scores, ffn_width, prune_width, target_widths, widths_of
 from shrink.errors import ShrinkError
@@ -75,6 +75,26 @@ def test_distill_with_importance_records_layers_and_scores(teacher, task_files, 
     assert len(s["layer_scores"]) == 4 and s["layer_scores"][2] == pytest.approx(0.0, abs=1e-6)
     assert load_causal_lm(tmp_path / "s").config.num_hidden_layers == 3
 
+
+def test_first_layers_keep_the_teachers_computation_unbroken(teacher, task_files, tmp_path):
+    """--layer-selection first: the student's layers are the teacher's first N, so before
+    training its hidden state after layer i is the teacher's after layer i (even spacing
+    skips layers and breaks that)."""
+    assert first_layers(4, 2) == [0, 1] and even_layers(4, 2) == [0, 3]
+    with pytest.raises(ShrinkError, match="between 1 and the teacher's 4 layers, got 5"):
+        first_layers(4, 5)
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    ids = tok("Review: great value\nSentiment:", return_tensors="pt")
+    with torch.no_grad():
+        want = model(**ids, output_hidden_states=True).hidden_states
+        got = cut_student(model, first_layers(4, 2))(**ids, output_hidden_states=True).hidden_states
+        skipped = cut_student(model, even_layers(4, 2))(**ids, output_hidden_states=True).hidden_states
+        normed = model.model.norm(want[2])  # a model's last hidden state is after its final norm
+    assert torch.allclose(got[1], want[1], atol=1e-5) and torch.allclose(got[2], normed, atol=1e-4)
+    assert not torch.allclose(skipped[2], normed, atol=1e-2)
+    m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", layers=2, steps=1,
+                              layer_selection="first", device="cpu"))
+    assert m.settings["layer_selection"] == "first" and m.settings["layers_kept"] == [0, 1]
 
 # --- width pruning ---------------------------------------------------------------------
 

@@ -57,8 +57,9 @@ class DistillConfig:
     targets_file: Path | None = option(
         None, "With --for-target: the device targets file.  [default: the one shipped with shrink]", flag="--targets")
     layer_selection: str = option(
-        "even", "Which teacher layers to keep: evenly spaced, or those that change the hidden state most on the task "
-        "data (always the first and the last).", choices=("even", "importance"))
+        "even", "Which teacher layers to keep: evenly spaced, those that change the hidden state most on the task "
+        "data (both always keep the first and the last), or the first N in a row (the teacher's own computation "
+        "up to layer N, unbroken).", choices=("even", "importance", "first"))
     ffn_ratio: float = option(  # Minitron's width pruning
         1.0, "Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
     heads_ratio: float = option(

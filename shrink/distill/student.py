@@ -19,6 +19,15 @@ def even_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
+def first_layers(total: int, keep: int) -> list[int]:
+    """The first `keep` layer indices: the teacher's computation up to layer `keep`,
+    unbroken (a linear probe on Gemma 3 270M's layer-8 state reads the demo's sentiment
+    better than the teacher answers it; bench/RESULTS.md)."""
+    if not 1 <= keep <= total:
+        raise ModelError(f"--layers must be between 1 and the teacher's {total} layers, got {keep}")
+    return list(range(keep))
+
+
 def cut_student(teacher, keep: list[int]):
     """A new model built from the teacher's config with only the layers in `keep`,
     their weights copied (so layer-index bookkeeping such as KV-cache slots is right)."""
@@ -74,6 +83,9 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         keep = important_layers(distances, layers)
         info["layer_scores"] = [round(d, 6) for d in distances]  # angular distance of every teacher layer
         console.print("layer importance (angular distance): " + " ".join(f"{i}:{d:.3f}" for i, d in enumerate(distances)))
+        student = cut_student(teacher, keep)
+    elif cfg.layer_selection == "first":
+        keep = first_layers(teacher_layers, layers)
         student = cut_student(teacher, keep)
     else:
         keep = even_layers(teacher_layers, layers)

@@ -116,8 +116,8 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
     if cfg.split_words and cfg.hidden_weight:
         raise ShrinkError("--split-words: not with --hidden-weight (a split sequence has more positions than the "
                           "teacher's, so their hidden states do not pair up)")
-    if cfg.layer_selection not in ("even", "importance"):
-        raise ShrinkError(f"--layer-selection must be even or importance, got {cfg.layer_selection!r}")
+    if cfg.layer_selection not in ("even", "importance", "first"):
+        raise ShrinkError(f"--layer-selection must be even, importance or first, got {cfg.layer_selection!r}")
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
         if not 0.0 < ratio <= 1.0:
             raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")

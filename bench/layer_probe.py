@@ -1,0 +1,147 @@
+"""Where the teacher holds the demo's sentiment: a linear probe on each layer's hidden state.
+
+    pip install -e '.[bench]'
+    python bench/layer_probe.py [--cut 6:0.25 ...] [--json]
+
+For every layer of the demo teacher (Gemma 3 270M, its GGUF dequantized in torch, the
+student's prompt without the teacher's few-shot prefix), the hidden state of each review
+is taken at the prompt's last token (where a causal student answers) and averaged over
+the prompt's tokens. A logistic regression (scikit-learn, standardized features) is
+fitted on the training split's labels and scored on the dev split; nothing is tuned on
+test, which this script never reads. `--cut LAYERS:FFN_RATIO[:HIDDEN]` also probes the
+last layer of a student cut from the teacher's first LAYERS layers, narrowed as
+`shrink distill --layer-selection first --ffn-ratio R [--hidden-size H]` narrows it,
+before any training: what width pruning leaves for distillation to recover.
+
+It answers where a cut student's layers should come from (issue 15): a probe reads a
+layer's state with nothing trained below it, so a layer that scores high already holds
+the task. Writes bench/results/layer-probe-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+C_GRID = (0.01, 0.1)  # both reported: the probe's regularization is not chosen on anything
+
+
+def parse_cut(text: str) -> tuple[int, float, int | None]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--cut {text!r}: LAYERS:FFN_RATIO[:HIDDEN], say 6:0.25")
+    return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None
+
+
+def features(model, tokenizer, prompts: list[str], label: str):
+    """(reviews, layers + 1, 2, hidden): each layer's state, averaged and at the last token."""
+    import numpy as np
+    import torch
+
+    from shrink.console import progress
+
+    out = []
+    with torch.no_grad(), progress("reviews") as bar:
+        task = bar.add_task(label, total=len(prompts))
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")
+            states = model.model(**ids, output_hidden_states=True).hidden_states
+            out.append(np.stack([np.stack([h[0].mean(0).numpy(), h[0, -1].numpy()]) for h in states]))
+            bar.advance(task)
+    return np.stack(out)
+
+
+def probe(train_x, train_y, dev_x, dev_y) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    scores = {}
+    for c in C_GRID:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(train_x, train_y)
+        scores[f"C={c}"] = round(float(clf.score(dev_x, dev_y)), 4)
+    return scores
+
+
+def probe_layers(model, tokenizer, train, dev, label: str, only_last: bool = False) -> list[dict]:
+    ytr, ydv = [r["completion"] for r in train], [r["completion"] for r in dev]
+    ftr = features(model, tokenizer, [r["prompt"] for r in train], f"{label}: training reviews")
+    fdv = features(model, tokenizer, [r["prompt"] for r in dev], f"{label}: dev reviews")
+    layers = [ftr.shape[1] - 1] if only_last else range(ftr.shape[1])
+    return [{"layer": k, "mean": probe(ftr[:, k, 0], ytr, fdv[:, k, 0], ydv),
+             "last_token": probe(ftr[:, k, 1], ytr, fdv[:, k, 1], ydv)} for k in layers]
+
+
+def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidden: int | None):
+    from shrink.distill.hidden_width import channel_scores, prune_hidden
+    from shrink.distill.importance import task_batches
+    from shrink.distill.student import cut_student, first_layers
+    from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
+
+    student = cut_student(teacher, first_layers(len(teacher.model.layers), layers)).eval()
+    if ffn_ratio < 1.0:
+        scores = activation_scores(student, task_batches(tokenizer, examples, "cpu"))
+        student = prune_width(student, target_widths(widths_of(student), ffn_ratio, 1.0), scores).eval()
+    if hidden is not None:
+        student, _ = prune_hidden(student, hidden, channel_scores(student, task_batches(tokenizer, examples, "cpu")))
+        student.eval()
+    return student
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cut", action="append", type=parse_cut, default=[],
+                    help="also probe a pruned cut, LAYERS:FFN_RATIO[:HIDDEN] (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path("bench/probe-run"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shrink.demo.pipeline import demo_teacher
+    from shrink.demo.task import write_task_files
+    from shrink.tasks import load_task
+    from shrink.teacher_gguf import resolve_teacher
+
+    files = write_task_files(args.out / "data")
+    rows = {s: [json.loads(line) for line in files[s].read_text(encoding="utf-8").splitlines()] for s in ("train", "dev")}
+    folder = resolve_teacher(demo_teacher())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    started = time.perf_counter()
+    record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+              "train": len(rows["train"]), "dev": len(rows["dev"]), "split_scored": "dev",
+              "teacher": probe_layers(teacher, tokenizer, rows["train"], rows["dev"], "teacher")}
+    examples = load_task(files["train"])
+    record["cuts"] = []
+    for layers, ratio, hidden in args.cut:
+        model = cut_model(teacher, tokenizer, examples, layers, ratio, hidden)
+        width = {"layers": layers, "ffn_ratio": ratio, "hidden_size": hidden}
+        record["cuts"].append({**width, **probe_layers(model, tokenizer, rows["train"], rows["dev"],
+                                                       f"cut {layers}:{ratio}", only_last=True)[0]})
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    path = Path("bench/results") / f"layer-probe-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print("| state | mean, C=0.01 | mean, C=0.1 | last token, C=0.01 | last token, C=0.1 |\n|---|---|---|---|---|")
+        for r in record["teacher"] + record["cuts"]:
+            name = f"teacher layer {r['layer']}" if "layers" not in r else \
+                f"first {r['layers']} layers, ffn {r['ffn_ratio']}" + (f", hidden {r['hidden_size']}" if r["hidden_size"] else "")
+            cells = [f"{r[k][c]:.1%}" for k in ("mean", "last_token") for c in (f"C={x}" for x in C_GRID)]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"\nrecorded {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
