@@ -75,11 +75,10 @@ def layer_distances(model, batches) -> list[float]:
 def important_layers(distances: list[float], keep: int) -> list[int]:
     """The first and the last layer, then the `keep - 2` others with the largest
     distance, in their original order (ties go to the earlier layer)."""
-    from shrink.errors import ModelError
+    from shrink.distill.layers import check_keep
 
     total = len(distances)
-    if not 1 <= keep <= total:
-        raise ModelError(f"--layers must be between 1 and the teacher's {total} layers, got {keep}")
+    check_keep(total, keep)
     if keep == 1:
         return [0]
     middle = sorted(range(1, total - 1), key=lambda i: (-distances[i], i))[: keep - 2]

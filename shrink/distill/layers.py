@@ -18,6 +18,12 @@ def decoder_layers(model):
         raise ModelError(f"{type(model).__name__}: no decoder layers at model.layers") from None
 
 
+def check_keep(total: int, keep: int) -> None:
+    """A layer count a student can keep out of the teacher's `total`."""
+    if not 1 <= keep <= total:
+        raise ModelError(f"--layers must be between 1 and the teacher's {total} layers, got {keep}")
+
+
 def model_from_state(config, state: dict, what: str):
     """A new float32 model of `config` on the CPU holding the weights in `state`."""
     import torch

@@ -6,14 +6,13 @@ token ids (--student)."""
 
 from __future__ import annotations
 
-from shrink.distill.layers import LAYER_KEY, model_from_state
+from shrink.distill.layers import LAYER_KEY, check_keep, model_from_state
 from shrink.errors import ModelError
 
 
 def even_layers(total: int, keep: int) -> list[int]:
     """`keep` evenly spaced layer indices out of `total`, always the first and the last."""
-    if not 1 <= keep <= total:
-        raise ModelError(f"--layers must be between 1 and the teacher's {total} layers, got {keep}")
+    check_keep(total, keep)
     if keep == 1:
         return [0]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
@@ -23,8 +22,7 @@ def first_layers(total: int, keep: int) -> list[int]:
     """The first `keep` layer indices: the teacher's computation up to layer `keep`,
     unbroken (a linear probe on Gemma 3 270M's layer-8 state reads the demo's sentiment
     better than the teacher answers it; bench/RESULTS.md)."""
-    if not 1 <= keep <= total:
-        raise ModelError(f"--layers must be between 1 and the teacher's {total} layers, got {keep}")
+    check_keep(total, keep)
     return list(range(keep))
 
 
@@ -83,12 +81,11 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         keep = important_layers(distances, layers)
         info["layer_scores"] = [round(d, 6) for d in distances]  # angular distance of every teacher layer
         console.print("layer importance (angular distance): " + " ".join(f"{i}:{d:.3f}" for i, d in enumerate(distances)))
-        student = cut_student(teacher, keep)
     elif cfg.layer_selection == "first":
         keep = first_layers(teacher_layers, layers)
-        student = cut_student(teacher, keep)
     else:
         keep = even_layers(teacher_layers, layers)
+    if cfg.student is None:
         student = cut_student(teacher, keep)
 
     if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
