@@ -8,10 +8,11 @@ student's prompt without the teacher's few-shot prefix), the hidden state of eac
 is taken at the prompt's last token (where a causal student answers) and averaged over
 the prompt's tokens. A logistic regression (scikit-learn, standardized features) is
 fitted on the training split's labels and scored on the dev split; nothing is tuned on
-test, which this script never reads. `--cut LAYERS:FFN_RATIO[:HIDDEN]` also probes the
-last layer of a student cut from the teacher's first LAYERS layers, narrowed as
-`shrink distill --layer-selection first --ffn-ratio R [--hidden-size H]` narrows it,
-before any training: what width pruning leaves for distillation to recover.
+test, which this script never reads. `--cut LAYERS:FFN_RATIO[:HIDDEN][:heads=R]` also
+probes the last layer of a student cut from the teacher's first LAYERS layers, narrowed
+as `shrink distill --layer-selection first --ffn-ratio R [--hidden-size H] [--heads-ratio
+R]` narrows it (`--refit`: with --ffn-refit), before any training: what width pruning
+leaves for distillation to recover. `--no-teacher` skips the teacher's own layers.
 
 It answers where a cut student's layers should come from (issue 15): a probe reads a
 layer's state with nothing trained below it, so a layer that scores high already holds
@@ -32,11 +33,15 @@ from machine import machine  # noqa: E402
 C_GRID = (0.01, 0.1)  # both reported: the probe's regularization is not chosen on anything
 
 
-def parse_cut(text: str) -> tuple[int, float, int | None]:
+def parse_cut(text: str) -> tuple[int, float, int | None, float]:
+    """LAYERS:FFN_RATIO[:HIDDEN][:heads=R] -> (layers, ffn ratio, hidden size or None, heads ratio)."""
     parts = text.split(":")
+    heads = 1.0
+    if parts and parts[-1].startswith("heads="):
+        heads = float(parts.pop()[len("heads="):])
     if len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"--cut {text!r}: LAYERS:FFN_RATIO[:HIDDEN], say 6:0.25")
-    return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None
+        raise argparse.ArgumentTypeError(f"--cut {text!r}: LAYERS:FFN_RATIO[:HIDDEN][:heads=R], say 6:0.25")
+    return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None, heads
 
 
 def features(model, tokenizer, prompts: list[str], label: str):
@@ -78,16 +83,17 @@ def probe_layers(model, tokenizer, train, dev, label: str, only_last: bool = Fal
              "last_token": probe(ftr[:, k, 1], ytr, fdv[:, k, 1], ydv)} for k in layers]
 
 
-def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidden: int | None):
+def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidden: int | None, heads: float = 1.0,
+              refit: bool = False):
     from shrink.distill.hidden_width import channel_scores, prune_hidden
     from shrink.distill.importance import task_batches
     from shrink.distill.student import cut_student, first_layers
     from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
 
     student = cut_student(teacher, first_layers(len(teacher.model.layers), layers)).eval()
-    if ffn_ratio < 1.0:
-        scores = activation_scores(student, task_batches(tokenizer, examples, "cpu"))
-        student = prune_width(student, target_widths(widths_of(student), ffn_ratio, 1.0), scores).eval()
+    if ffn_ratio < 1.0 or heads < 1.0:
+        scores = activation_scores(student, task_batches(tokenizer, examples, "cpu"), gram=refit and ffn_ratio < 1.0)
+        student = prune_width(student, target_widths(widths_of(student), ffn_ratio, heads), scores).eval()
     if hidden is not None:
         student, _ = prune_hidden(student, hidden, channel_scores(student, task_batches(tokenizer, examples, "cpu")))
         student.eval()
@@ -97,7 +103,10 @@ def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidde
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cut", action="append", type=parse_cut, default=[],
-                    help="also probe a pruned cut, LAYERS:FFN_RATIO[:HIDDEN] (repeatable)")
+                    help="also probe a pruned cut, LAYERS:FFN_RATIO[:HIDDEN][:heads=R] (repeatable)")
+    ap.add_argument("--refit", action="store_true",
+                    help="width-prune the cuts with down_proj re-fitted by least squares (--ffn-refit)")
+    ap.add_argument("--no-teacher", action="store_true", help="probe only the --cut students, not the teacher's layers")
     ap.add_argument("--out", type=Path, default=Path("bench/probe-run"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -118,12 +127,12 @@ def main() -> int:
     started = time.perf_counter()
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
               "train": len(rows["train"]), "dev": len(rows["dev"]), "split_scored": "dev",
-              "teacher": probe_layers(teacher, tokenizer, rows["train"], rows["dev"], "teacher")}
+              "teacher": [] if args.no_teacher else probe_layers(teacher, tokenizer, rows["train"], rows["dev"], "teacher")}
     examples = load_task(files["train"])
     record["cuts"] = []
-    for layers, ratio, hidden in args.cut:
-        model = cut_model(teacher, tokenizer, examples, layers, ratio, hidden)
-        width = {"layers": layers, "ffn_ratio": ratio, "hidden_size": hidden}
+    for layers, ratio, hidden, heads in args.cut:
+        model = cut_model(teacher, tokenizer, examples, layers, ratio, hidden, heads, args.refit)
+        width = {"layers": layers, "ffn_ratio": ratio, "hidden_size": hidden, "heads_ratio": heads, "refit": args.refit}
         record["cuts"].append({**width, **probe_layers(model, tokenizer, rows["train"], rows["dev"],
                                                        f"cut {layers}:{ratio}", only_last=True)[0]})
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -136,7 +145,9 @@ def main() -> int:
         print("| state | mean, C=0.01 | mean, C=0.1 | last token, C=0.01 | last token, C=0.1 |\n|---|---|---|---|---|")
         for r in record["teacher"] + record["cuts"]:
             name = f"teacher layer {r['layer']}" if "layers" not in r else \
-                f"first {r['layers']} layers, ffn {r['ffn_ratio']}" + (f", hidden {r['hidden_size']}" if r["hidden_size"] else "")
+                f"first {r['layers']} layers, ffn {r['ffn_ratio']}" + (f", hidden {r['hidden_size']}" if r["hidden_size"] else "") \
+                + (f", heads {r['heads_ratio']}" if r.get("heads_ratio", 1.0) < 1.0 else "") \
+                + (", down_proj re-fitted" if r.get("refit") else "")
             cells = [f"{r[k][c]:.1%}" for k in ("mean", "last_token") for c in (f"C={x}" for x in C_GRID)]
             print(f"| {name} | " + " | ".join(cells) + " |")
         print(f"\nrecorded {path}")

@@ -187,3 +187,16 @@ def test_teacher_cache_shards_under_torchrun(teacher, task_files, tmp_path):
     a, b = CachedTeacher(one, counts, "cpu"), CachedTeacher(two, counts, "cpu")
     for i in (0, 299, 300, 599):  # both sides of the shard boundary
         torch.testing.assert_close(a[i], b[i], atol=2e-3, rtol=0)
+
+
+def test_ddp_trains_only_the_norms_as_one_process_does(teacher, task_files, tmp_path):
+    """--trainable norms under DDP: the frozen weights stay the teacher's on every rank (DDP
+    is built after they stop requiring gradients) and the norms end where one process
+    puts them."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    distill(config(teacher, task_files["train"], one, trainable="norms"))
+    (tmp_path / "writes").mkdir()
+    spawn(config(teacher, task_files["train"], two, trainable="norms"), tmp_path / "writes")
+    for x, y in zip(losses(one), losses(two)):
+        assert y == pytest.approx(x, rel=LOSS_RTOL)
+    assert max_weight_diff(one, two) < DDP_ATOL

@@ -34,6 +34,7 @@ def test_a_cut_keeps_the_first_layers_narrowed(teacher, task_files):
     cut = lp.cut_model(model, tok, load_task(task_files["train"])[:32], 2, 0.5, None)
     assert cut.config.num_hidden_layers == 2
     assert cut.config.intermediate_size == model.config.intermediate_size // 2
-    assert lp.parse_cut("6:0.25") == (6, 0.25, None) and lp.parse_cut("8:0.5:512") == (8, 0.5, 512)
+    assert lp.parse_cut("6:0.25") == (6, 0.25, None, 1.0) and lp.parse_cut("8:0.5:512") == (8, 0.5, 512, 1.0)
+    assert lp.parse_cut("8:0.25:heads=0.5") == (8, 0.25, None, 0.5)
     json.dumps(lp.probe_layers(cut, tok, tiny.toy_examples(40, seed=7), tiny.toy_examples(20, seed=8), "c",
                                only_last=True))

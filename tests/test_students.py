@@ -17,7 +17,8 @@ from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.importance import important_layers, layer_distances, task_batches
 from shrink.distill.student import cut_student, even_layers, first_layers
 from shrink.distill.train import DistillConfig, distill, with_prefix
-from shrink.distill.width import Widths, activation_scores, ffn_width, prune_width, target_widths, widths_of
+from shrink.distill.width import (Widths, activation_scores, ffn_width, prune_width, refit_down, target_widths,
+                                  widths_of)
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer
 from shrink.logits import selected_logits
@@ -96,6 +97,30 @@ def test_first_layers_keep_the_teachers_computation_unbroken(teacher, task_files
                               layer_selection="first", device="cpu"))
     assert m.settings["layer_selection"] == "first" and m.settings["layers_kept"] == [0, 1]
 
+@pytest.mark.parametrize("which", ["norms", "norms-embeddings"])
+def test_trainable_norms_leave_the_linear_weights_as_the_teacher_had_them(which, teacher, task_files, tmp_path):
+    """--trainable norms(-embeddings): only the weights llama.cpp keeps at high precision
+    change; every linear weight stays the teacher's (so a quantized teacher's grid, and
+    Q4_K_M's rounding of it, is what training left); `all` changes them too."""
+    def weights(folder):
+        return {n: p.detach().clone() for n, p in load_causal_lm(folder).named_parameters()}
+
+    t = weights(teacher)
+    changed = {}
+    for mode in (which, "all"):
+        out = tmp_path / mode
+        m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=out, layers=2, steps=3, lr=1e-2,
+                                  layer_selection="first", trainable=mode, device="cpu"))
+        assert m.settings["trainable"] == mode
+        s = weights(out)
+        changed[mode] = {n for n, w in s.items() if not torch.allclose(w, t[n], atol=1e-6)}
+    norms = {n for n in t if "norm" in n and n in weights(tmp_path / which)}
+    linear = {n for n in weights(tmp_path / which) if n.endswith("proj.weight")}
+    assert linear and norms and norms <= changed[which] and not linear & changed[which]
+    assert ("model.embed_tokens.weight" in changed[which]) == (which == "norms-embeddings")
+    assert linear <= changed["all"]
+
+
 # --- width pruning ---------------------------------------------------------------------
 
 def test_ffn_width_rounding():
@@ -109,7 +134,34 @@ def test_ffn_width_rounding():
     assert ffn_width(1000, 1.0) == 1000
     assert target_widths(Widths(512, 4, 2, 64), 0.5, 0.5) == Widths(256, 2, 1, 64)
     assert target_widths(Widths(512, 8, 8, 64), 1.0, 0.4) == Widths(512, 3, 3, 64)  # MHA: groups of one
-    assert target_widths(Widths(512, 4, 1, 64), 1.0, 0.5) == Widths(512, 4, 1, 64)  # a single group stays
+    assert target_widths(Widths(512, 4, 1, 64), 1.0, 0.5) == Widths(512, 2, 1, 64)  # one group: query heads go
+    assert target_widths(Widths(512, 32, 8, 128), 1.0, 0.5) == Widths(512, 16, 4, 128)  # Llama 3: groups of 4 stay
+    assert target_widths(Widths(512, 32, 8, 128), 1.0, 0.1) == Widths(512, 3, 1, 128)
+
+
+def test_query_heads_within_a_single_group_are_pruned_by_their_scores(teacher, tmp_path):
+    """Gemma 3 270M has one key/value group: --heads-ratio keeps it and drops query heads.
+    Heads whose o_proj columns are zero add nothing, so dropping exactly them (as their
+    scores say) leaves the logits unchanged; q_proj rows and o_proj columns must agree."""
+    tok = load_tokenizer(teacher)
+    model = tiny.build_gemma3(tmp_path, tok, layers=2, hidden=256).eval()
+    w = widths_of(model)
+    assert (w.heads, w.kv_heads) == (4, 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for h in (0, 2):
+                layer.self_attn.o_proj.weight[:, h * w.head_dim:(h + 1) * w.head_dim] = 0
+    scores = [{"ffn": torch.ones(w.intermediate, dtype=torch.float64),
+               "heads": torch.tensor([0.1, 0.9, 0.2, 0.8], dtype=torch.float64),
+               "groups": torch.ones(1, dtype=torch.float64)} for _ in model.model.layers]
+    pruned = prune_width(model, target_widths(w, 1.0, 0.5), scores)
+    assert widths_of(pruned) == Widths(w.intermediate, 2, 1, w.head_dim)
+    keep = torch.cat([torch.arange(h * w.head_dim, (h + 1) * w.head_dim) for h in (1, 3)])
+    torch.testing.assert_close(pruned.model.layers[0].self_attn.q_proj.weight,
+                               model.model.layers[0].self_attn.q_proj.weight[keep])
+    ids = torch.tensor([tok("Review: the coffee was awful\nSentiment: negative").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def silence(model, heads: bool, seed: int = 0):
@@ -183,6 +235,44 @@ def test_mlp_importance_beats_a_random_slice(teacher, task_files):
         shuffled = [{k: torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in s.items()} for s in scores]
         randoms.append(mean_kl(prune_width(model, target, shuffled), model, tok, held_out))
     assert by_importance < 0.5 * min(randoms), (by_importance, randoms)  # measured: 0.00027 against >= 0.0015
+
+
+def test_refit_down_recovers_a_dropped_channel_its_kept_ones_explain():
+    """Least-squares compensation: a dropped channel that is a mix of kept ones loses
+    nothing once down_proj is re-fitted; plain slicing loses its share of the output."""
+    g = torch.Generator().manual_seed(0)
+    kept_acts = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    acts = torch.cat([kept_acts, (kept_acts @ torch.tensor([[0.5], [-1.0], [2.0]], dtype=torch.float64))], 1)
+    weight = torch.randn(5, 4, generator=g, dtype=torch.float64)  # (hidden, intermediate)
+    kept = torch.tensor([0, 1, 2])
+    gram = acts.T @ acts / len(acts)
+    want = acts @ weight.T
+
+    def error(w):
+        return float((acts[:, kept] @ w.T - want).norm() / want.norm())
+
+    assert error(refit_down(weight, kept, gram)) < 0.02 < 0.3 < error(weight[:, kept])
+
+
+def test_mlp_refit_brings_the_pruned_model_closer_to_the_teacher(teacher, task_files):
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    held_out = load_task(task_files["eval"])[:40]
+    scores = activation_scores(model, task_batches(tok, load_task(task_files["train"]), "cpu"), gram=True)
+    target = target_widths(widths_of(model), 0.25, 1.0)
+    plain = [{k: v for k, v in s.items() if k != "gram"} for s in scores]
+    refit = mean_kl(prune_width(model, target, scores), model, tok, held_out)
+    sliced = mean_kl(prune_width(model, target, plain), model, tok, held_out)
+    assert refit < 0.8 * sliced, (refit, sliced)
+
+
+def test_refit_refuses_gram_matrices_over_its_memory(teacher, task_files, monkeypatch):
+    import shrink.distill.width as width
+
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    monkeypatch.setattr(width, "GRAM_BYTES", 2**20)
+    with pytest.raises(ShrinkError, match=r"--ffn-refit: the least-squares fit holds a 512 x 512 matrix per layer, "
+                                          r"0\.0 GiB for 4 layers, over the 0 GiB it may use"):
+        activation_scores(model, task_batches(tok, load_task(task_files["train"]), "cpu"), gram=True)
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +419,11 @@ def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, t
     (["--layers", "2", "--ffn-ratio", "0"], "--ffn-ratio must be above 0 and at most 1 (1 keeps every one), got 0.0"),
     (["--layers", "2", "--heads-ratio", "1.5"], "--heads-ratio must be above 0 and at most 1 (1 keeps every one), got 1.5"),
     (["--layers", "2", "--hidden-weight", "-1"], "--hidden-weight must be 0 (off) or positive, got -1.0"),
+    (["--layers", "2", "--ffn-refit"], "--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)"),
+    (["--layers", "2", "--trainable", "norms", "--fsdp"], "--trainable norms: not with --fsdp (FSDP shards the weights "
+                                                          "that train; DDP, the default under torchrun, trains a subset)"),
+    (["--layers", "2", "--trainable", "mlp"], "Invalid value for '--trainable': 'mlp' is not one of 'all', 'norms', "
+                                              "'norms-embeddings'."),
 ])
 def test_student_options_refused_on_the_command_line(args, message, teacher, task_files, tmp_path):
     r = CliRunner().invoke(cli, [str(a).format(teacher=teacher) for a in (

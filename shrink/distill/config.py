@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shrink.distill.batches import LOSS_ON
+from shrink.distill.trainable import TRAINABLE
 from shrink.errors import ShrinkError
 from shrink.metrics import METRIC_NAMES
 from shrink.quantize.gguf_size import SIZED
@@ -62,8 +63,12 @@ class DistillConfig:
         "up to layer N, unbroken).", choices=("even", "importance", "first"))
     ffn_ratio: float = option(  # Minitron's width pruning
         1.0, "Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
+    ffn_refit: bool = option(  # shrink.distill.width.refit_down
+        False, "With --ffn-ratio: re-fit each layer's down projection by least squares on the task's tokens, so the "
+        "kept MLP channels stand in for the dropped ones (OBS-style compensation) instead of losing their part.")
     heads_ratio: float = option(
-        1.0, "Fraction of attention heads kept, in whole key/value groups, by activation on the task (1 = all).")
+        1.0, "Fraction of attention heads kept, by activation on the task: whole key/value groups, and query heads "
+        "within each kept group (1 = all).")
     hidden_size: int | None = option(  # shrink.distill.hidden_width
         None, "Hidden (embedding) channels the student keeps, by activation on the task: a multiple of 256 below the "
         "teacher's.")
@@ -84,6 +89,10 @@ class DistillConfig:
     loss_on: str = option(  # shrink.distill.batches: which positions; CE stays on the completion
         "completion", "Where the divergence to the teacher is taken: the completion's tokens, or the prompt's too "
         "(more positions per step; cross-entropy stays on the completion).", choices=LOSS_ON)
+    trainable: str = option(  # shrink.distill.trainable
+        "all", "Which weights train: all, or only those the GGUF export keeps at high precision (the norms, float32 "
+        "in llama.cpp; and the token embedding, 6-8 bits), so a gentle run's changes survive Q4_K_M rounding.",
+        choices=TRAINABLE)
     hidden_weight: float = option(
         0.0, "Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
     on_policy: float = option(  # shrink.distill.on_policy

@@ -92,12 +92,13 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         now = widths_of(student)
         target = target_widths(now, cfg.ffn_ratio, cfg.heads_ratio)
         student = student.to(device).eval()
-        scores = activation_scores(student, task_batches(tokenizer, examples, device, cfg.max_length))
+        scores = activation_scores(student, task_batches(tokenizer, examples, device, cfg.max_length), gram=cfg.ffn_refit)
         student = prune_width(student, target, scores)
         info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
                           "attention_heads": [now.heads, target.heads],
                           "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
-        console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels, "
+        console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels"
+                      + (" (down projection re-fitted)" if cfg.ffn_refit else "") + ", "
                       f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
     width = hidden_size_of(student)
     hidden = hidden or target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)

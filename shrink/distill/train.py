@@ -48,6 +48,7 @@ from shrink.distill.config import DistillConfig
 from shrink.distill.loss import IGNORE, distill_loss
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.split_words import WordSplitter, teacher_rows
+from shrink.distill.trainable import TRAINABLE, mark_trainable
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
 from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn, student_eos
@@ -116,8 +117,15 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
     if cfg.split_words and cfg.hidden_weight:
         raise ShrinkError("--split-words: not with --hidden-weight (a split sequence has more positions than the "
                           "teacher's, so their hidden states do not pair up)")
+    if cfg.trainable not in TRAINABLE:
+        raise ShrinkError(f"--trainable must be one of {', '.join(TRAINABLE)}, got {cfg.trainable!r}")
+    if cfg.trainable != "all" and cfg.fsdp:
+        raise ShrinkError(f"--trainable {cfg.trainable}: not with --fsdp (FSDP shards the weights that train; "
+                          "DDP, the default under torchrun, trains a subset)")
     if cfg.layer_selection not in ("even", "importance", "first"):
         raise ShrinkError(f"--layer-selection must be even, importance or first, got {cfg.layer_selection!r}")
+    if cfg.ffn_refit and cfg.ffn_ratio >= 1.0:
+        raise ShrinkError("--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)")
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
         if not 0.0 < ratio <= 1.0:
             raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")
@@ -260,8 +268,11 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         console.print(f"shared prompt prefix: {len(shared)} tokens, run once through the teacher")
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total_steps = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    count = mark_trainable(student, cfg.trainable)  # before DDP, which syncs the gradients of what trains
+    if cfg.trainable != "all":
+        console.print(f"training only the {cfg.trainable.replace('-', ' and ')}: {count:,} weights")
     trainee = distributed.StudentStep(student, ranks, cfg.fsdp, device)  # DDP or FSDP under torchrun
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
     step, history = 0, []
     if cfg.resume:

@@ -9,8 +9,10 @@ and let distillation recover the rest.
   (act(gate(x)) * up(x)).
 - Attention head h: mean over tokens of the L2 norm of the head's attention output (its
   slice of o_proj's input). Keys and values are shared by a group of query heads (GQA),
-  so whole groups are kept or dropped, scored by the sum of their heads: the number of
-  query heads per key/value head stays the same, as the attention code requires.
+  so groups are kept or dropped whole, scored by the sum of their heads; within each kept
+  group its highest-scoring query heads stay, the same number in every group (as the
+  attention code requires). A model with a single group (Gemma 3 270M: 4 query heads,
+  1 key/value head) keeps it and drops query heads.
 
 Each layer keeps its own channels and heads; the counts are the same in every layer, as
 a config holds one width. Widths are rounded for llama.cpp's quantizers:
@@ -18,9 +20,10 @@ a config holds one width. Widths are rounded for llama.cpp's quantizers:
   when the original was, else a multiple of 32 (Q8_0/Q4_0 blocks): the nearest multiple
   to ratio * size, at least one multiple, at most the original size. down_proj reads
   that many values per row.
-- the heads: round(ratio * kv_heads) groups, at least one. o_proj reads
-  query_heads * head_dim values per row, a multiple of 256 whenever one group's width
-  (query heads per group * head_dim) is, as in most models (Llama 3, Gemma 3: 256).
+- the heads: round(ratio * kv_heads) groups, at least one, each keeping round(ratio *
+  heads / groups) query heads, at least one. o_proj reads query_heads * head_dim values
+  per row, a multiple of 256 whenever head_dim is (Llama 3: 128 per head, 4 per group;
+  Gemma 3: 256).
 head_dim is written into the config, so it is not recomputed as hidden_size / heads.
 Per-head norms (Gemma 3's and Qwen 3's q_norm/k_norm) act on head_dim and are unchanged.
 """
@@ -49,6 +52,8 @@ SLICES = {
     "mlp.up_proj.bias": ("ffn", 0),
     "mlp.down_proj.weight": ("ffn", 1),  # down_proj's bias is per hidden unit: unchanged
 }
+GRAM_BYTES = 8 * 2**30  # --ffn-refit's float64 Gram matrices, all layers together (Gemma 3 270M: 32 MiB a layer)
+DAMP = 0.01  # of the Gram matrix's mean diagonal, added to its diagonal (GPTQ's damping)
 REQUIRED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -79,14 +84,24 @@ def ffn_width(size: int, ratio: float) -> int:
 
 
 def target_widths(now: Widths, ffn_ratio: float, heads_ratio: float) -> Widths:
-    kv = now.kv_heads if heads_ratio >= 1.0 else max(1, round(heads_ratio * now.kv_heads))
-    return Widths(ffn_width(now.intermediate, ffn_ratio), kv * (now.heads // now.kv_heads), kv, now.head_dim)
+    """The widths `ffn_ratio` and `heads_ratio` keep: round(ratio * kv_heads) key/value
+    groups (at least one), each with round(ratio * heads / groups) of its query heads (at
+    least one): a model with one group (Gemma 3 270M) keeps it and drops query heads."""
+    ffn = ffn_width(now.intermediate, ffn_ratio)
+    if heads_ratio >= 1.0:
+        return Widths(ffn, now.heads, now.kv_heads, now.head_dim)
+    kv = max(1, round(heads_ratio * now.kv_heads))
+    per_group = min(now.heads // now.kv_heads, max(1, round(heads_ratio * now.heads / kv)))
+    return Widths(ffn, kv * per_group, kv, now.head_dim)
 
 
-def activation_scores(model, batches) -> list[dict]:
-    """Per decoder layer: {"ffn": (intermediate,) mean |input of down_proj|, "groups":
-    (kv_heads,) summed mean L2 norm of each group's heads' attention output}, over the
-    non-pad tokens of `batches` ((ids, attention mask) pairs)."""
+def activation_scores(model, batches, gram: bool = False) -> list[dict]:
+    """Per decoder layer: {"ffn": (intermediate,) mean |input of down_proj|, "heads":
+    (heads,) mean L2 norm of each query head's attention output, "groups": (kv_heads,)
+    the sum of that over each key/value group's heads}, over the
+    non-pad tokens of `batches` ((ids, attention mask) pairs). With `gram`, also "gram":
+    the (intermediate, intermediate) mean of a a^T over the tokens, a being down_proj's
+    input, which refit_down needs."""
     import torch
 
     from shrink.distill.layers import decoder_layers
@@ -96,12 +111,23 @@ def activation_scores(model, batches) -> list[dict]:
     check_layout(model)
     sums = [{"ffn": torch.zeros(w.intermediate, dtype=torch.float64),
              "heads": torch.zeros(w.heads, dtype=torch.float64)} for _ in layers]
+    if gram:
+        need = len(layers) * w.intermediate ** 2 * 8
+        if need > GRAM_BYTES:
+            raise ModelError(f"--ffn-refit: the least-squares fit holds a {w.intermediate:,} x {w.intermediate:,} matrix "
+                             f"per layer, {need / 2**30:.1f} GiB for {len(layers)} layers, over the "
+                             f"{GRAM_BYTES // 2**30} GiB it may use; leave --ffn-refit out for this model")
+        for entry in sums:
+            entry["gram"] = torch.zeros(w.intermediate, w.intermediate, dtype=torch.float64)
     current = {}
 
     def on_ffn(index):
         def record(module, args):
             a = args[0][current["valid"]]  # (tokens, intermediate)
             sums[index]["ffn"] += a.abs().double().sum(0).cpu()
+            if gram:
+                a = a.double().cpu()
+                sums[index]["gram"] += a.T @ a
         return record
 
     def on_heads(index):
@@ -116,8 +142,9 @@ def activation_scores(model, batches) -> list[dict]:
         handles.append(layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(on_heads(i)))
     count = run_hooked(model, batches, handles, current)
     per_group = w.heads // w.kv_heads
-    return [{"ffn": s["ffn"] / max(count, 1), "groups": (s["heads"] / max(count, 1)).view(w.kv_heads, per_group).sum(-1)}
-            for s in sums]
+    return [{"ffn": s["ffn"] / max(count, 1), "heads": s["heads"] / max(count, 1),
+             "groups": (s["heads"] / max(count, 1)).view(w.kv_heads, per_group).sum(-1),
+             **({"gram": s["gram"] / max(count, 1)} if gram else {})} for s in sums]
 
 
 def check_layout(model) -> None:
@@ -144,7 +171,9 @@ def prune_width(model, target: Widths, scores: list[dict]):
     for s in scores:
         ffn = torch.topk(s["ffn"], target.intermediate).indices.sort().values
         groups = torch.topk(s["groups"], target.kv_heads).indices.sort().values
-        q_heads = (groups[:, None] * per_group + torch.arange(per_group)).flatten()
+        keep_per_group = target.heads // target.kv_heads
+        heads = s["heads"].view(now.kv_heads, per_group)  # within a kept group, its highest-scoring query heads
+        q_heads = torch.cat([g * per_group + torch.topk(heads[g], keep_per_group).indices.sort().values for g in groups])
         index.append({"ffn": ffn, "kv": _rows(groups, now.head_dim), "q": _rows(q_heads, now.head_dim)})
 
     state = {}
@@ -155,7 +184,12 @@ def prune_width(model, target: Widths, scores: list[dict]):
             state[key] = tensor
         else:
             which, dim = rule
-            state[key] = tensor.index_select(dim, index[int(m.group(2))][which].to(tensor.device)).clone()
+            layer = int(m.group(2))
+            kept = index[layer][which].to(tensor.device)
+            if m.group(3) == ".mlp.down_proj.weight" and "gram" in scores[layer]:
+                state[key] = refit_down(tensor, kept, scores[layer]["gram"])
+            else:
+                state[key] = tensor.index_select(dim, kept).clone()
 
     config = model.config.__class__.from_dict(model.config.to_dict())
     text = config.get_text_config()
@@ -164,6 +198,26 @@ def prune_width(model, target: Widths, scores: list[dict]):
     text.num_key_value_heads = target.kv_heads
     text.head_dim = now.head_dim  # explicit: hidden_size / heads would now be wrong
     return model_from_state(config, state, "width-pruned student")
+
+
+
+
+def refit_down(weight, kept, gram):
+    """down_proj's weight (hidden, intermediate) for the `kept` channels alone, re-fitted by
+    least squares so that the pruned MLP's output on the calibration tokens stays as close
+    as it can to the whole MLP's: W_K = W G[:, K] (G[K, K] + damp I)^-1, G being the mean
+    a a^T of down_proj's input a (the compensation step of OBS-style structured pruning,
+    as in ZipLM and SlimGPT). Without it the dropped channels' part of the output is
+    simply lost, for training to recover."""
+    import torch
+
+    g = gram.to(torch.float64)
+    k = kept.cpu()
+    gkk = g[k][:, k]
+    gkk = gkk + DAMP * gkk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(k), dtype=torch.float64)
+    cross = g[:, k]  # (intermediate, kept)
+    fitted = torch.linalg.solve(gkk, cross.T @ weight.double().cpu().T).T  # W G[:, K] G[K, K]^-1; G is symmetric
+    return fitted.to(weight.dtype).to(weight.device)
 
 
 def _rows(units, size: int):
