@@ -152,8 +152,7 @@ def test_query_heads_within_a_single_group_are_pruned_by_their_scores(teacher, t
             for h in (0, 2):
                 layer.self_attn.o_proj.weight[:, h * w.head_dim:(h + 1) * w.head_dim] = 0
     scores = [{"ffn": torch.ones(w.intermediate, dtype=torch.float64),
-               "heads": torch.tensor([0.1, 0.9, 0.2, 0.8], dtype=torch.float64),
-               "groups": torch.ones(1, dtype=torch.float64)} for _ in model.model.layers]
+               "heads": torch.tensor([0.1, 0.9, 0.2, 0.8], dtype=torch.float64)} for _ in model.model.layers]
     pruned = prune_width(model, target_widths(w, 1.0, 0.5), scores)
     assert widths_of(pruned) == Widths(w.intermediate, 2, 1, w.head_dim)
     keep = torch.cat([torch.arange(h * w.head_dim, (h + 1) * w.head_dim) for h in (1, 3)])

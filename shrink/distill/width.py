@@ -97,9 +97,8 @@ def target_widths(now: Widths, ffn_ratio: float, heads_ratio: float) -> Widths:
 
 def activation_scores(model, batches, gram: bool = False) -> list[dict]:
     """Per decoder layer: {"ffn": (intermediate,) mean |input of down_proj|, "heads":
-    (heads,) mean L2 norm of each query head's attention output, "groups": (kv_heads,)
-    the sum of that over each key/value group's heads}, over the
-    non-pad tokens of `batches` ((ids, attention mask) pairs). With `gram`, also "gram":
+    (heads,) mean L2 norm of each query head's attention output}, over the non-pad tokens
+    of `batches` ((ids, attention mask) pairs). With `gram`, also "gram":
     the (intermediate, intermediate) mean of a a^T over the tokens, a being down_proj's
     input, which refit_down needs."""
     import torch
@@ -141,9 +140,7 @@ def activation_scores(model, batches, gram: bool = False) -> list[dict]:
         handles.append(layer.get_submodule("mlp.down_proj").register_forward_pre_hook(on_ffn(i)))
         handles.append(layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(on_heads(i)))
     count = run_hooked(model, batches, handles, current)
-    per_group = w.heads // w.kv_heads
     return [{"ffn": s["ffn"] / max(count, 1), "heads": s["heads"] / max(count, 1),
-             "groups": (s["heads"] / max(count, 1)).view(w.kv_heads, per_group).sum(-1),
              **({"gram": s["gram"] / max(count, 1)} if gram else {})} for s in sums]
 
 
@@ -170,9 +167,9 @@ def prune_width(model, target: Widths, scores: list[dict]):
     index = []
     for s in scores:
         ffn = torch.topk(s["ffn"], target.intermediate).indices.sort().values
-        groups = torch.topk(s["groups"], target.kv_heads).indices.sort().values
-        keep_per_group = target.heads // target.kv_heads
-        heads = s["heads"].view(now.kv_heads, per_group)  # within a kept group, its highest-scoring query heads
+        heads = s["heads"].view(now.kv_heads, per_group)
+        groups = torch.topk(heads.sum(-1), target.kv_heads).indices.sort().values  # a group scores its heads' sum
+        keep_per_group = target.heads // target.kv_heads  # within a kept group, its highest-scoring query heads
         q_heads = torch.cat([g * per_group + torch.topk(heads[g], keep_per_group).indices.sort().values for g in groups])
         index.append({"ffn": ffn, "kv": _rows(groups, now.head_dim), "q": _rows(q_heads, now.head_dim)})
 
