@@ -11,7 +11,7 @@ fitted on the training split's labels and scored on the dev split; nothing is tu
 test, which this script never reads. `--cut LAYERS:FFN_RATIO[:HIDDEN][:heads=R]` also
 probes the last layer of a student cut from the teacher's first LAYERS layers, narrowed
 as `shrink distill --layer-selection first --ffn-ratio R [--hidden-size H] [--heads-ratio
-R]` narrows it (`--refit`: with --ffn-refit), before any training: what width pruning
+R]` narrows it (`--refit`: with --ffn-refit; `--scores fisher`: --width-scores fisher), before any training: what width pruning
 leaves for distillation to recover. `--no-teacher` skips the teacher's own layers.
 
 It answers where a cut student's layers should come from (issue 15): a probe reads a
@@ -84,7 +84,7 @@ def probe_layers(model, tokenizer, train, dev, label: str, only_last: bool = Fal
 
 
 def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidden: int | None, heads: float = 1.0,
-              refit: bool = False):
+              refit: bool = False, width_scores: str = "activation"):
     from shrink.distill.hidden_width import channel_scores, prune_hidden
     from shrink.distill.importance import task_batches
     from shrink.distill.student import cut_student, first_layers
@@ -93,6 +93,11 @@ def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidde
     student = cut_student(teacher, first_layers(len(teacher.model.layers), layers)).eval()
     if ffn_ratio < 1.0 or heads < 1.0:
         scores = activation_scores(student, task_batches(tokenizer, examples, "cpu"), gram=refit and ffn_ratio < 1.0)
+        if width_scores == "fisher":
+            from shrink.distill.fisher import fisher_scores
+
+            keep = first_layers(len(teacher.model.layers), layers)
+            scores = [{**s, **f} for s, f in zip(scores, fisher_scores(teacher, keep, tokenizer, examples))]
         student = prune_width(student, target_widths(widths_of(student), ffn_ratio, heads), scores).eval()
     if hidden is not None:
         student, _ = prune_hidden(student, hidden, channel_scores(student, task_batches(tokenizer, examples, "cpu")))
@@ -106,6 +111,8 @@ def main() -> int:
                     help="also probe a pruned cut, LAYERS:FFN_RATIO[:HIDDEN][:heads=R] (repeatable)")
     ap.add_argument("--refit", action="store_true",
                     help="width-prune the cuts with down_proj re-fitted by least squares (--ffn-refit)")
+    ap.add_argument("--scores", choices=("activation", "fisher"), default="activation",
+                    help="how the cuts rank channels and heads (--width-scores)")
     ap.add_argument("--no-teacher", action="store_true", help="probe only the --cut students, not the teacher's layers")
     ap.add_argument("--out", type=Path, default=Path("bench/probe-run"))
     ap.add_argument("--json", action="store_true")
@@ -131,8 +138,9 @@ def main() -> int:
     examples = load_task(files["train"])
     record["cuts"] = []
     for layers, ratio, hidden, heads in args.cut:
-        model = cut_model(teacher, tokenizer, examples, layers, ratio, hidden, heads, args.refit)
-        width = {"layers": layers, "ffn_ratio": ratio, "hidden_size": hidden, "heads_ratio": heads, "refit": args.refit}
+        model = cut_model(teacher, tokenizer, examples, layers, ratio, hidden, heads, args.refit, args.scores)
+        width = {"layers": layers, "ffn_ratio": ratio, "hidden_size": hidden, "heads_ratio": heads, "refit": args.refit,
+                 "scores": args.scores}
         record["cuts"].append({**width, **probe_layers(model, tokenizer, rows["train"], rows["dev"],
                                                        f"cut {layers}:{ratio}", only_last=True)[0]})
     record["seconds"] = round(time.perf_counter() - started, 1)
@@ -147,7 +155,8 @@ def main() -> int:
             name = f"teacher layer {r['layer']}" if "layers" not in r else \
                 f"first {r['layers']} layers, ffn {r['ffn_ratio']}" + (f", hidden {r['hidden_size']}" if r["hidden_size"] else "") \
                 + (f", heads {r['heads_ratio']}" if r.get("heads_ratio", 1.0) < 1.0 else "") \
-                + (", down_proj re-fitted" if r.get("refit") else "")
+                + (", down_proj re-fitted" if r.get("refit") else "") \
+                + (f", {r['scores']} scores" if r.get("scores", "activation") != "activation" else "")
             cells = [f"{r[k][c]:.1%}" for k in ("mean", "last_token") for c in (f"C={x}" for x in C_GRID)]
             print(f"| {name} | " + " | ".join(cells) + " |")
         print(f"\nrecorded {path}")

@@ -38,3 +38,18 @@ def test_a_cut_keeps_the_first_layers_narrowed(teacher, task_files):
     assert lp.parse_cut("8:0.25:heads=0.5") == (8, 0.25, None, 0.5)
     json.dumps(lp.probe_layers(cut, tok, tiny.toy_examples(40, seed=7), tiny.toy_examples(20, seed=8), "c",
                                only_last=True))
+
+
+def test_a_cut_with_fisher_scores_keeps_the_channels_the_answer_needs(teacher, task_files):
+    import torch
+
+    from shrink.distill.fisher import fisher_scores
+
+    lp = load("layer_probe")
+    model, tok = load_causal_lm(teacher).eval(), load_tokenizer(teacher)
+    examples = load_task(task_files["train"])[:32]
+    cut = lp.cut_model(model, tok, examples, 2, 0.5, None, width_scores="fisher")
+    scores = fisher_scores(model, [0, 1], tok, examples)
+    for i, layer in enumerate(cut.model.layers):
+        kept = torch.topk(scores[i]["ffn"], cut.config.intermediate_size).indices.sort().values
+        torch.testing.assert_close(layer.mlp.up_proj.weight, model.model.layers[i].mlp.up_proj.weight[kept])

@@ -421,6 +421,11 @@ def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, t
     (["--layers", "2", "--ffn-refit"], "--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)"),
     (["--layers", "2", "--trainable", "norms", "--fsdp"], "--trainable norms: not with --fsdp (FSDP shards the weights "
                                                           "that train; DDP, the default under torchrun, trains a subset)"),
+    (["--layers", "2", "--width-scores", "fisher"],
+     "--width-scores fisher: only with --ffn-ratio or --heads-ratio below 1 (it ranks what width pruning keeps)"),
+    (["--student", "{teacher}", "--ffn-ratio", "0.5", "--width-scores", "fisher"],
+     "--width-scores fisher: not with --student (the scores are the teacher's layers', and --student's layers are "
+     "not the teacher's)"),
     (["--layers", "2", "--trainable", "mlp"], "Invalid value for '--trainable': 'mlp' is not one of 'all', 'norms', "
                                               "'norms-embeddings'."),
 ])

@@ -66,6 +66,10 @@ class DistillConfig:
     ffn_refit: bool = option(  # shrink.distill.width.refit_down
         False, "With --ffn-ratio: re-fit each layer's down projection by least squares on the task's tokens, so the "
         "kept MLP channels stand in for the dropped ones (OBS-style compensation) instead of losing their part.")
+    width_scores: str = option(  # shrink.distill.width (activation), shrink.distill.fisher
+        "activation", "How --ffn-ratio/--heads-ratio rank channels and heads: by mean activation on the task "
+        "(Minitron), or by how much the teacher's answer depends on them (Fisher information of a mask on each, "
+        "from the teacher's gradients on the training completions).", choices=("activation", "fisher"))
     heads_ratio: float = option(
         1.0, "Fraction of attention heads kept, by activation on the task: whole key/value groups, and query heads "
         "within each kept group (1 = all).")

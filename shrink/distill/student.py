@@ -60,6 +60,7 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     (shrink.distill.hidden_width). Returns (student, the teacher layer each student layer
     was copied from (None for --student), settings to record in the manifest)."""
     from shrink.console import console
+    from shrink.distill.fisher import fisher_scores
     from shrink.distill.hidden_width import channel_scores, hidden_size_of, prune_hidden, target_hidden
     from shrink.distill.importance import important_layers, layer_distances, task_batches
     from shrink.distill.size_budget import budget_of, choose_size
@@ -93,11 +94,14 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         target = target_widths(now, cfg.ffn_ratio, cfg.heads_ratio)
         student = student.to(device).eval()
         scores = activation_scores(student, task_batches(tokenizer, examples, device, cfg.max_length), gram=cfg.ffn_refit)
+        if cfg.width_scores == "fisher":  # rank by the teacher's answer; the Gram matrices stay the student's
+            fisher = fisher_scores(teacher, keep, tokenizer, examples, cfg.max_length)
+            scores = [{**s, **f} for s, f in zip(scores, fisher)]
         student = prune_width(student, target, scores)
         info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
                           "attention_heads": [now.heads, target.heads],
                           "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
-        console.print(f"width pruned: MLP {now.intermediate} -> {target.intermediate} channels"
+        console.print(f"width pruned ({cfg.width_scores} scores): MLP {now.intermediate} -> {target.intermediate} channels"
                       + (" (down projection re-fitted)" if cfg.ffn_refit else "") + ", "
                       f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
     width = hidden_size_of(student)

@@ -126,6 +126,12 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         raise ShrinkError(f"--layer-selection must be even, importance or first, got {cfg.layer_selection!r}")
     if cfg.ffn_refit and cfg.ffn_ratio >= 1.0:
         raise ShrinkError("--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)")
+    if cfg.width_scores != "activation" and cfg.ffn_ratio >= 1.0 and cfg.heads_ratio >= 1.0:
+        raise ShrinkError(f"--width-scores {cfg.width_scores}: only with --ffn-ratio or --heads-ratio below 1 "
+                          "(it ranks what width pruning keeps)")
+    if cfg.width_scores == "fisher" and cfg.student is not None:
+        raise ShrinkError("--width-scores fisher: not with --student (the scores are the teacher's layers', "
+                          "and --student's layers are not the teacher's)")
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
         if not 0.0 < ratio <= 1.0:
             raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")
