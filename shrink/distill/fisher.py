@@ -61,8 +61,9 @@ def fisher_scores(teacher, keep: list[int], tokenizer, examples: list, max_lengt
 
     def accumulate(slot, name, a):
         def on_grad(g):
-            valid = current["attn"].to(g.dtype).unsqueeze(-1)  # (batch, seq, 1)
-            per_example = (g * a * valid).sum(1).double()  # (batch, width): d loglik / d mask, one row per example
+            valid = current["attn"].unsqueeze(-1)  # (batch, seq, 1)
+            # (batch, width): d loglik / d mask, one row per example; summed in float32 (a bf16 teacher's too)
+            per_example = (g.float() * a.float() * valid).sum(1).double()
             if name == "heads":
                 per_example = per_example.view(per_example.shape[0], w.heads, w.head_dim).sum(-1)
             sums[slot][name] += per_example.pow(2).sum(0).cpu()
