@@ -88,16 +88,14 @@ def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidde
     from shrink.distill.hidden_width import channel_scores, prune_hidden
     from shrink.distill.importance import task_batches
     from shrink.distill.student import cut_student, first_layers
-    from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
+    from shrink.distill.student import width_scores as scores_for
+    from shrink.distill.width import prune_width, target_widths, widths_of
 
-    student = cut_student(teacher, first_layers(len(teacher.model.layers), layers)).eval()
+    keep = first_layers(len(teacher.model.layers), layers)
+    student = cut_student(teacher, keep).eval()
     if ffn_ratio < 1.0 or heads < 1.0:
-        scores = activation_scores(student, task_batches(tokenizer, examples, "cpu"), gram=refit and ffn_ratio < 1.0)
-        if width_scores == "fisher":
-            from shrink.distill.fisher import fisher_scores
-
-            keep = first_layers(len(teacher.model.layers), layers)
-            scores = [{**s, **f} for s, f in zip(scores, fisher_scores(teacher, keep, tokenizer, examples))]
+        scores = scores_for(student, teacher, keep, tokenizer, examples, "cpu", 512, width_scores,
+                            refit and ffn_ratio < 1.0)
         student = prune_width(student, target_widths(widths_of(student), ffn_ratio, heads), scores).eval()
     if hidden is not None:
         student, _ = prune_hidden(student, hidden, channel_scores(student, task_batches(tokenizer, examples, "cpu")))

@@ -60,11 +60,10 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     (shrink.distill.hidden_width). Returns (student, the teacher layer each student layer
     was copied from (None for --student), settings to record in the manifest)."""
     from shrink.console import console
-    from shrink.distill.fisher import fisher_scores
     from shrink.distill.hidden_width import channel_scores, hidden_size_of, prune_hidden, target_hidden
     from shrink.distill.importance import important_layers, layer_distances, task_batches
     from shrink.distill.size_budget import budget_of, choose_size
-    from shrink.distill.width import activation_scores, prune_width, target_widths, widths_of
+    from shrink.distill.width import prune_width, target_widths, widths_of
     from shrink.hf import load_causal_lm
 
     info: dict = {}
@@ -93,10 +92,8 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         now = widths_of(student)
         target = target_widths(now, cfg.ffn_ratio, cfg.heads_ratio)
         student = student.to(device).eval()
-        scores = activation_scores(student, task_batches(tokenizer, examples, device, cfg.max_length), gram=cfg.ffn_refit)
-        if cfg.width_scores == "fisher":  # rank by the teacher's answer; the Gram matrices stay the student's
-            fisher = fisher_scores(teacher, keep, tokenizer, examples, cfg.max_length)
-            scores = [{**s, **f} for s, f in zip(scores, fisher)]
+        scores = width_scores(student, teacher, keep, tokenizer, examples, device, cfg.max_length, cfg.width_scores,
+                              cfg.ffn_refit)
         student = prune_width(student, target, scores)
         info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
                           "attention_heads": [now.heads, target.heads],
@@ -115,6 +112,26 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
         console.print(f"hidden size pruned: {width} -> {hidden} channels")
     inherit_generation(student, teacher)
     return student, keep, info
+
+
+def width_scores(student, teacher, keep, tokenizer, examples, device: str, max_length: int, method: str,
+                 refit: bool) -> list[dict]:
+    """What prune_width ranks the cut `student`'s channels and heads by (`method`, --width-scores):
+    its own mean activations (shrink.distill.width), or the Fisher scores of the teacher
+    layers `keep` it was cut from (shrink.distill.fisher); with `refit`, the student's Gram
+    matrices for --ffn-refit too. The student's activation pass runs only when one of them
+    needs it."""
+    from shrink.distill.fisher import fisher_scores
+    from shrink.distill.importance import task_batches
+    from shrink.distill.width import activation_scores
+
+    own = None
+    if method == "activation" or refit:
+        own = activation_scores(student, task_batches(tokenizer, examples, device, max_length), gram=refit)
+    if method == "activation":
+        return own
+    fisher = fisher_scores(teacher, keep, tokenizer, examples, max_length)
+    return fisher if own is None else [{**s, **f} for s, f in zip(own, fisher)]
 
 
 def inherit_generation(student, teacher) -> None:
