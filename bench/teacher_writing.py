@@ -34,9 +34,10 @@ def write_texts(gguf: Path, prompts: list[str], max_tokens: int, seed: int, thre
 
     from shrink import quiet
     from shrink.console import progress
+    from shrink.runtime.llama_cpp import plain_weight_buffers
 
     threads = threads or os.cpu_count() or 1
-    with quiet.llama_errors():
+    with quiet.llama_errors(), plain_weight_buffers():
         llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                               seed=seed, verbose=False)
     out = []

@@ -50,18 +50,23 @@ def mean_kl(student, teacher, tokenizer, examples) -> float:
 
 
 def test_distillation_pulls_student_towards_teacher(teacher, task_files, tmp_path):
-    held_out = load_task(task_files["eval"])[:40]
+    """The KL to the teacher on the examples distilled on falls far. Held-out reviews are
+    no gauge at this scale: the cut toy student starts within 0.01-0.05 nats of the toy
+    teacher there, and how 600 examples move that depends on how the session's teacher
+    happened to train (measured: 0.28x on an AMD EPYC, 4.3x on an Intel Xeon, where the
+    training-set KL fell 55x)."""
+    seen = load_task(task_files["train"])[:40]
     tok = load_tokenizer(teacher)
     t_model = load_causal_lm(teacher)
     fresh = cut_student(t_model, even_layers(4, 2))
-    kl_before = mean_kl(fresh, t_model, tok, held_out)
+    kl_before = mean_kl(fresh, t_model, tok, seen)
 
     cfg = DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", layers=2,
                         steps=60, batch_size=16, lr=1e-3, device="cpu")
     manifest = distill(cfg)
     trained = load_causal_lm(tmp_path / "s")
-    kl_after = mean_kl(trained, t_model, tok, held_out)
-    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)  # measured: about 0.28x
+    kl_after = mean_kl(trained, t_model, tok, seen)
+    assert kl_after < 0.1 * kl_before, (kl_before, kl_after)  # measured: 0.018x (0.0204 -> 0.00037)
 
     assert manifest.kind == "student" and manifest.format == "hf"
     assert manifest.settings["layers_kept"] == [0, 3]

@@ -235,6 +235,35 @@ def test_q8_0_agrees_with_f16(rt, quantized):
     assert agree / total >= 0.9
 
 
+def test_weights_stay_out_of_amx_buffers(quantized):
+    """On a CPU with Intel AMX (Xeon Sapphire Rapids and later) llama.cpp puts the weights
+    it has AMX kernels for into AMX buffers, and its ggml_backend_amx_mul_mat segfaults on
+    this repository's Q4_K_M toy models (ggml-org/llama.cpp#20824): the runtime loads them
+    into plain CPU buffers there. Elsewhere llama.cpp's defaults stand."""
+    import llama_cpp
+
+    from shrink import quiet
+    from shrink.runtime.llama_cpp import amx_cpu, plain_weight_buffers
+
+    def weight_buffers(load) -> list[str]:
+        """The buffer kinds llama.cpp's loader reports ("CPU_Mapped", "AMX", ...)."""
+        lines: list[str] = []
+        with quiet.llama_listen(lambda level, text: lines.append(text)):
+            load()
+        return [t.split("model buffer size")[0].split(":")[-1].strip() for t in lines if "model buffer size" in t]
+
+    gguf = str(quantized["Q4_K_M"])
+    ours = weight_buffers(lambda: LlamaCppRuntime(gguf, threads=1).close())
+    assert ours and "AMX" not in ours, ours
+    with plain_weight_buffers():
+        inside = llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert inside is not amx_cpu()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts  # the defaults are back after the block
+    if amx_cpu():  # what is avoided is real here: llama.cpp's own defaults use the AMX buffers
+        plain = weight_buffers(lambda: llama_cpp.Llama(gguf, n_ctx=64, n_threads=1, verbose=False).close())
+        assert "AMX" in plain, plain
+
+
 def test_quantize_failure_is_explained(teacher, tmp_path):
     dst = tmp_path / "out.gguf"
     expected = "llama.cpp could not quantize config.json to Q8_0: .*failed to load"

@@ -141,23 +141,26 @@ def test_bad_beta_on_the_command_line(teacher, task_files, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def held_out(teacher, task_files):
-    """The teacher, its tokenizer, held-out prompts and the KL of the freshly cut student."""
+def seen(teacher, task_files):
+    """The teacher, its tokenizer, 40 of the examples distilled on and the KL of the freshly
+    cut student there. Not held-out ones: the cut toy student starts within 0.01-0.05 nats
+    of the toy teacher on those, and whether 600 examples move it closer depends on how
+    the session's teacher happened to train on the machine (tests/test_distill.py)."""
     tok, t_model = load_tokenizer(teacher), load_causal_lm(teacher)
-    examples = load_task(task_files["eval"])[:40]
+    examples = load_task(task_files["train"])[:40]
     return tok, t_model, examples, mean_kl(cut_student(t_model, even_layers(4, 2)), t_model, tok, examples)
 
 
 @pytest.mark.parametrize("kind", LOSSES)
-def test_each_loss_pulls_the_student_towards_the_teacher(kind, held_out, teacher, task_files, tmp_path):
-    tok, t_model, examples, kl_before = held_out
+def test_each_loss_pulls_the_student_towards_the_teacher(kind, seen, teacher, task_files, tmp_path):
+    tok, t_model, examples, kl_before = seen
     r = CliRunner().invoke(cli, [str(a) for a in (
         "distill", "--teacher", teacher, "--data", task_files["train"], "--out", tmp_path / "s", "--layers", "2",
         "--loss", kind, "--beta", "0.3", "--alpha", "1.0", "--steps", "25", "--batch-size", "16", "--lr", "1e-3",
         "--device", "cpu", "--json")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     kl_after = mean_kl(load_causal_lm(tmp_path / "s"), t_model, tok, examples)
-    assert kl_after < 0.5 * kl_before, (kind, kl_before, kl_after)  # measured: 0.12x (fkl) to 0.27x (rkl)
+    assert kl_after < 0.2 * kl_before, (kind, kl_before, kl_after)  # measured on an Intel Xeon: 0.025x (fkl) to 0.037x (rkl)
     import json
 
     settings = json.loads(r.stdout)["settings"]

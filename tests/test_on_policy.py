@@ -116,8 +116,8 @@ def test_on_policy_batch_is_the_students_samples_read_by_the_teacher(teacher, ta
 
 
 def divergence_on_own_samples(student_dir_or_model, teacher_dir, task_file) -> float:
-    """The student's jsd to the teacher (T = 1) on completions it samples itself for 24
-    held-out prompts (fixed seeds)."""
+    """The student's jsd to the teacher (T = 1) on completions it samples itself for the
+    first 24 prompts of `task_file` (fixed seeds)."""
     tok = load_tokenizer(teacher_dir)
     teacher = load_causal_lm(teacher_dir)
     student = student_dir_or_model if not isinstance(student_dir_or_model, Path) else load_causal_lm(student_dir_or_model)
@@ -131,12 +131,15 @@ def divergence_on_own_samples(student_dir_or_model, teacher_dir, task_file) -> f
 
 
 def test_on_policy_training_brings_the_student_closer_on_its_own_samples(teacher, task_files, tmp_path):
-    before = divergence_on_own_samples(cut_student(load_causal_lm(teacher), [0, 3]), teacher, task_files["eval"])
+    # On prompts distilled on: held-out ones are no gauge with the toy teacher (tests/test_distill.py).
+    before = divergence_on_own_samples(cut_student(load_causal_lm(teacher), [0, 3]), teacher, task_files["train"])
     manifest = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / "s", layers=2,
-                                     steps=10, batch_size=8, lr=1e-3, loss="jsd", temperature=1.0, on_policy=1.0,
+                                     steps=10, batch_size=8, lr=3e-4, loss="jsd", temperature=1.0, on_policy=1.0,
                                      device="cpu"))
-    after = divergence_on_own_samples(tmp_path / "s", teacher, task_files["eval"])
-    assert after < 0.6 * before, (before, after)  # measured: 0.38x (0.0028 -> 0.0011)
+    after = divergence_on_own_samples(tmp_path / "s", teacher, task_files["train"])
+    # measured on an Intel Xeon: 0.043x (0.0066 -> 0.00029); at lr 1e-3 Adam's first steps
+    # overshoot a student this close to its teacher (1.1x)
+    assert after < 0.3 * before, (before, after)
     log = json.loads((tmp_path / "s" / "training_log.json").read_text())
     assert all(h["on_policy"] and h["ce"] is None for h in log)
     assert manifest.settings["on_policy"] == 1.0

@@ -142,8 +142,7 @@ def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
             'peak RAM was measured with."""\nimport sys\nfrom pathlib import Path\n\n'
             f"here = Path(__file__).parent\nprompt = sys.argv[1] if len(sys.argv) > 1 else {prompt!r}\n")
     if fmt == "gguf":
-        return head + (
-            "from llama_cpp import Llama\n\n"
+        return head + GGUF_AMX + (
             f"llm = Llama(model_path=str(here / {_gguf_name(folder)!r}), n_ctx={serve.context_length}, "
             f"n_threads={threads}, n_threads_batch={threads}, logits_all={serve.logits_all}, verbose=False)\n"
             f'out = llm(prompt, max_tokens={serve.max_tokens}, temperature=0.0, stop=["\\n"])\n'
@@ -162,6 +161,28 @@ def run_example(fmt: str, folder: Path, prompt: str, serve: Serving) -> str:
         "from shrink.runtime.onnx_runtime import OnnxRuntime  # onnxruntime with past key/values\n\n"
         f"rt = OnnxRuntime(here, threads={threads}, context_length={serve.context_length})\n"
         f"print(rt.generate(prompt, max_tokens={serve.max_tokens}, stop=('\\n',)))\n")
+
+
+# run.py of a GGUF bundle starts with this: on an Intel CPU with AMX (Xeon Sapphire Rapids and
+# later) llama.cpp's AMX weight buffers segfault on some models (ggml-org/llama.cpp#20824), and
+# Llama() takes no argument to avoid them, so the default parameters it starts from are wrapped
+# (shrink.runtime.llama_cpp.plain_weight_buffers does the same for shrink's own runs).
+GGUF_AMX = """import llama_cpp
+from llama_cpp import Llama
+
+# llama.cpp's AMX weight buffers segfault on some models (ggml-org/llama.cpp#20824):
+# on a CPU with AMX, keep the weights in plain CPU buffers (llama.cpp's --no-repack).
+if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+    _defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def _plain_buffers():
+        params = _defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = _plain_buffers
+
+"""
 
 
 # run.py of a .pte bundle: ExecuTorch's runtime, the prompt in calls of get_max_seq_len tokens

@@ -8,12 +8,20 @@ prefix shared with the previous call and decodes only the new tokens. So scoring
 continuations evaluates the prompt once, and greedy generation decodes one token a step.
 `Llama.eval` drops the cache beyond `n_tokens` before decoding (`kv_cache_seq_rm`), which
 is what makes rewinding `n_tokens` a cache truncation.
+
+On a CPU with Intel AMX (Xeon Sapphire Rapids and later) the model is loaded with
+llama.cpp's plain CPU weight buffers (`plain_weight_buffers`): its AMX weight buffers crash
+the process in ggml_backend_amx_mul_mat on some models (ggml-org/llama.cpp#20824; this
+repository's toy models hit it, Q8_0 and Q4_K_M alike), and a segfault takes the whole
+evaluation, or CI, with it. Other CPUs load as llama.cpp's defaults do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +57,39 @@ def find_gguf(path: str | Path) -> Path:
 DEFAULT_CONTEXT = 2048  # tokens: n_ctx when neither the caller nor a device target sets one
 
 
+def amx_cpu() -> bool:
+    """Whether llama.cpp was built for, and runs on, a CPU with Intel AMX (its system
+    info reports AMX_INT8 = 1 only then)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def plain_weight_buffers() -> Iterator[None]:
+    """Models loaded by `llama_cpp.Llama(...)` inside keep their weights in llama.cpp's
+    plain CPU buffers (model parameter use_extra_bufts = false, llama.cpp's --no-repack)
+    when the CPU has AMX; elsewhere nothing changes. Llama() takes no such argument: it
+    builds its parameters from llama_model_default_params(), which is wrapped meanwhile."""
+    import llama_cpp.llama_cpp as lib
+
+    if not amx_cpu():
+        yield
+        return
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 class LlamaCppRuntime(Runtime):
     """A GGUF model in llama.cpp.
 
@@ -72,7 +113,7 @@ class LlamaCppRuntime(Runtime):
         self._lib = llama_cpp
         self.logits_all = logits_all
         threads = threads or os.cpu_count() or 1
-        with quiet.llama_errors() as errors:
+        with quiet.llama_errors() as errors, plain_weight_buffers():
             try:
                 # logits_all: Llama.eval copies every position's logits into llm.scores,
                 # an (n_ctx, vocab) float32 buffer; rows are touched (paid for) only when used.
