@@ -54,3 +54,25 @@ def test_keep_new_drops_copies_of_any_review_and_near_copies_of_held_out_ones():
     kept, why = ar.keep_new(cands, splits)
     assert [c["text"] for c in kept] == [cands[1]["text"]]
     assert why == {"length": 1, "repeat": 1, "copy of a review": 1, "near copy of a review": 2}
+
+
+def test_recorded_task_rows_are_the_recorded_reviews_in_the_students_prompt():
+    """bench/results' -task.jsonl (the --extra-train input of the nineteenth session's
+    figures) holds exactly the 1,497 recombined reviews the teacher labeled, each in the
+    student's prompt with the teacher's label, and none is a dev or test review."""
+    import json
+    from pathlib import Path
+
+    from shrink.demo.task import CHOICES, TEMPLATE
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    recorded = [json.loads(line) for line in
+                (results / "augmented-reviews-20261203-092524.jsonl").read_text(encoding="utf-8").splitlines()]
+    task = [json.loads(line) for line in
+            (results / "augmented-reviews-20261203-092524-task.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(task) == len(recorded) == 1497
+    assert task == [{"prompt": TEMPLATE.format(text=r["text"]), "completion": f" {r['label']}",
+                     "choices": list(CHOICES)} for r in recorded]
+    splits = split_rows(reviews())
+    held_out = {r["text"] for name in ("dev", "test") for r in splits[name]}
+    assert not held_out & {r["text"] for r in recorded}
