@@ -344,3 +344,47 @@ def test_unloadable_file_is_explained(tmp_path):
     bogus.write_text("not a gguf")
     with pytest.raises(ModelError, match="llama.cpp cannot load this file .*invalid magic"):
         LlamaCppRuntime(bogus)
+
+
+def test_amx_buffers_bench_scores_each_file_both_ways(quantized, task_files, tmp_path):
+    """bench/amx_buffers.py scores the served teacher (with its prefix) and the student's
+    files from a demo folder with shrink's plain weight buffers and with llama.cpp's
+    defaults, each in its own process: plain scores what the runtime scores in this
+    process; the defaults score the same where the CPU has no AMX, and on an AMX CPU a
+    crash (ggml-org/llama.cpp#20824) is recorded instead of ending the run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shrink.evaluate import evaluate
+    from shrink.runtime.llama_cpp import amx_cpu
+    from shrink.tasks import load_task, with_prefix
+
+    run = tmp_path / "demo-out"
+    (run / "data").mkdir(parents=True)
+    rows = task_files["eval"].read_text().splitlines()[:24]
+    (run / "data" / "test.jsonl").write_text("\n".join(rows) + "\n")
+    (run / "data" / "teacher_prefix.txt").write_text("Answer the question.\n")
+    for q in ("Q8_0", "Q4_K_M"):
+        (run / f"student-{q}").mkdir()
+        shutil.copy(quantized[q], run / f"student-{q}" / f"model-{q}.gguf")
+    (run / "results.json").write_text(json.dumps({"teacher": str(quantized["Q8_0"])}))
+    script = Path(__file__).resolve().parent.parent / "bench" / "amx_buffers.py"
+    proc = subprocess.run([sys.executable, str(script), "--run", str(run), "--repeats", "1", "--threads", "1",
+                           "--results", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next(tmp_path.glob("amx-buffers-*.json")).read_text())
+    assert [r["model"] for r in record["rows"]] == ["teacher as served", "student Q8_0", "student Q4_K_M"]
+    assert record["amx_cpu"] == amx_cpu()
+    examples = load_task(run / "data" / "test.jsonl")
+    for row, gguf, prefix in zip(record["rows"], (quantized["Q8_0"], quantized["Q8_0"], quantized["Q4_K_M"]),
+                                 ("Answer the question.\n", None, None)):
+        with LlamaCppRuntime(gguf, threads=1) as runtime:
+            expected = evaluate(runtime, with_prefix(examples, prefix) if prefix else examples).accuracy
+        assert row["plain"]["accuracy"] == expected, row
+        defaults = row["llama.cpp defaults"]
+        if "crashed" in defaults:
+            assert amx_cpu(), row  # only the AMX buffers crash
+        else:
+            assert defaults["accuracy"] == expected, row
