@@ -32,6 +32,8 @@ def main() -> int:
                     help="DistillConfig fields over the task's recipe, as JSON (repeatable; default: the recipe as is)")
     ap.add_argument("--out", type=Path, default=Path("bench/tune-run"))
     ap.add_argument("--no-gguf", action="store_true", help="measure in torch only")
+    ap.add_argument("--embedding-type", default=None,
+                    help="also measure the Q4_K_M with the token embedding in this type (shrink export --embedding-type)")
     ap.add_argument("--keep", action="store_true", help="keep each variant's student and Q4_K_M (OUT/v<i>)")
     ap.add_argument("--labels", type=Path, default=None,
                     help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
@@ -117,6 +119,13 @@ def main() -> int:
                 gguf = next((folder / "Q4_K_M").glob("*.gguf"))
                 res = evaluate(open_runtime(gguf, threads=args.threads), dev, "Q4_K_M on dev (llama.cpp)", metric=task.metric)
                 run.update(dev_q4_k_m=round(res.accuracy, 4), q4_k_m_bytes=gguf.stat().st_size, parity_failed=str(e))
+            if args.embedding_type:
+                e = export(folder / "student", folder / "Q4_K_M-embedding",
+                           ExportOptions("gguf", quant="Q4_K_M", metric=task.metric, threads=args.threads,
+                                         embedding_type=args.embedding_type), eval_data=files["dev"], min_top1=0, max_kl=1e9)
+                run.update(embedding_type=e.settings["embedding_type"], dev_q4_k_m_embedding=round(e.metrics["accuracy"], 4),
+                           q4_k_m_embedding_bytes=e.metrics["size_bytes"],
+                           q4_k_m_embedding_top1=e.metrics["parity"]["top1_agreement"])
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
         record_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ reviews, examples/s with the same thread count for every runtime, and peak RAM. 
 are taken within this run. Goals:
 - ONNX int8 >= 1.3x the examples/s of ONNX fp32, losing at most 1 point of accuracy;
 - GPTQ 4-bit within 2 points of the student's accuracy;
-- imatrix: accuracy at Q3_K_M, IQ4_XS and Q4_K_M with and without it (recorded).
+- imatrix: accuracy at Q3_K_M, IQ4_XS and Q4_K_M with and without it (recorded);
+- embedding: Q4_K_M with the token embedding as Q5_0, Q4_0 and IQ4_NL (`--embedding-type`)
+  against llama.cpp's own choice (Q8_0 for Gemma's tied 640-wide embedding): bytes saved
+  and accuracy (recorded).
 Writes bench/results/export-<time>.json. Needs the demo's output (python bench/demo_bench.py).
 """
 
@@ -25,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
+EMBEDDINGS = ("Q5_0", "Q4_0", "IQ4_NL")  # token embedding types that fit 640-wide rows
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +37,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path("bench/demo-run/data/eval.jsonl"))
     ap.add_argument("--out", type=Path, default=Path("bench/export-run"))
     ap.add_argument("--threads", type=int, default=None, help="[default: all cores]")
-    ap.add_argument("--skip", nargs="*", default=[], help="groups to skip: onnx gptq imatrix")
+    ap.add_argument("--skip", nargs="*", default=[], help="groups to skip: onnx gptq imatrix embedding")
     args = ap.parse_args()
 
     import os
@@ -70,6 +75,11 @@ def main() -> int:
         for q in ("Q4_K_M", "IQ4_XS", "Q3_K_M"):
             build(f"gguf-{q}", ExportOptions("gguf", quant=q, threads=threads))
             build(f"gguf-{q}-imatrix", ExportOptions("gguf", quant=q, imatrix=True, threads=threads))
+    if "embedding" not in args.skip:
+        if "imatrix" in args.skip:
+            build("gguf-Q4_K_M", ExportOptions("gguf", quant="Q4_K_M", threads=threads))
+        for e in EMBEDDINGS:
+            build(f"gguf-Q4_K_M-emb-{e}", ExportOptions("gguf", quant="Q4_K_M", embedding_type=e, threads=threads))
 
     by = {r["name"]: r for r in rows}
     student = by["student torch fp32"]
@@ -86,9 +96,16 @@ def main() -> int:
         drop = student["accuracy"] - by["gptq-4bit"]["accuracy"]
         goals.append(("GPTQ 4-bit accuracy vs student (points lost)", round(100 * drop, 2), "<= 2", drop <= 0.02))
     for q in ("Q4_K_M", "IQ4_XS", "Q3_K_M"):
-        if f"gguf-{q}" in by:
+        if f"gguf-{q}-imatrix" in by:
             gain = by[f"gguf-{q}-imatrix"]["accuracy"] - by[f"gguf-{q}"]["accuracy"]
             goals.append((f"{q}: imatrix accuracy gain (points)", round(100 * gain, 2), "(reported)", True))
+    for e in EMBEDDINGS:
+        if f"gguf-Q4_K_M-emb-{e}" in by:
+            emb, base = by[f"gguf-Q4_K_M-emb-{e}"], by["gguf-Q4_K_M"]
+            goals += [(f"Q4_K_M, embedding {e}: size vs llama.cpp's choice (x)",
+                       round(emb["size_bytes"] / base["size_bytes"], 3), "(reported)", True),
+                      (f"Q4_K_M, embedding {e}: accuracy change (points)",
+                       round(100 * (emb["accuracy"] - base["accuracy"]), 2), "(reported)", True)]
 
     print(f"\n{'artifact':22} {'size MB':>8} {'acc %':>7} {'ex/s':>8} {'RAM MB':>8} {'top-1':>7} {'KL':>8}")
     for r in rows:

@@ -281,6 +281,7 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--desc-act", is_flag=True, default=None, help="GPTQ: quantize columns by decreasing activation (more accurate, slower kernels).")
 @click.option("--calibration", type=Path, help="GPTQ, GGUF --imatrix: task data to calibrate on.  [default: the student's training data, else --eval]")
 @click.option("--imatrix", is_flag=True, default=None, help="GGUF: quantize with an importance matrix computed from the task's data (needed by IQ1/IQ2/IQ3_XXS types).")
+@click.option("--embedding-type", help="GGUF: the token embedding's own type (Q4_0, IQ4_NL, Q5_0, Q8_0, ...; llama-quantize's --token-embedding-type) instead of llama.cpp's choice (Q8_0 or Q6_K when tied to the output). Its rows must fit the type's blocks (32 values; 256 for k-quants).")
 @click.option("--max-context", type=int, help="ExecuTorch: tokens of the static KV cache, prompt and output together.  [default: 2048, or the model's max_position_embeddings when smaller]")
 @click.option("--eval", "eval_data", type=Path, help="Task data to evaluate the export on, through its runtime.")
 @metric_option
@@ -292,8 +293,8 @@ def teacher_cache(teacher, data, out, top_k, batch_size, max_length, teacher_pre
 @click.option("--strict-tokenizer", is_flag=True, help="Parity: token ids that differ from the student's on the drift suite (texts beyond the evaluation prompts) make the export not valid, instead of a warning.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, max_context, eval_data,
-           metric, out, threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
+def export(student, target, targets_file, quant, bits, group_size, desc_act, calibration, imatrix, embedding_type,
+           max_context, eval_data, metric, out, threads, device, min_top1, max_kl, strict_tokenizer, force, as_json):
     """Quantize a student for deployment and package it as an artifact.
 
     \b
@@ -315,6 +316,7 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
     \b
     Examples:
       shrink export student --target gguf --quant Q4_K_M --eval eval.jsonl --out student-q4
+      shrink export student --target gguf --quant Q4_K_M --embedding-type Q4_0 --eval eval.jsonl --out student-q4e
       shrink export student --target onnx --quant int8 --eval eval.jsonl --out student-onnx
       shrink export student --target gptq --bits 4 --eval eval.jsonl --out student-gptq
       shrink export student --target executorch --quant 8da4w --max-context 1024 --eval eval.jsonl --out student-pte
@@ -327,7 +329,8 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
         from shrink.targets import DEFAULT_FILE, get_target
 
         given = {"--quant": quant, "--bits": bits, "--group-size": group_size, "--desc-act": desc_act,
-                 "--calibration": calibration, "--imatrix": imatrix, "--max-context": max_context, "--threads": threads,
+                 "--calibration": calibration, "--imatrix": imatrix, "--embedding-type": embedding_type,
+                 "--max-context": max_context, "--threads": threads,
                  "--min-top1": min_top1, "--max-kl": max_kl}
         clash = [flag for flag, value in given.items() if value is not None]
         device_target = get_target(target, targets_file)
@@ -346,7 +349,8 @@ def export(student, target, targets_file, quant, bits, group_size, desc_act, cal
     if targets_file is not None:
         raise click.UsageError(f"--targets: --target {target} is a format, not a device target")
     opts = ExportOptions(target=target, quant=quant, bits=None if bits is None else int(bits), group_size=group_size,
-                         desc_act=desc_act, calibration=calibration, imatrix=imatrix, threads=threads, device=device,
+                         desc_act=desc_act, calibration=calibration, imatrix=imatrix, embedding_type=embedding_type,
+                         threads=threads, device=device,
                          metric=metric, max_context=max_context)
     manifest = run_export(student, out, opts, eval_data=eval_data, force=force, min_top1=min_top1, max_kl=max_kl,
                           strict_tokenizer=strict_tokenizer)

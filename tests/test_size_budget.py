@@ -193,6 +193,15 @@ def test_a_budget_nothing_fits_is_refused(wide_teacher, task_files, tmp_path):
                                 "cpu-server, gpu-server)"),
     (["--max-size-mb", "5", "--student", "{teacher}"],
      "--max-size-mb: not with --student (the student's size is that model's)"),
+    (["--layers", "2", "--embedding-type", "Q4_0"],
+     "--embedding-type: only with --max-size-mb (the GGUF file the size budget is for)"),
+    (["--for-target", "phone", "--embedding-type", "Q4_0"],
+     "--embedding-type: not with --for-target (the target's ladder decides the GGUF types)"),
+    (["--max-size-mb", "5", "--quant", "F16", "--embedding-type", "Q4_0"],
+     "--embedding-type: F16 is written by the converter, not quantized"),
+    (["--max-size-mb", "5", "--embedding-type", "Q9"],
+     "--embedding-type 'Q9': unknown; valid: F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, IQ4_NL, "
+     "IQ4_XS, Q3_K, Q2_K"),
 ])
 def test_budget_options_refused(args, message, wide_teacher, task_files, tmp_path):
     from shrink.targets import DEFAULT_FILE
@@ -209,3 +218,75 @@ def test_quant_must_be_a_modelled_type(wide_teacher, task_files, tmp_path):
     r = invoke("distill", "--teacher", wide_teacher("llama"), "--data", task_files["train"], "--out", tmp_path / "s",
                "--max-size-mb", "5", "--quant", "IQ2_XS")
     assert r.exit_code == 2 and "Invalid value for '--quant': 'IQ2_XS' is not one of 'F32', 'F16'" in r.stderr, r.stderr
+
+
+def test_embedding_type_is_written_predicted_and_checked(tmp_path):
+    """`shrink export --embedding-type` gives the token embedding its own type: llama.cpp
+    writes it (a tied head included) and gguf_size predicts the file to the byte; a type
+    whose blocks the rows do not fit is one error line naming the width and the types that
+    do, before anything is written (llama.cpp itself would fail the whole file)."""
+    family, layers, hidden = SHAPES["gemma3-3x384"]
+    rows = tiny.toy_examples(40, seed=3)
+    model_dir = tmp_path / "model"
+    tok = tiny_families.build_tokenizer(model_dir, family, [r["prompt"] + r["completion"] for r in rows])
+    model = tiny_families.build_model(family, tok, layers=layers, hidden=hidden)
+    model.save_pretrained(model_dir)
+    gqa = model.config.num_attention_heads // model.config.num_key_value_heads
+
+    sizes = {}
+    for emb in (None, "q4_0"):
+        out = tmp_path / f"gguf-{emb}"
+        result = invoke("export", model_dir, "--target", "gguf", "--quant", "Q4_K_M", "--out", out, "--threads", 1,
+                        *(["--embedding-type", emb] if emb else []))
+        assert result.exit_code == 0, result.output
+        (path,) = out.glob("*.gguf")
+        types, shapes, metadata = written(path)
+        costs = tensor_costs(shapes, "Q4_K_M", layers, gqa, embedding=emb and emb.upper())
+        assert {c.name: c.type for c in costs} == types
+        assert file_bytes(metadata, costs) == os.path.getsize(path)
+        assert json.loads((out / "manifest.json").read_text())["settings"]["embedding_type"] == (emb and emb.upper())
+        sizes[emb] = (types["token_embd.weight"], os.path.getsize(path))
+    assert sizes[None][0] == "Q8_0" and sizes["q4_0"][0] == "Q4_0"  # 384-wide rows: Q8_0 is llama.cpp's choice
+    assert sizes["q4_0"][1] < sizes[None][1]
+
+    result = invoke("export", model_dir, "--target", "gguf", "--quant", "Q4_K_M", "--embedding-type", "Q4_K",
+                    "--out", tmp_path / "bad")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --embedding-type Q4_K: the token embedding's rows are 384 wide, not a multiple of Q4_K's 256-value "
+        "blocks; types that fit: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL")
+    assert not (tmp_path / "bad").exists()
+    for args, message in ((("--quant", "F16", "--embedding-type", "Q4_0"), "--embedding-type: F16 is written by"),
+                          (("--quant", "Q4_K_M", "--embedding-type", "Q9"), "--embedding-type 'Q9': unknown")):
+        result = invoke("export", model_dir, "--target", "gguf", *args, "--out", tmp_path / "bad")
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = invoke("export", model_dir, "--target", "onnx", "--embedding-type", "Q4_0", "--out", tmp_path / "bad")
+    assert result.exit_code == 2 and "--embedding-type: only for --target gguf" in result.output
+
+
+def test_a_budget_with_an_embedding_type_buys_what_the_export_writes(wide_teacher, task_files, tmp_path):
+    """--max-size-mb with --embedding-type Q2_K sizes the file with that embedding (this
+    untied Llama's is Q4_K under Q4_K_M otherwise): a limit between the two sizes of the
+    widest 2-layer student takes it only with Q2_K (else 256 wide), and `shrink export
+    --embedding-type Q2_K` writes the size and types the manifest predicted."""
+    folder = wide_teacher("llama")
+    teacher = load_causal_lm(folder)
+    plain = Candidates(Budget(10**9, "Q4_K_M", False, None, "x"), config(folder), teacher, folder).size(2, 512)[0]
+    q2_k = Candidates(Budget(10**9, "Q4_K_M", False, None, "x", "Q2_K"), config(folder), teacher, folder).size(2, 512)[0]
+    assert q2_k < plain
+    limit = (q2_k + plain) / 2 / 1e6
+    for emb, hidden in ((None, 256), ("Q2_K", 512)):
+        out = tmp_path / f"s-{emb}"
+        r = invoke("distill", "--teacher", folder, "--data", task_files["train"], "--out", out, "--max-size-mb", limit,
+                   "--steps", "2", "--batch-size", "8", "--device", "cpu", "--json",
+                   *(["--embedding-type", emb] if emb else []))
+        assert r.exit_code == 0, r.output
+        budget = json.loads(r.stdout)["settings"]["size_budget"]
+        assert (budget["layers"], budget["hidden_size"], budget["embedding_type"]) == (2, hidden, emb)
+    r = invoke("export", tmp_path / "s-Q2_K", "--target", "gguf", "--embedding-type", "Q2_K", "--out", tmp_path / "q4",
+               "--threads", "1")
+    assert r.exit_code == 0, r.output
+    real = os.path.getsize(tmp_path / "q4" / "model-Q4_K_M.gguf")
+    assert real <= budget["limit_bytes"] and abs(real - budget["predicted_bytes"]) <= TOLERANCE, (real, budget)
+    types, _, _ = written(tmp_path / "q4" / "model-Q4_K_M.gguf")
+    assert {name: t for name, t, _ in budget["tensors"]} == types and types["token_embd.weight"] == "Q2_K"

@@ -52,6 +52,9 @@ class DistillConfig:
         "from each tensor's byte cost; instead of --layers.")
     quant: str | None = option(  # the GGUF types the size budget models
         None, "With --max-size-mb: the GGUF type the student is sized for.  [default: Q4_K_M]", choices=tuple(SIZED))
+    embedding_type: str | None = option(  # shrink.quantize.gguf_types.EMBEDDING_TYPES
+        None, "With --max-size-mb: the token embedding's type in that GGUF (as `shrink export --embedding-type` will "
+        "write it), instead of llama.cpp's choice.")
     for_target: str | None = option(
         None, "Size the student for a device target (targets.toml): its max_size_mb at its ladder's first GGUF type; "
         "instead of --layers.")

@@ -1,4 +1,4 @@
-"""Size-budgeted students: `--max-size-mb N [--quant Q]` or `--for-target NAME`.
+"""Size-budgeted students: `--max-size-mb N [--quant Q] [--embedding-type E]` or `--for-target NAME`.
 
 The run chooses the student's layers and hidden size so that its GGUF export at the
 budget's type fits N MB (10^6 bytes), from the exact byte cost of every tensor
@@ -7,7 +7,9 @@ bytes) plus the file's key-values (shrink.export.gguf_layout: measured by lettin
 converter write them for the teacher, the vocabulary cut to the rows the student keeps
 under --prune-vocab). A device target (`--for-target phone`) gives its max_size_mb and the
 first GGUF type of its ladder, the largest one: every rung of `shrink export --target`
-then fits too.
+then fits too. `--embedding-type E` sizes the file with the token embedding in type E, as
+`shrink export --embedding-type E` writes it; hidden sizes whose rows E's blocks do not
+fit are left out.
 
 Candidates: every layer count from the teacher's down to 1, and every hidden size from
 the teacher's down to 256 in multiples of 256 (shrink.distill.hidden_width; only the
@@ -37,17 +39,20 @@ class Budget:
     imatrix: bool  # the export will quantize with an importance matrix (a target's `imatrix`)
     target: str | None  # the device target it comes from
     origin: str  # the options that set it, for messages
+    embedding: str | None = None  # the token embedding's own type (--embedding-type), else llama.cpp's choice
 
 
 def budget_of(cfg) -> Budget | None:
     """The budget the options ask for, checked (None without --max-size-mb/--for-target)."""
-    from shrink.quantize.gguf_size import SIZED
+    from shrink.quantize.gguf_size import SIZED, UNQUANTIZED
 
     if cfg.max_size_mb is None and cfg.for_target is None:
         if cfg.quant is not None:
             raise ShrinkError("--quant: only with --max-size-mb (the GGUF type the size budget is for)")
         if cfg.targets_file is not None:
             raise ShrinkError("--targets: only with --for-target")
+        if cfg.embedding_type is not None:
+            raise ShrinkError("--embedding-type: only with --max-size-mb (the GGUF file the size budget is for)")
         return None
     if cfg.max_size_mb is not None and cfg.for_target is not None:
         raise ShrinkError("--max-size-mb and --for-target cannot be used together")
@@ -60,9 +65,20 @@ def budget_of(cfg) -> Budget | None:
         if cfg.max_size_mb <= 0:
             raise ShrinkError(f"--max-size-mb must be positive, got {cfg.max_size_mb}")
         quant = cfg.quant or DEFAULT_QUANT
-        return Budget(round(cfg.max_size_mb * 1e6), quant, False, None, f"--max-size-mb {cfg.max_size_mb:g} --quant {quant}")
+        origin = f"--max-size-mb {cfg.max_size_mb:g} --quant {quant}"
+        embedding = None
+        if cfg.embedding_type is not None:
+            from shrink.quantize.gguf_types import embedding_type
+
+            if quant in UNQUANTIZED:
+                raise ShrinkError(f"--embedding-type: {quant} is written by the converter, not quantized")
+            embedding = embedding_type(cfg.embedding_type)
+            origin += f" --embedding-type {embedding}"
+        return Budget(round(cfg.max_size_mb * 1e6), quant, False, None, origin, embedding)
     if cfg.quant is not None:
         raise ShrinkError("--quant: not with --for-target (the target's ladder names the GGUF type)")
+    if cfg.embedding_type is not None:
+        raise ShrinkError("--embedding-type: not with --for-target (the target's ladder decides the GGUF types)")
     from shrink.targets import DEFAULT_FILE, load_targets
 
     targets = load_targets(cfg.targets_file)
@@ -103,6 +119,14 @@ class Candidates:
             self.hiddens = [width]  # a family hidden pruning cannot narrow
         else:
             self.hiddens = [width] + [h for h in range(width // STEP * STEP, STEP - 1, -STEP) if h < width]
+        if budget.embedding is not None:  # export refuses rows the type's blocks do not fit
+            from shrink.quantize.gguf_size import block
+            from shrink.quantize.gguf_types import embedding_type
+
+            fits = [h for h in self.hiddens if h % block(budget.embedding)[0] == 0]
+            if not fits:
+                embedding_type(budget.embedding, self.hiddens[0])  # raises, naming the types that fit
+            self.hiddens = fits
         self.budget = budget
         self.rows = len(plan.kept) if plan else teacher.get_input_embeddings().weight.shape[0]
         self.metadata = metadata_bytes(teacher_dir, plan.kept if plan else None)
@@ -114,7 +138,7 @@ class Candidates:
 
         outside, per_layer, gqa = self._shapes[hidden]
         tensors = outside + [(f"blk.{i}.{name}", shape) for i in range(layers) for name, shape in per_layer]
-        costs = tensor_costs(tensors, self.budget.quant, layers, gqa, self.budget.imatrix)
+        costs = tensor_costs(tensors, self.budget.quant, layers, gqa, self.budget.imatrix, self.budget.embedding)
         return file_bytes(self.metadata, costs), costs
 
 
@@ -131,6 +155,7 @@ def choose_size(budget: Budget, cfg, teacher, teacher_dir: Path, teacher_layers:
             total, costs = found.size(layers, hidden)
             if total <= budget.limit_bytes:
                 record = {"limit_bytes": budget.limit_bytes, "quant": budget.quant, "imatrix": budget.imatrix,
+                          "embedding_type": budget.embedding,
                           "target": budget.target, "rule": RULE, "layers": layers, "hidden_size": hidden,
                           "vocab_rows": found.rows, "metadata_bytes": found.metadata, "predicted_bytes": total,
                           "tensors": [[c.name, c.type, c.bytes] for c in costs]}

@@ -72,7 +72,8 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     if budget is not None:
         layers, hidden, info["size_budget"] = choose_size(budget, cfg, teacher, teacher_dir, teacher_layers, plan)
         console.print(f"size budget: {layers} of {teacher_layers} layers, hidden size {hidden}: "
-                      f"{info['size_budget']['predicted_bytes'] / 1e6:.2f} MB at {budget.quant}, "
+                      f"{info['size_budget']['predicted_bytes'] / 1e6:.2f} MB at {budget.quant}"
+                      f"{f' (embedding {budget.embedding})' if budget.embedding else ''}, "
                       f"within {budget.limit_bytes / 1e6:.2f} MB ({budget.origin})")
     if cfg.student is not None:
         student, keep = load_causal_lm(cfg.student), None

@@ -39,6 +39,7 @@ class ExportOptions:
     desc_act: bool | None = None  # GPTQ (None: off)
     calibration: Path | None = None  # GPTQ: task data to calibrate on
     imatrix: bool | Path | None = None  # GGUF: True computes one from the calibration data; a Path reads one
+    embedding_type: str | None = None  # GGUF: the token embedding's own ggml type (None: llama.cpp's choice)
     threads: int | None = None
     device: str = "auto"  # where GPTQ quantizes and torch-served artifacts are evaluated
     metric: str | None = None  # how --eval answers are scored (None: choice for rows with choices, else exact)
@@ -46,9 +47,10 @@ class ExportOptions:
 
 
 FLAGS = {"bits": "--bits", "group_size": "--group-size", "desc_act": "--desc-act", "calibration": "--calibration",
-         "imatrix": "--imatrix", "max_context": "--max-context"}
+         "imatrix": "--imatrix", "max_context": "--max-context", "embedding_type": "--embedding-type"}
 OWNERS = {"bits": ("gptq",), "group_size": ("gptq", "executorch"), "desc_act": ("gptq",),
-          "calibration": ("gptq", "gguf"), "imatrix": ("gguf",), "max_context": ("executorch",)}
+          "calibration": ("gptq", "gguf"), "imatrix": ("gguf",), "max_context": ("executorch",),
+          "embedding_type": ("gguf",)}
 
 
 def refuse_foreign_options(opts: ExportOptions) -> None:

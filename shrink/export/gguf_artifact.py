@@ -36,6 +36,13 @@ def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
                           "(computed from the task's data) or choose IQ4_XS, Q4_K_M, Q3_K_M, ...")
     if opts.imatrix and qtype.name in UNQUANTIZED:
         raise ShrinkError(f"--imatrix: {qtype.name} is not quantized, there is nothing to weigh")
+    if opts.embedding_type is not None:
+        from shrink.quantize.gguf_types import embedding_type
+
+        if qtype.name in UNQUANTIZED:
+            raise ShrinkError(f"--embedding-type: {qtype.name} is written by the converter, not quantized; "
+                              "choose a quantized --quant (Q4_K_M, ...)")
+        opts = dataclasses.replace(opts, embedding_type=embedding_type(opts.embedding_type))
     if opts.imatrix is True:  # compute it from the task's calibration data (as GPTQ chooses it)
         from shrink.export.gptq_artifact import calibration_source
 
@@ -55,10 +62,24 @@ def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> d
     # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
     # check; distill recorded its name.
     tokenizer_pre = source_manifest.settings.get("tokenizer_pre") if source_manifest else None
+    embedding = _embedding(student, opts.embedding_type)
     imatrix, settings = _importance(student, tmp, opts)
-    vocabulary = _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix)
+    vocabulary = _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix, embedding)
     return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre,
-            "vocabulary": vocabulary, **settings}
+            "embedding_type": embedding, "vocabulary": vocabulary, **settings}
+
+
+def _embedding(student: Path, name: str | None) -> str | None:
+    """--embedding-type, checked against the student's token embedding rows (its hidden
+    size) before anything is converted."""
+    if name is None:
+        return None
+    from transformers import AutoConfig
+
+    from shrink.quantize.gguf_types import embedding_type
+
+    config = AutoConfig.from_pretrained(student, local_files_only=True)
+    return embedding_type(name, config.get_text_config().hidden_size)
 
 
 def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, Any]]:
@@ -79,7 +100,7 @@ def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, 
 
 
 def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: str | None,
-           imatrix: dict | None = None) -> dict:
+           imatrix: dict | None = None, embedding: str | None = None) -> dict:
     """Convert (and quantize); returns how the converter wrote the vocabulary (llama.cpp's
     tokenizer model, "llama" for SentencePiece or "gpt2" for byte-level BPE, and pre-tokenizer)."""
     from shrink.export.gguf_convert import convert_hf_to_gguf
@@ -90,7 +111,7 @@ def _build(student: Path, dst: Path, qtype, threads: int | None, tokenizer_pre: 
     intermediate = dst.with_name("intermediate-F16.gguf")
     vocabulary = convert_hf_to_gguf(student, intermediate, "f16", tokenizer_pre=tokenizer_pre)
     try:
-        quantize_gguf(intermediate, dst, qtype, threads, imatrix=imatrix)
+        quantize_gguf(intermediate, dst, qtype, threads, imatrix=imatrix, embedding=embedding)
     finally:
         intermediate.unlink(missing_ok=True)
     return vocabulary

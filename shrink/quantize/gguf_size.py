@@ -77,13 +77,16 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str, n_layers: int, n_gqa: int, tied: bool,
-                imatrix: bool = False) -> str:
-    """The ggml type of one tensor in a GGUF of file type `ftype` (a SIZED key)."""
+                imatrix: bool = False, embedding: str | None = None) -> str:
+    """The ggml type of one tensor in a GGUF of file type `ftype` (a SIZED key); `embedding`:
+    the token embedding's own type (--embedding-type), which llama.cpp applies as given."""
     default = SIZED[ftype]
     if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
         return "F32"
     if ftype in UNQUANTIZED:
         return default
+    if embedding is not None and name == "token_embd.weight":
+        return embedding
     wanted = _mixed_type(name, shape[-1], ftype, default, n_layers, n_gqa, tied, imatrix)
     return _fallback(wanted, shape[-1])
 
@@ -128,12 +131,12 @@ def _fallback(t: str, ncols: int) -> str:
 
 
 def tensor_costs(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layers: int, n_gqa: int,
-                 imatrix: bool = False) -> list[TensorCost]:
+                 imatrix: bool = False, embedding: str | None = None) -> list[TensorCost]:
     """Each tensor of a GGUF ((name, shape) as the converter writes them) with its type and bytes."""
     tied = not any(name == "output.weight" for name, _ in tensors)
     costs = []
     for name, shape in tensors:
-        t = tensor_type(name, shape, ftype, n_layers, n_gqa, tied, imatrix)
+        t = tensor_type(name, shape, ftype, n_layers, n_gqa, tied, imatrix, embedding)
         costs.append(TensorCost(name, tuple(shape), t, data_bytes(t, shape)))
     return costs
 

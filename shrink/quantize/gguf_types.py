@@ -77,6 +77,36 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 DEFAULT = "Q4_K_M"
 
 
+# ggml tensor types the token embedding can be given on its own (llama-quantize's
+# --token-embedding-type). A row length that is not a multiple of the type's block
+# cannot take it: llama.cpp then fails the whole file instead of falling back, as it does
+# for the types it chooses itself, so shrink checks first.
+EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0",
+                   "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
+
+
+def embedding_type(name: str, row_length: int | None = None) -> str:
+    """A token-embedding type by name, case-insensitively; ShrinkError lists the valid ones,
+    or, given the embedding's row length (the model's hidden size), the ones that fit it."""
+    from shrink.quantize.gguf_size import block
+
+    key = str(name).strip().upper()
+    if key not in EMBEDDING_TYPES:
+        raise ShrinkError(f"--embedding-type {name!r}: unknown; valid: {', '.join(EMBEDDING_TYPES)}")
+    if row_length is not None and row_length % block(key)[0]:
+        fits = [t for t in EMBEDDING_TYPES if row_length % block(t)[0] == 0]
+        raise ShrinkError(f"--embedding-type {key}: the token embedding's rows are {row_length} wide, not a multiple "
+                          f"of {key}'s {block(key)[0]}-value blocks; types that fit: {', '.join(fits)}")
+    return key
+
+
+def ggml_type(name: str) -> int:
+    """The ggml_type value of a tensor type (gguf.GGMLQuantizationType)."""
+    from shrink.gguf_owner import import_gguf
+
+    return int(import_gguf().GGMLQuantizationType[name])
+
+
 def names() -> list[str]:
     """Canonical names, largest first (the order of the table)."""
     return list(QUANT_TYPES)

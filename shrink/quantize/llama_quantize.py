@@ -26,13 +26,15 @@ _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 def quantize_gguf(
     src: Path, dst: Path, qtype: QuantType, threads: int | None = None, *, imatrix: dict | None = None,
-    console=None,
+    embedding: str | None = None, console=None,
 ) -> None:
     """Write `dst`, the F16/F32/BF16 GGUF `src` quantized to `qtype`.
 
     `imatrix`: per-tensor importance (shrink.quantize.imatrix), required by the IQ1/IQ2/
     IQ3_XXS types and used by every type that can. `console`: an optional rich Console
-    for the progress line (default: stderr). Raises ShrinkError, with llama.cpp's own
+    for the progress line (default: stderr). `embedding`: a ggml type for the token
+    embedding instead of the one llama.cpp chooses (gguf_types.EMBEDDING_TYPES; the caller
+    checks that the rows fit its blocks). Raises ShrinkError, with llama.cpp's own
     reason when it gives one.
     """
     src, dst = Path(src), Path(dst)
@@ -56,6 +58,10 @@ def quantize_gguf(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = qtype.ftype
     params.nthread = threads or os.cpu_count() or 0  # <= 0: llama.cpp uses hardware_concurrency()
+    if embedding is not None:
+        from shrink.quantize.gguf_types import ggml_type
+
+        params.token_embedding_type = ggml_type(embedding)
     if imatrix is not None:
         from shrink.quantize.imatrix import imatrix_entries
 
