@@ -38,7 +38,7 @@ def test_options_are_the_fields():
     command = cli.commands["distill"]
     assert [p.opts[0] for p in command.params if p.name not in ("config_file", "as_json")] == [
         "--teacher", "--data", "--eval", "--out", "--layers",
-        "--max-size-mb", "--quant", "--for-target", "--targets",  # issue 15: size-budgeted students
+        "--max-size-mb", "--quant", "--embedding-type", "--for-target", "--targets",  # issue 15: size-budgeted students
         "--layer-selection", "--ffn-ratio", "--ffn-refit", "--width-scores", "--heads-ratio",
         "--hidden-size", "--hidden-ratio",  # issue 15: hidden-size pruning
         "--student", "--steps", "--epochs", "--batch-size", "--lr", "--temperature", "--alpha", "--loss", "--beta",
@@ -59,7 +59,7 @@ def test_settings_keep_their_keys(tmp_path):
         "save_every", "seed", "teacher_prefix", "prune_vocab", "vocab_data", "teacher_cache",
         "metric", "chat_template", "vocab_top",  # issue 14
         "on_policy", "loss_on", "split_words",  # issue 15
-        "max_size_mb", "quant", "for_target", "targets_file", "hidden_size", "hidden_ratio",  # issue 15
+        "max_size_mb", "quant", "embedding_type", "for_target", "targets_file", "hidden_size", "hidden_ratio",  # issue 15
         "trainable", "ffn_refit", "width_scores"}  # issue 15
     assert cfg.settings()["vocab_data"] == [str(tmp_path / "v.txt")]
     assert set(cfg.to_dict()) - set(cfg.settings()) == {"out", "device", "fsdp", "resume", "force", "teacher_memory_mb"}
