@@ -198,7 +198,7 @@ def test_a_budget_nothing_fits_is_refused(wide_teacher, task_files, tmp_path):
     (["--for-target", "phone", "--embedding-type", "Q4_0"],
      "--embedding-type: not with --for-target (the target's ladder decides the GGUF types)"),
     (["--max-size-mb", "5", "--quant", "F16", "--embedding-type", "Q4_0"],
-     "--embedding-type: F16 is written by the converter, not quantized"),
+     "--embedding-type: F16 is written by the converter, not quantized; choose a quantized --quant (Q4_K_M, ...)"),
     (["--max-size-mb", "5", "--embedding-type", "Q9"],
      "--embedding-type 'Q9': unknown; valid: F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, IQ4_NL, "
      "IQ4_XS, Q3_K, Q2_K"),

@@ -44,7 +44,7 @@ class Budget:
 
 def budget_of(cfg) -> Budget | None:
     """The budget the options ask for, checked (None without --max-size-mb/--for-target)."""
-    from shrink.quantize.gguf_size import SIZED, UNQUANTIZED
+    from shrink.quantize.gguf_size import SIZED
 
     if cfg.max_size_mb is None and cfg.for_target is None:
         if cfg.quant is not None:
@@ -70,9 +70,7 @@ def budget_of(cfg) -> Budget | None:
         if cfg.embedding_type is not None:
             from shrink.quantize.gguf_types import embedding_type
 
-            if quant in UNQUANTIZED:
-                raise ShrinkError(f"--embedding-type: {quant} is written by the converter, not quantized")
-            embedding = embedding_type(cfg.embedding_type)
+            embedding = embedding_type(cfg.embedding_type, quant)
             origin += f" --embedding-type {embedding}"
         return Budget(round(cfg.max_size_mb * 1e6), quant, False, None, origin, embedding)
     if cfg.quant is not None:
@@ -120,12 +118,11 @@ class Candidates:
         else:
             self.hiddens = [width] + [h for h in range(width // STEP * STEP, STEP - 1, -STEP) if h < width]
         if budget.embedding is not None:  # export refuses rows the type's blocks do not fit
-            from shrink.quantize.gguf_size import block
-            from shrink.quantize.gguf_types import embedding_type
+            from shrink.quantize.gguf_types import embedding_fits, embedding_type
 
-            fits = [h for h in self.hiddens if h % block(budget.embedding)[0] == 0]
+            fits = [h for h in self.hiddens if embedding_fits(budget.embedding, h)]
             if not fits:
-                embedding_type(budget.embedding, self.hiddens[0])  # raises, naming the types that fit
+                embedding_type(budget.embedding, budget.quant, self.hiddens[0])  # raises, naming the types that fit
             self.hiddens = fits
         self.budget = budget
         self.rows = len(plan.kept) if plan else teacher.get_input_embeddings().weight.shape[0]

@@ -39,10 +39,7 @@ def check(opts, source_manifest: Manifest | None, eval_data: Path | None):
     if opts.embedding_type is not None:
         from shrink.quantize.gguf_types import embedding_type
 
-        if qtype.name in UNQUANTIZED:
-            raise ShrinkError(f"--embedding-type: {qtype.name} is written by the converter, not quantized; "
-                              "choose a quantized --quant (Q4_K_M, ...)")
-        opts = dataclasses.replace(opts, embedding_type=embedding_type(opts.embedding_type))
+        opts = dataclasses.replace(opts, embedding_type=embedding_type(opts.embedding_type, qtype.name))
     if opts.imatrix is True:  # compute it from the task's calibration data (as GPTQ chooses it)
         from shrink.export.gptq_artifact import calibration_source
 
@@ -62,14 +59,14 @@ def build(student: Path, tmp: Path, opts, source_manifest: Manifest | None) -> d
     # A pruned vocabulary hides the teacher's BPE pre-tokenizer from the converter's hash
     # check; distill recorded its name.
     tokenizer_pre = source_manifest.settings.get("tokenizer_pre") if source_manifest else None
-    embedding = _embedding(student, opts.embedding_type)
+    embedding = _embedding(student, opts.embedding_type, qtype.name)
     imatrix, settings = _importance(student, tmp, opts)
     vocabulary = _build(student, tmp / file_name, qtype, opts.threads, tokenizer_pre, imatrix, embedding)
     return {"quant": qtype.name, "file": file_name, "threads": opts.threads, "tokenizer_pre": tokenizer_pre,
             "embedding_type": embedding, "vocabulary": vocabulary, **settings}
 
 
-def _embedding(student: Path, name: str | None) -> str | None:
+def _embedding(student: Path, name: str | None, quant: str) -> str | None:
     """--embedding-type, checked against the student's token embedding rows (its hidden
     size) before anything is converted."""
     if name is None:
@@ -79,7 +76,7 @@ def _embedding(student: Path, name: str | None) -> str | None:
     from shrink.quantize.gguf_types import embedding_type
 
     config = AutoConfig.from_pretrained(student, local_files_only=True)
-    return embedding_type(name, config.get_text_config().hidden_size)
+    return embedding_type(name, quant, config.get_text_config().hidden_size)
 
 
 def _importance(student: Path, tmp: Path, opts) -> tuple[dict | None, dict[str, Any]]:

@@ -85,16 +85,28 @@ EMBEDDING_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0",
                    "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
 
 
-def embedding_type(name: str, row_length: int | None = None) -> str:
-    """A token-embedding type by name, case-insensitively; ShrinkError lists the valid ones,
-    or, given the embedding's row length (the model's hidden size), the ones that fit it."""
+def embedding_fits(name: str, row_length: int) -> bool:
+    """Whether rows of `row_length` values fit the blocks of the embedding type `name`."""
     from shrink.quantize.gguf_size import block
 
+    return row_length % block(name)[0] == 0
+
+
+def embedding_type(name: str, quant: str, row_length: int | None = None) -> str:
+    """A token-embedding type by name, case-insensitively, for a file of type `quant`;
+    ShrinkError when `quant` is not quantized (the converter writes it), and lists the
+    valid types, or, given the embedding's row length (the model's hidden size), those
+    that fit it."""
+    from shrink.quantize.gguf_size import UNQUANTIZED, block
+
+    if quant in UNQUANTIZED:
+        raise ShrinkError(f"--embedding-type: {quant} is written by the converter, not quantized; "
+                          "choose a quantized --quant (Q4_K_M, ...)")
     key = str(name).strip().upper()
     if key not in EMBEDDING_TYPES:
         raise ShrinkError(f"--embedding-type {name!r}: unknown; valid: {', '.join(EMBEDDING_TYPES)}")
-    if row_length is not None and row_length % block(key)[0]:
-        fits = [t for t in EMBEDDING_TYPES if row_length % block(t)[0] == 0]
+    if row_length is not None and not embedding_fits(key, row_length):
+        fits = [t for t in EMBEDDING_TYPES if embedding_fits(t, row_length)]
         raise ShrinkError(f"--embedding-type {key}: the token embedding's rows are {row_length} wide, not a multiple "
                           f"of {key}'s {block(key)[0]}-value blocks; types that fit: {', '.join(fits)}")
     return key
