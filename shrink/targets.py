@@ -31,7 +31,7 @@ CONSTRAINTS = {
     "max_accuracy_drop": "the unquantized student's accuracy minus the artifact's (absolute)",
     "min_examples_per_s": "task examples per second through the runtime, with `threads`",
 }
-SETTINGS = {"threads", "context_length", "imatrix", "device"}
+SETTINGS = {"threads", "context_length", "imatrix", "device", "embedding_type"}
 REQUIRED = {"description", "runtime", "formats", "quants"}
 KNOWN = REQUIRED | SETTINGS | set(CONSTRAINTS)
 
@@ -53,6 +53,7 @@ class Target:
     # a .pte's KV cache (exported with it)
     imatrix: bool = False  # GGUF: quantize with a task-aware importance matrix
     device: str = "cpu"  # where torch-served (GPTQ) candidates run: cpu | cuda
+    embedding_type: str | None = None  # GGUF: the token embedding's own type on every quantized rung
 
     def ladder(self) -> list[tuple[str, str]]:
         """(format, quant) candidates in the order they are tried."""
@@ -62,7 +63,7 @@ class Target:
         return {"name": self.name, "description": self.description, "runtime": self.runtime,
                 "formats": list(self.formats), "quants": list(self.quants), "constraints": dict(self.constraints),
                 "threads": self.threads, "context_length": self.context_length, "imatrix": self.imatrix,
-                "device": self.device}
+                "device": self.device, "embedding_type": self.embedding_type}
 
 
 def quant_fits_format(fmt: str, quant: str) -> bool:
@@ -171,9 +172,44 @@ def _parse(name: str, table: dict, problems: list[str]) -> Target | None:
         problems.append(f"{key}.imatrix: expected true or false, got {table['imatrix']!r}")
     if "device" in table and table["device"] not in ("cpu", "cuda"):
         problems.append(f"{key}.device: expected 'cpu' or 'cuda', got {table['device']!r}")
+    embedding = _embedding_type(key, table, formats, quants, problems)
     if len(problems) > start:
         return None
     return Target(name=name, description=description.strip(), runtime=runtime, formats=tuple(formats),
                   quants=tuple(quants), constraints=constraints, threads=table.get("threads"),
                   context_length=table.get("context_length"), imatrix=table.get("imatrix", False),
-                  device=table.get("device", "cpu"))
+                  device=table.get("device", "cpu"), embedding_type=embedding)
+
+
+def _embedding_type(key: str, table: dict, formats: list[str], quants: list[str], problems: list[str]) -> str | None:
+    """The `embedding_type` key: a ggml type llama-quantize can give the token embedding
+    (shrink export's --embedding-type), for a GGUF target; upper-cased."""
+    if "embedding_type" not in table:
+        return None
+    from shrink.quantize.gguf_types import EMBEDDING_TYPES
+
+    v = table["embedding_type"]
+    name = v.strip().upper() if isinstance(v, str) else None
+    if name not in EMBEDDING_TYPES:
+        problems.append(f"{key}.embedding_type: expected one of {', '.join(EMBEDDING_TYPES)}, got {v!r}")
+        return None
+    if formats and "gguf" not in formats:
+        problems.append(f"{key}.embedding_type: only for a gguf target (this one is {', '.join(formats)})")
+        return None
+    if quants and not any(quantized_gguf(q) for q in quants):
+        problems.append(f"{key}.embedding_type: no rung of quants is a quantized GGUF type ({', '.join(quants)}), "
+                        "so there is no embedding type to choose")
+        return None
+    return name
+
+
+def quantized_gguf(quant: str) -> bool:
+    """Whether `quant` is a GGUF type llama.cpp's quantizer writes (not F32/F16/BF16, which
+    the converter writes with the embedding as it is)."""
+    from shrink.quantize.gguf_size import UNQUANTIZED
+    from shrink.quantize.gguf_types import quant_type
+
+    try:
+        return quant_type(quant).name not in UNQUANTIZED
+    except ShrinkError:
+        return False

@@ -290,3 +290,50 @@ def test_a_budget_with_an_embedding_type_buys_what_the_export_writes(wide_teache
     assert real <= budget["limit_bytes"] and abs(real - budget["predicted_bytes"]) <= TOLERANCE, (real, budget)
     types, _, _ = written(tmp_path / "q4" / "model-Q4_K_M.gguf")
     assert {name: t for name, t, _ in budget["tensors"]} == types and types["token_embd.weight"] == "Q2_K"
+
+
+def test_a_device_targets_embedding_type(teacher, task_files, tmp_path):
+    """A target's `embedding_type` (targets.toml) gives every quantized GGUF rung's token
+    embedding that type, as `shrink export --embedding-type` does, and leaves the rungs the
+    converter writes (F16) as they are; the bundle's manifest records it per rung. A type
+    the student's rows do not fit is one error line naming the file and key, before
+    anything is built. `--for-target` sizes the student for the file with that embedding."""
+    from shrink.distill.size_budget import budget_of
+
+    def target(embedding: str, quants: str = '["F16", "Q8_0", "Q4_K_M"]') -> Path:
+        path = tmp_path / f"targets-{embedding}.toml"
+        path.write_text(f'[targets.tiny]\ndescription = "a test device"\nruntime = "llama.cpp"\nformats = ["gguf"]\n'
+                        f'quants = {quants}\nthreads = 1\nmax_size_mb = 1000\nembedding_type = "{embedding}"\n')
+        return path
+
+    # The tiny teacher (a trained 256-wide Llama): llama.cpp gives its embedding Q4_K under Q4_K_M.
+    r = invoke("export", teacher, "--target", "gguf", "--quant", "Q4_K_M", "--out", tmp_path / "plain")
+    assert r.exit_code == 0, r.output
+    assert written(tmp_path / "plain" / "model-Q4_K_M.gguf")[0]["token_embd.weight"] == "Q4_K"
+    r = invoke("export", teacher, "--target", "tiny", "--targets", target("q8_0"), "--eval", task_files["eval"],
+               "--out", tmp_path / "bundle", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["target"]["embedding_type"] == "Q8_0" and m["settings"]["quant"] == "Q4_K_M"  # the smallest rung
+    assert {c["quant"]: c.get("embedding_type") for c in m["metrics"]["candidates"]} == {
+        "F16": None, "Q8_0": "Q8_0", "Q4_K_M": "Q8_0"}
+    assert m["settings"]["embedding_type"] == "Q8_0"
+    assert written(tmp_path / "bundle" / "model-Q4_K_M.gguf")[0]["token_embd.weight"] == "Q8_0"
+
+    family, layers, hidden = SHAPES["gemma3-3x384"]  # rows of 384 take no 256-value block
+    rows = tiny.toy_examples(40, seed=3)
+    model_dir = tmp_path / "model"
+    tok = tiny_families.build_tokenizer(model_dir, family, [r["prompt"] + r["completion"] for r in rows])
+    tiny_families.build_model(family, tok, layers=layers, hidden=hidden).save_pretrained(model_dir)
+    bad = target("Q4_K")
+    r = invoke("export", model_dir, "--target", "tiny", "--targets", bad, "--eval", task_files["eval"],
+               "--out", tmp_path / "no")
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: {bad}: targets.tiny.embedding_type Q4_K: the token embedding's rows are 384 wide, not a multiple of "
+        "Q4_K's 256-value blocks; types that fit: F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL")
+    assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no*"))
+
+    budget = budget_of(config(model_dir, for_target="tiny", targets_file=target("q4_0", '["Q4_K_M", "Q8_0"]')))
+    assert (budget.quant, budget.embedding) == ("Q4_K_M", "Q4_0")
+    assert budget.origin == "--for-target tiny (max_size_mb 1000, Q4_K_M, embedding_type Q4_0)"

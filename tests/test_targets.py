@@ -89,3 +89,28 @@ def test_targets_command_lists_and_reports_errors(tmp_path):
     r = CliRunner().invoke(cli, ["targets", "--targets", str(tmp_path / "none.toml")])
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [f"Error: --targets: no such file {tmp_path / 'none.toml'}"]
+
+
+def test_embedding_type_key(tmp_path):
+    """`embedding_type` names a type llama-quantize can give the token embedding, for a
+    GGUF target with a quantized rung; read case-insensitively, every misuse reported."""
+    base = 'description = "x"\nruntime = "{runtime}"\nformats = ["{fmt}"]\nquants = {quants}\n'
+    path = write(tmp_path, "[targets.ok]\n" + base.format(runtime="llama.cpp", fmt="gguf", quants='["Q4_K_M"]')
+                 + 'embedding_type = "q4_0"\n')
+    assert load_targets(path)["ok"].embedding_type == "Q4_0"
+    assert load_targets(path)["ok"].to_dict()["embedding_type"] == "Q4_0"
+    assert load_targets()["phone"].embedding_type is None  # the shipped targets leave llama.cpp's choice
+    path = write(tmp_path, "[targets.unknown]\n" + base.format(runtime="llama.cpp", fmt="gguf", quants='["Q4_K_M"]')
+                 + 'embedding_type = "Q9"\n'
+                 + "[targets.onnx]\n" + base.format(runtime="onnxruntime", fmt="onnx", quants='["int8"]')
+                 + 'embedding_type = "Q4_0"\n'
+                 + "[targets.f16]\n" + base.format(runtime="llama.cpp", fmt="gguf", quants='["F16"]')
+                 + 'embedding_type = "Q4_0"\n')
+    with pytest.raises(TargetsError) as e:
+        load_targets(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: 3 problem(s): ")
+    for part in ["targets.unknown.embedding_type: expected one of F32, F16, BF16, Q8_0", "got 'Q9'",
+                 "targets.onnx.embedding_type: only for a gguf target (this one is onnx)",
+                 "targets.f16.embedding_type: no rung of quants is a quantized GGUF type (F16)"]:
+        assert part in msg, part

@@ -7,9 +7,9 @@ bytes) plus the file's key-values (shrink.export.gguf_layout: measured by lettin
 converter write them for the teacher, the vocabulary cut to the rows the student keeps
 under --prune-vocab). A device target (`--for-target phone`) gives its max_size_mb and the
 first GGUF type of its ladder, the largest one: every rung of `shrink export --target`
-then fits too. `--embedding-type E` sizes the file with the token embedding in type E, as
-`shrink export --embedding-type E` writes it; hidden sizes whose rows E's blocks do not
-fit are left out.
+then fits too (with the target's `embedding_type`, when it names one). `--embedding-type
+E` sizes the file with the token embedding in type E, as `shrink export --embedding-type
+E` writes it; hidden sizes whose rows E's blocks do not fit are left out.
 
 Candidates: every layer count from the teacher's down to 1, and every hidden size from
 the teacher's down to 256 in multiples of 256 (shrink.distill.hidden_width; only the
@@ -44,7 +44,7 @@ class Budget:
 
 def budget_of(cfg) -> Budget | None:
     """The budget the options ask for, checked (None without --max-size-mb/--for-target)."""
-    from shrink.quantize.gguf_size import SIZED
+    from shrink.quantize.gguf_size import SIZED, UNQUANTIZED
 
     if cfg.max_size_mb is None and cfg.for_target is None:
         if cfg.quant is not None:
@@ -98,8 +98,10 @@ def budget_of(cfg) -> Budget | None:
         raise ShrinkError(f"--for-target {name}: its first GGUF type {quant} is not one the size budget models "
                           f"({', '.join(SIZED)})")
     limit = target.constraints["max_size_mb"]
+    embedding = target.embedding_type if quant not in UNQUANTIZED else None  # as the export's rung writes it
     return Budget(round(limit * 1e6), quant, target.imatrix, name,
-                  f"--for-target {name} (max_size_mb {limit:g}, {quant})")
+                  f"--for-target {name} (max_size_mb {limit:g}, {quant}"
+                  + (f", embedding_type {embedding})" if embedding else ")"), embedding)
 
 
 class Candidates:
@@ -122,7 +124,8 @@ class Candidates:
 
             fits = [h for h in self.hiddens if embedding_fits(budget.embedding, h)]
             if not fits:
-                embedding_type(budget.embedding, budget.quant, self.hiddens[0])  # raises, naming the types that fit
+                what = "--embedding-type" if budget.target is None else f"--for-target {budget.target}: embedding_type"
+                embedding_type(budget.embedding, budget.quant, self.hiddens[0], what)  # raises, naming the types that fit
             self.hiddens = fits
         self.budget = budget
         self.rows = len(plan.kept) if plan else teacher.get_input_embeddings().weight.shape[0]

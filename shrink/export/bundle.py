@@ -90,7 +90,9 @@ def write_bundle(folder: Path, name: str, student: Path, target, chosen, candida
         "student_accuracy": baseline["student_accuracy"],
         "eval_data_sha256": artifact.sha256_file(eval_data),
         "parity": chosen.parity,
-        "candidates": [{"format": c.format, "quant": c.quant, "size_bytes": c.size_bytes, **c.figures,
+        "candidates": [{"format": c.format, "quant": c.quant, "size_bytes": c.size_bytes,
+                        **({"embedding_type": c.settings["embedding_type"]} if c.settings.get("embedding_type") else {}),
+                        **c.figures,
                         "met": c.met, "failed": c.failures()} for c in candidates],
     }
     settings = {"target": target.name, "format": chosen.format, "quant": chosen.quant, **chosen.settings}

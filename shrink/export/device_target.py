@@ -27,7 +27,7 @@ from shrink.export.flow import TARGET_FORMATS, ExportOptions, format_module, rea
 from shrink.export.parity import measure, verdict
 from shrink.hf import check_model_dir
 from shrink.manifest import Manifest
-from shrink.targets import GPTQ_QUANTS, Target
+from shrink.targets import GPTQ_QUANTS, Target, quantized_gguf
 from shrink.tasks import load_task_for
 
 EPS = 1e-9
@@ -88,6 +88,7 @@ def export_for_target(student: Path, out: Path, target: Target, eval_data: Path 
     threads, thread_note = _threads(target)
     serve = serving(target)  # run.py's settings, which its peak RAM is measured with
     baseline = _baseline(student, examples, Path(eval_data), source_manifest)
+    _check_embedding(student, target, targets_file)
     options = [_options(target, fmt, quant, threads, serve) for fmt, quant in target.ladder()]
     options = [format_module(o.target).check(o, source_manifest, eval_data) for o in options]
 
@@ -146,7 +147,25 @@ def _options(target: Target, fmt: str, quant: str, threads: int | None, serve: S
         return ExportOptions(target="executorch", quant=quant, max_context=serve.context_length, threads=threads,
                              device=target.device)
     imatrix = True if fmt == "gguf" and target.imatrix else None
-    return ExportOptions(target=fmt, quant=quant, imatrix=imatrix, threads=threads, device=target.device)
+    embedding = target.embedding_type if fmt == "gguf" and quantized_gguf(quant) else None
+    return ExportOptions(target=fmt, quant=quant, imatrix=imatrix, threads=threads, device=target.device,
+                         embedding_type=embedding)
+
+
+def _check_embedding(student: Path, target: Target, targets_file: Path) -> None:
+    """The target's embedding_type against the student's token embedding rows (its hidden
+    size), before any rung is built: llama.cpp fails a file whose rows the type's blocks
+    do not fit."""
+    if target.embedding_type is None:
+        return
+    from transformers import AutoConfig
+
+    from shrink.quantize.gguf_types import embedding_type, quant_type
+
+    hidden = AutoConfig.from_pretrained(student, local_files_only=True).get_text_config().hidden_size
+    rung = next(q for fmt, q in target.ladder() if fmt == "gguf" and quantized_gguf(q))
+    embedding_type(target.embedding_type, quant_type(rung).name, hidden,
+                   what=f"{targets_file}: targets.{target.name}.embedding_type")
 
 
 def _imatrix(student: Path, scratch: Path, options: list[ExportOptions]) -> Path | None:

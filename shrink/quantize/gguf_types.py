@@ -92,22 +92,22 @@ def embedding_fits(name: str, row_length: int) -> bool:
     return row_length % block(name)[0] == 0
 
 
-def embedding_type(name: str, quant: str, row_length: int | None = None) -> str:
+def embedding_type(name: str, quant: str, row_length: int | None = None, what: str = "--embedding-type") -> str:
     """A token-embedding type by name, case-insensitively, for a file of type `quant`;
     ShrinkError when `quant` is not quantized (the converter writes it), and lists the
     valid types, or, given the embedding's row length (the model's hidden size), those
-    that fit it."""
+    that fit it. `what`: where the name came from, for the message (a targets.toml key)."""
     from shrink.quantize.gguf_size import UNQUANTIZED, block
 
     if quant in UNQUANTIZED:
-        raise ShrinkError(f"--embedding-type: {quant} is written by the converter, not quantized; "
+        raise ShrinkError(f"{what}: {quant} is written by the converter, not quantized; "
                           "choose a quantized --quant (Q4_K_M, ...)")
     key = str(name).strip().upper()
     if key not in EMBEDDING_TYPES:
-        raise ShrinkError(f"--embedding-type {name!r}: unknown; valid: {', '.join(EMBEDDING_TYPES)}")
+        raise ShrinkError(f"{what} {name!r}: unknown; valid: {', '.join(EMBEDDING_TYPES)}")
     if row_length is not None and not embedding_fits(key, row_length):
         fits = [t for t in EMBEDDING_TYPES if embedding_fits(t, row_length)]
-        raise ShrinkError(f"--embedding-type {key}: the token embedding's rows are {row_length} wide, not a multiple "
+        raise ShrinkError(f"{what} {key}: the token embedding's rows are {row_length} wide, not a multiple "
                           f"of {key}'s {block(key)[0]}-value blocks; types that fit: {', '.join(fits)}")
     return key
 
