@@ -13,6 +13,9 @@ probes the last layer of a student cut from the teacher's first LAYERS layers, n
 as `shrink distill --layer-selection first --ffn-ratio R [--hidden-size H] [--heads-ratio
 R]` narrows it (`--refit`: with --ffn-refit; `--scores fisher`: --width-scores fisher), before any training: what width pruning
 leaves for distillation to recover. `--no-teacher` skips the teacher's own layers.
+`--student-vocab TOP` probes the teacher's layers again, reading each review in the
+pieces of a student's pruned vocabulary (`--prune-vocab --vocab-top TOP` on the training
+split): what the vocabulary alone costs the reading, before any layer is cut.
 
 It answers where a cut student's layers should come from (issue 15): a probe reads a
 layer's state with nothing trained below it, so a layer that scores high already holds
@@ -44,8 +47,10 @@ def parse_cut(text: str) -> tuple[int, float, int | None, float]:
     return int(parts[0]), float(parts[1]), int(parts[2]) if len(parts) == 3 else None, heads
 
 
-def features(model, tokenizer, prompts: list[str], label: str):
-    """(reviews, layers + 1, 2, hidden): each layer's state, averaged and at the last token."""
+def features(model, tokenizer, prompts: list[str], label: str, encode=None):
+    """(reviews, layers + 1, 2, hidden): each layer's state, averaged and at the last token.
+    `encode`: prompt -> the model's token ids, instead of `tokenizer`'s (a pruned student
+    vocabulary's pieces, pruned_encoder)."""
     import numpy as np
     import torch
 
@@ -55,7 +60,7 @@ def features(model, tokenizer, prompts: list[str], label: str):
     with torch.no_grad(), progress("reviews") as bar:
         task = bar.add_task(label, total=len(prompts))
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")
+            ids = tokenizer(prompt, return_tensors="pt") if encode is None else {"input_ids": torch.tensor([encode(prompt)])}
             states = model.model(**ids, output_hidden_states=True).hidden_states
             out.append(np.stack([np.stack([h[0].mean(0).numpy(), h[0, -1].numpy()]) for h in states]))
             bar.advance(task)
@@ -74,13 +79,27 @@ def probe(train_x, train_y, dev_x, dev_y) -> dict[str, float]:
     return scores
 
 
-def probe_layers(model, tokenizer, train, dev, label: str, only_last: bool = False) -> list[dict]:
+def probe_layers(model, tokenizer, train, dev, label: str, only_last: bool = False, encode=None) -> list[dict]:
     ytr, ydv = [r["completion"] for r in train], [r["completion"] for r in dev]
-    ftr = features(model, tokenizer, [r["prompt"] for r in train], f"{label}: training reviews")
-    fdv = features(model, tokenizer, [r["prompt"] for r in dev], f"{label}: dev reviews")
+    ftr = features(model, tokenizer, [r["prompt"] for r in train], f"{label}: training reviews", encode)
+    fdv = features(model, tokenizer, [r["prompt"] for r in dev], f"{label}: dev reviews", encode)
     layers = [ftr.shape[1] - 1] if only_last else range(ftr.shape[1])
     return [{"layer": k, "mean": probe(ftr[:, k, 0], ytr, fdv[:, k, 0], ydv),
              "last_token": probe(ftr[:, k, 1], ytr, fdv[:, k, 1], ydv)} for k in layers]
+
+
+def pruned_encoder(tokenizer, examples, eos_token_id, top: int, folder: Path):
+    """prompt -> the teacher's ids of the pieces a student's pruned vocabulary gives it
+    (`shrink distill --prune-vocab --vocab-top TOP` on `examples`, the training split:
+    never dev or test), and that vocabulary's size. Words the training text lacks come
+    in smaller pieces, as the student reads them."""
+    from shrink.distill.prune_vocab import plan_pruning, save_pruned_tokenizer
+    from shrink.distill.vocab_sources import task_texts
+
+    plan = plan_pruning(tokenizer, task_texts(examples), eos_token_id, top=top)
+    student_tokenizer = save_pruned_tokenizer(tokenizer, plan, folder)
+    kept = plan.kept
+    return (lambda prompt: [kept[i] for i in student_tokenizer(prompt).input_ids]), len(kept)
 
 
 def cut_model(teacher, tokenizer, examples, layers: int, ffn_ratio: float, hidden: int | None, heads: float = 1.0,
@@ -112,6 +131,10 @@ def main() -> int:
     ap.add_argument("--scores", choices=("activation", "fisher"), default="activation",
                     help="how the cuts rank channels and heads (--width-scores)")
     ap.add_argument("--no-teacher", action="store_true", help="probe only the --cut students, not the teacher's layers")
+    ap.add_argument("--student-vocab", action="append", type=int, default=[], metavar="TOP",
+                    help="also probe the teacher's layers reading the pieces of a pruned student vocabulary "
+                         "(--prune-vocab on the training split, --vocab-top TOP; 0: the training text's tokens "
+                         "only); repeatable")
     ap.add_argument("--out", type=Path, default=Path("bench/probe-run"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -141,6 +164,14 @@ def main() -> int:
                  "scores": args.scores}
         record["cuts"].append({**width, **probe_layers(model, tokenizer, rows["train"], rows["dev"],
                                                        f"cut {layers}:{ratio}", only_last=True)[0]})
+    record["student_vocab"] = []
+    for top in args.student_vocab:
+        encode, size = pruned_encoder(tokenizer, examples, teacher.generation_config.eos_token_id, top,
+                                      args.out / f"vocab-top-{top}")
+        pieces = sum(len(encode(r["prompt"])) for r in rows["dev"]) / len(rows["dev"])
+        record["student_vocab"].append({"vocab_top": top, "vocab_size": size, "dev_tokens_per_prompt": round(pieces, 2),
+                                        "layers": probe_layers(teacher, tokenizer, rows["train"], rows["dev"],
+                                                               f"teacher, vocabulary {size:,}", encode=encode)})
     record["seconds"] = round(time.perf_counter() - started, 1)
     path = Path("bench/results") / f"layer-probe-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +188,11 @@ def main() -> int:
                 + (f", {r['scores']} scores" if r.get("scores", "activation") != "activation" else "")
             cells = [f"{r[k][c]:.1%}" for k in ("mean", "last_token") for c in (f"C={x}" for x in C_GRID)]
             print(f"| {name} | " + " | ".join(cells) + " |")
+        for v in record["student_vocab"]:
+            for r in v["layers"]:
+                cells = [f"{r[k][c]:.1%}" for k in ("mean", "last_token") for c in (f"C={x}" for x in C_GRID)]
+                print(f"| teacher layer {r['layer']}, student vocabulary of {v['vocab_size']:,} (--vocab-top "
+                      f"{v['vocab_top']}) | " + " | ".join(cells) + " |")
         print(f"\nrecorded {path}")
     return 0
 

@@ -53,3 +53,22 @@ def test_a_cut_with_fisher_scores_keeps_the_channels_the_answer_needs(teacher, t
     for i, layer in enumerate(cut.model.layers):
         kept = torch.topk(scores[i]["ffn"], cut.config.intermediate_size).indices.sort().values
         torch.testing.assert_close(layer.mlp.up_proj.weight, model.model.layers[i].mlp.up_proj.weight[kept])
+
+
+def test_a_pruned_student_vocabulary_is_read_in_its_own_pieces(teacher, task_files, tmp_path):
+    """--student-vocab: the teacher reads each prompt in the pieces of the student's pruned
+    vocabulary. A training prompt encodes to the teacher's own ids; a word the training text
+    lacks comes in more, smaller pieces that still spell it; --vocab-top keeps more tokens."""
+    lp = load("layer_probe")
+    model, tok = load_causal_lm(teacher).eval(), load_tokenizer(teacher)
+    train = load_task(task_files["train"])
+    encode, size = lp.pruned_encoder(tok, train[:8], model.generation_config.eos_token_id, 0, tmp_path / "v0")
+    _, wider = lp.pruned_encoder(tok, train[:8], model.generation_config.eos_token_id, 200, tmp_path / "v200")
+    assert size < wider <= len(tok)
+    assert encode(train[0].prompt) == tok(train[0].prompt).input_ids
+    words = {w for ex in train[:8] for w in (ex.prompt + ex.completion).split()}
+    unseen = next(ex.prompt for ex in train[8:] if set(ex.prompt.split()) - words)
+    assert len(encode(unseen)) > len(tok(unseen).input_ids)
+    assert tok.decode(encode(unseen), skip_special_tokens=True) == tok.decode(tok(unseen).input_ids, skip_special_tokens=True)
+    rows = lp.probe_layers(model, tok, tiny.toy_examples(40, seed=7), tiny.toy_examples(20, seed=8), "v", encode=encode)
+    assert [r["layer"] for r in rows] == list(range(model.config.num_hidden_layers + 1))
