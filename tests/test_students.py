@@ -436,3 +436,37 @@ def test_student_options_refused_on_the_command_line(args, message, teacher, tas
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().splitlines() == ["Error: " + message], r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_hidden_targets_pair_student_layers_with_the_teacher_layers_asked(teacher, task_files, tmp_path):
+    """--hidden-targets: student layer i is aligned with the teacher layer named i-th ('-':
+    none). A 2-layer cut of layers 0 and 1 pulled towards the teacher's 1 and 3 (deeper) ends
+    nearer those than the same run aligned with the layers it came from; misuse is refused
+    in one line before the teacher loads."""
+    from shrink.distill.hidden import parse_targets
+
+    model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
+    seen = load_task(task_files["train"])[:40]
+    assert parse_targets("1, 3", 2, 4) == [1, 3] and parse_targets("-,3", 2, 4) == [None, 3]
+    # the term over the pairs given only: unpaired layers add nothing
+    cut = cut_student(model, [0, 1])
+    assert alignment(cut, model, [None, 1], tok, seen) == pytest.approx(0.0, abs=1e-5)
+    assert alignment(cut, model, [1, None], tok, seen) > 0.01
+    deep = {}
+    for name, targets in (("copied", None), ("deeper", "1,3")):
+        m = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=tmp_path / name, layers=2,
+                                  layer_selection="first", steps=25, batch_size=16, lr=3e-4, hidden_weight=1.0,
+                                  hidden_targets=targets, device="cpu"))
+        assert m.settings["hidden_targets"] == targets
+        deep[name] = alignment(load_causal_lm(tmp_path / name), model, [1, 3], tok, seen)
+    assert deep["deeper"] < 0.7 * deep["copied"], deep
+    for args, message in (
+        (["--hidden-targets", "1,3"], "--hidden-targets: only with --hidden-weight"),
+        (["--hidden-weight", "1", "--hidden-targets", "1,2,3"], "--hidden-targets '1,2,3': 3 entries for a student of 2 layers"),
+        (["--hidden-weight", "1", "--hidden-targets", "1,9"], "--hidden-targets '1,9': '9' is not a teacher layer (0 to 3)"),
+        (["--hidden-weight", "1", "--hidden-targets", "-,-"], "--hidden-targets '-,-': no layer is paired"),
+    ):
+        r = CliRunner().invoke(cli, [str(a) for a in ("distill", "--teacher", teacher, "--data", task_files["train"],
+                                                      "--out", tmp_path / "bad", "--layers", "2", "--device", "cpu", *args)])
+        assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("Error: " + message), r.output
+        assert not (tmp_path / "bad").exists()

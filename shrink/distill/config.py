@@ -102,6 +102,9 @@ class DistillConfig:
         choices=TRAINABLE)
     hidden_weight: float = option(
         0.0, "Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
+    hidden_targets: str | None = option(  # shrink.distill.hidden.parse_targets
+        None, "With --hidden-weight: the teacher layer each student layer is aligned with, a comma list with one "
+        "entry per student layer ('-': none), say 0,1,3,4,6,8.  [default: the layer each was copied from]")
     on_policy: float = option(  # shrink.distill.on_policy
         0.0, "Fraction of batches (0 to 1) whose completions the student samples itself and the teacher scores "
         "(GKD's lambda); the divergence alone trains on those, no cross-entropy.")

@@ -50,7 +50,7 @@ from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_to
 from shrink.distill.split_words import WordSplitter, teacher_rows
 from shrink.distill.trainable import TRAINABLE, mark_trainable
 from shrink.distill.tokenizer_files import check_teacher_files, keep_teacher_files
-from shrink.distill.hidden import HiddenAlignment
+from shrink.distill.hidden import HiddenAlignment, parse_targets
 from shrink.distill.student import build_student, even_layers, keep_end_of_turn, stop_at_end_of_turn, student_eos
 from shrink.distill.vocab_sources import read_vocab_data, task_texts
 from shrink.errors import ShrinkError
@@ -114,6 +114,8 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         raise ShrinkError(f"--hidden-weight must be 0 (off) or positive, got {cfg.hidden_weight}")
     if not 0.0 <= cfg.split_words <= 1.0:
         raise ShrinkError(f"--split-words must be between 0 and 1 (the chance a copied word is split), got {cfg.split_words}")
+    if cfg.hidden_targets is not None and not cfg.hidden_weight:
+        raise ShrinkError("--hidden-targets: only with --hidden-weight (it says which teacher layers to align with)")
     if cfg.split_words and cfg.hidden_weight:
         raise ShrinkError("--split-words: not with --hidden-weight (a split sequence has more positions than the "
                           "teacher's, so their hidden states do not pair up)")
@@ -223,6 +225,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     checked = distributed.main_first(ranks, validate, cfg, ranks.is_main)
     train_examples, eval_examples = checked.train, checked.evals
     teacher_dir, teacher_layers = checked.teacher_dir, checked.teacher_layers
+    if cfg.hidden_targets and cfg.hidden_weight and cfg.layers:  # refused before the teacher loads
+        parse_targets(cfg.hidden_targets, cfg.layers, teacher_layers)
     device = resolve_device(cfg.device)
     ckpt = checkpoint_dir(cfg.out)
     if cfg.force and not cfg.resume:
@@ -257,7 +261,12 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
         + f"{_params(student) / 1e6:.1f}M parameters (teacher {_params(teacher) / 1e6:.1f}M)"
     )
     # --hidden-weight: hooks catch both models' layer outputs in the forward passes below.
-    align = HiddenAlignment(student, teacher, keep, student_info.get("hidden_channels_kept")) if cfg.hidden_weight else None
+    align = None
+    if cfg.hidden_weight:
+        pairs = parse_targets(cfg.hidden_targets, len(keep), teacher_layers) if cfg.hidden_targets else keep
+        if cfg.hidden_targets:
+            console.print(f"hidden-state alignment: student layer i with teacher layer {pairs}[i]")
+        align = HiddenAlignment(student, teacher, pairs, student_info.get("hidden_channels_kept"))
 
     seqs = encode_examples(tokenizer, train_examples, cfg.max_length)  # what the student reads
     t_seqs = seqs
