@@ -265,7 +265,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     if cfg.hidden_weight:
         pairs = parse_targets(cfg.hidden_targets, len(keep), teacher_layers) if cfg.hidden_targets else keep
         if cfg.hidden_targets:
-            console.print(f"hidden-state alignment: student layer i with teacher layer {pairs}[i]")
+            paired = ", ".join(f"{i}->{'none' if j is None else j}" for i, j in enumerate(pairs))
+            console.print(f"hidden-state alignment (student layer -> teacher layer): {paired}")
         align = HiddenAlignment(student, teacher, pairs, student_info.get("hidden_channels_kept"))
 
     seqs = encode_examples(tokenizer, train_examples, cfg.max_length)  # what the student reads
