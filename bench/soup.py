@@ -54,6 +54,7 @@ def average(students: list[Path], out: Path) -> Path:
             total[k] += v.double()
     dtypes = {k: v.dtype for k, v in load_file(students[0] / WEIGHTS).items()}
     mean = {k: (v / len(students)).to(dtypes[k]).contiguous() for k, v in total.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
     with artifact.staged_folder(out, force=True, what="the soup") as tmp:
         for f in students[0].iterdir():
             if f.name not in (WEIGHTS, "manifest.json", "training_log.json") and f.is_file():
@@ -69,6 +70,7 @@ def measure(student: Path, out: Path, dev: Path, threads: int | None, embedding:
     """Dev accuracy of the student's Q4_K_M (and of its Q4_K_M with `embedding`) in llama.cpp."""
     from shrink.export.flow import ExportOptions, export
 
+    out.mkdir(parents=True, exist_ok=True)
     q = export(student, out / "Q4_K_M", ExportOptions("gguf", quant="Q4_K_M", threads=threads), eval_data=dev,
                force=True, min_top1=0, max_kl=1e9)
     row = {"dev_q4_k_m": round(q.metrics["accuracy"], 4), "q4_k_m_bytes": q.metrics["size_bytes"],

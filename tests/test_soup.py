@@ -32,7 +32,7 @@ def student_copy(teacher, folder, scale: float | None = None, drop: str | None =
 def test_a_soup_is_the_mean_of_its_students_and_names_them(teacher, tmp_path):
     soup = load("soup")
     a, b = student_copy(teacher, tmp_path / "a"), student_copy(teacher, tmp_path / "b", scale=3.0)
-    out = soup.average([a, b], tmp_path / "soup")
+    out = soup.average([a, b], tmp_path / "uniform" / "student")  # its parent made too
     got, wa, wb = (load_file(p / "model.safetensors") for p in (out, a, b))
     assert set(got) == set(wa)
     for k in got:
