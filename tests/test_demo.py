@@ -92,6 +92,12 @@ def test_demo_pipeline_on_a_tiny_gguf_teacher(teacher, tmp_path, monkeypatch):
     assert png_size(out / "accuracy_vs_size.png") == (800, 500)
     for name in ("student", "student-Q8_0", "student-Q4_K_M"):
         assert (out / name / "manifest.json").is_file()
+    # the sentiment task's Q4_K_M has its token embedding in Q4_0 (chosen on dev); Q8_0 keeps llama.cpp's choice
+    from shrink.manifest import Manifest
+
+    assert q4["embedding_type"] == "Q4_0" and "embedding_type" not in rows["student Q8_0"]
+    assert Manifest.read(out / "student-Q4_K_M").settings["embedding_type"] == "Q4_0"
+    assert Manifest.read(out / "student-Q8_0").settings["embedding_type"] is None
     print_table(result)
 
 

@@ -31,6 +31,9 @@ def print_table(result: dict) -> None:
     console.print(table)
     if served:
         console.print("ratios: against the teacher in transformers / against the teacher as served (its GGUF in llama.cpp)")
+    for r in rows:
+        if r.get("embedding_type"):
+            console.print(f"{r['model']}: its token embedding in {r['embedding_type']} (shrink export --embedding-type)")
     s = result["student"]
     console.print(
         f"student: layers {s['layers_kept']} of the teacher's, vocabulary {s['vocab_kept']:,} of "
