@@ -51,8 +51,8 @@ TASKS = {
     "sentiment": DemoTask("shrink.demo.task", "review sentiment (shrink/demo/data/reviews.jsonl)", None, True,
                           recipe={**RECIPE, "layers": 6, "layer_selection": "first", "ffn_ratio": 0.25},
                           # Its 640-wide embedding (also the output layer) is 4.6 of the Q4_K_M's 15.3 MB as
-                          # llama.cpp's Q8_0; as Q4_0 the file is 13.2 MB, and over five students on dev it
-                          # scored 0.3 to 2.0 points above the Q8_0 one or the same, never a review less.
+                          # llama.cpp's Q8_0; as Q4_0 the file is 13.2 MB, and over seven students on dev it
+                          # scored from one review less to six more than with Q8_0 (+0.4 points on average).
                           embedding_types={"Q4_K_M": "Q4_0"}),
     # The best students on dev (issue 15, bench/RESULTS.md): 6 layers, the teacher's
     # first 16,384 tokens kept so that more unseen words have tokens of their own, and
