@@ -16,9 +16,7 @@ def test_uniform_attention_gives_every_position_the_mean_of_what_it_sees(family,
     tok = tiny.build_tokenizer(tmp_path, [r["prompt"] for r in tiny.toy_examples(40, seed=1)], vocab_size=300)
     build = tiny.build_gemma3 if family == "gemma3" else tiny.build_llama
     model = build(tmp_path, tok, layers=2, hidden=128).eval()
-    model.config._attn_implementation = "eager"
-    for layer in model.model.layers:
-        layer.self_attn.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")  # attention weights come back only from eager attention
     ids = torch.tensor([tok(tiny.toy_examples(1, seed=2)[0]["prompt"]).input_ids[:12]])
     first_before, last_before = model(ids, output_attentions=True).attentions
     before = last_before[0]
