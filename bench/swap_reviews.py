@@ -1,0 +1,264 @@
+"""The teacher swaps words of the training reviews, then labels them (issue 15, "more data").
+
+    python bench/swap_reviews.py [--copies 2] [--rate 0.3] [--top 10] [--seed 0]
+
+Writes WORK/swapped.jsonl (text, source, label, domain, confidence) and WORK/labeled.jsonl
+(the same rows in shrink's task format), which `python bench/demo_tune.py --extra-train
+WORK/labeled.jsonl` trains on beside the 1,201 human-labeled training reviews. This is
+TinyBERT's word-replacement augmentation (Jiao et al. 2020: each word replaced with
+probability 0.4 by one of a masked LM's 15 best guesses, 20 copies a review), made for a
+student with a pruned vocabulary: every new word is one the training reviews already hold
+as a whole-word token, so the student's vocabulary and file stay as they are, and what the
+student gains is the teacher's verdict on the training reviews' words in new places (the
+recombined reviews of bench/augment_reviews.py moved whole sentences only).
+
+1. Guesses. The teacher (the demo's, in transformers, bfloat16: twice float32's speed on
+   this CPU, and only a ranking is asked of it) reads each training prompt
+   once; at each whole-word token of the review (a word start of 3+ letters that the next
+   token does not continue) its `--top` most likely next tokens given the words before,
+   among the whole-word tokens of the training reviews, are that word's candidates (the
+   word itself left out), with the teacher's probabilities renormalized over them.
+2. Copies (seeded). Twice `--copies` drafts a review: each of its whole words (not a
+   function word such as "the" or "with") is replaced with probability `--rate` by a
+   candidate drawn by those probabilities; at least one is. The guesses read only the
+   words before, so a draft can break what follows; the teacher reads every draft whole,
+   and the `--copies` drafts whose log-likelihood fell least per swapped word are kept.
+3. Filtering: texts whose tokens are not all in the student's vocabulary (planned from the
+   training split, as `shrink distill --prune-vocab` plans it), of fewer than 4 or more than
+   60 words, repeats, copies of any review and near copies of a dev or test review
+   (word-set Jaccard >= 0.6) are dropped and counted.
+4. Labeling: `shrink label` with the demo's teacher **as served** (its Q4_K_M GGUF in
+   llama.cpp, the demo's 4-shot prefix) picks " positive" or " negative"; rows under
+   `--min-confidence` (0.75) are left out. The human labels of the source reviews are not used: a
+   swap can turn "great" into "awful", and the teacher says what the copy means.
+
+No dev or test review is read except by the near-copy filter. Every count goes into
+WORK/swapped.json beside the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_writing import keep_novel, label_reviews, words  # noqa: E402
+
+MIN_CONFIDENCE = 0.75
+WORD_START = "\u2581"  # SentencePiece's space, as Gemma's BPE pieces write it
+WHOLE = re.compile(WORD_START + r"[A-Za-z]{3,}")
+# Words not swapped and never put in: swapping them mostly breaks the grammar.
+FUNCTION_WORDS = frozenset("""
+about after again all also and any are because been before being but can could did does doing down during each few
+for from further had has have having her here hers herself him himself his how into its itself just more most myself
+nor not now off once only other our ours out over own same she should some such than that the their theirs them then
+there these they this those through too under until very was were what when where which while who whom why will with
+would you your yours yourself one even never way really much many every thing things didn don doesn isn wasn won
+""".split())
+
+
+def word_positions(pieces: list[str]) -> list[int]:
+    """The indices of pieces that are a whole word, not a function word: a word start of 3+
+    letters that the next piece does not continue (the next starts a word, is punctuation
+    other than an apostrophe, or there is none)."""
+    out = []
+    for i, p in enumerate(pieces):
+        nxt = pieces[i + 1] if i + 1 < len(pieces) else ""
+        continued = nxt[:1].isalpha() or nxt[:1] in ("'", "\u2019")
+        if WHOLE.fullmatch(p) and p[1:].lower() not in FUNCTION_WORDS and not continued:
+            out.append(i)
+    return out
+
+
+def swap(ids: list[int], cands: dict[int, tuple[list[int], list[float]]], rng: random.Random,
+         rate: float) -> list[int] | None:
+    """One copy of `ids`: each position of `cands` (position -> (candidate ids, their
+    probabilities)) replaced with probability `rate` by a candidate drawn by probability;
+    at least one position is replaced. None when no position has a candidate."""
+    positions = [p for p, (c, _) in cands.items() if c]
+    if not positions:
+        return None
+    chosen = [p for p in positions if rng.random() < rate] or [rng.choice(positions)]
+    out = list(ids)
+    for p in chosen:
+        c, w = cands[p]
+        out[p] = rng.choices(c, w)[0]
+    return out
+
+
+def padded(seqs: list[list[int]], pad_id: int):
+    """Right-padded ids and their attention mask, as LongTensors."""
+    import torch
+
+    x = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return x, mask
+
+
+def teacher_guesses(model, batch_ids: list[list[int]], positions: list[list[int]], allowed, top: int,
+                    pad_id: int) -> list[dict[int, tuple[list[int], list[float]]]]:
+    """For each sequence, position -> the teacher's `top` most likely tokens there among
+    `allowed` (a LongTensor of ids) given the tokens before it, the token itself left out,
+    with probabilities renormalized over the candidates."""
+    import torch
+
+    x, mask = padded(batch_ids, pad_id)
+    with torch.no_grad():
+        hidden = model.model(input_ids=x, attention_mask=mask).last_hidden_state  # after the final norm
+        rows = model.lm_head.weight[allowed]
+        out = []
+        for i, pos in enumerate(positions):
+            guesses = {}
+            if pos:
+                logits = (hidden[i, [p - 1 for p in pos]] @ rows.T).float()
+                for j, p in enumerate(pos):
+                    lj = logits[j].clone()
+                    lj[allowed == batch_ids[i][p]] = float("-inf")
+                    best = torch.topk(lj, top)
+                    probs = torch.softmax(best.values, dim=0)
+                    guesses[p] = (allowed[best.indices].tolist(), probs.tolist())
+            out.append(guesses)
+    return out
+
+
+def sequence_nll(model, seqs: list[list[int]], pad_id: int, batch: int = 16, what: str = "") -> list[float]:
+    """The teacher's negative log-likelihood of each sequence (summed over its tokens after
+    the first)."""
+    import torch
+
+    out = []
+    for b in range(0, len(seqs), batch):
+        x, mask = padded(seqs[b:b + batch], pad_id)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            tok = logp.gather(-1, x[:, 1:, None])[..., 0] * mask[:, 1:]
+        out += (-tok.sum(1)).tolist()
+        print(f"\rteacher reads {what}: {min(b + batch, len(seqs))}/{len(seqs)}", end="", flush=True)
+    print(flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=2, help="copies of each training review before filtering")
+    ap.add_argument("--rate", type=float, default=0.3, help="probability that a whole word is swapped")
+    ap.add_argument("--top", type=int, default=10, help="the teacher's guesses a word is drawn from")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
+                    help="leave out rows the teacher labels with less probability (0: keep all; a student distilled on "
+                         "them learns the teacher's doubt from its soft labels)")
+    ap.add_argument("--work", type=Path, default=Path("bench/swap-run"))
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads for labeling (default: all cores)")
+    args = ap.parse_args()
+
+    import torch
+
+    from shrink.demo.pipeline import demo_teacher
+    from shrink.demo.task import CHOICES, TEMPLATE, reviews, split_rows
+    from shrink.distill.prune_vocab import plan_pruning
+    from shrink.distill.vocab_sources import row_texts
+    from shrink.teacher_gguf import resolve_teacher
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    splits = split_rows(reviews())
+    train = splits["train"]
+    gguf = demo_teacher()
+    folder = resolve_teacher(gguf)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+    def vocab_of(texts: list[str]) -> set[int]:
+        plan = plan_pruning(tok, [t for text in texts for t in row_texts(TEMPLATE.format(text=text), None, CHOICES)],
+                            tok.eos_token_id)
+        return set(plan.kept)
+
+    kept_vocab = vocab_of([r["text"] for r in train])
+    prompts = [tok(TEMPLATE.format(text=r["text"]))["input_ids"] for r in train]
+    pieces = [tok.convert_ids_to_tokens(ids) for ids in prompts]
+    positions = [word_positions(p) for p in pieces]
+    allowed = torch.tensor(sorted({ids[p] for ids, pos in zip(prompts, positions) for p in pos}))
+    print(f"{len(train)} training reviews, {sum(map(len, positions))} whole words, {len(allowed)} distinct "
+          f"whole-word tokens; student vocabulary {len(kept_vocab)}", flush=True)
+
+    guesses = []
+    for b in range(0, len(prompts), 16):
+        guesses += teacher_guesses(model, prompts[b:b + 16], positions[b:b + 16], allowed, args.top, tok.pad_token_id)
+        print(f"\rteacher guesses: {min(b + 16, len(prompts))}/{len(prompts)}", end="", flush=True)
+    print(flush=True)
+    guess_s = time.perf_counter() - started
+
+    rng = random.Random(args.seed)
+    drafts, why_none = [], Counter()
+    for i, (ids, g) in enumerate(zip(prompts, guesses)):
+        for _ in range(2 * args.copies):
+            new = swap(ids, g, rng, args.rate)
+            if new is None:
+                why_none["no whole word to swap"] += 1
+            else:
+                drafts.append((i, new))
+    base = sequence_nll(model, prompts, tok.pad_token_id, what="the training reviews")
+    draft_nll = sequence_nll(model, [d for _, d in drafts], tok.pad_token_id, what="the drafts")
+    by_review: dict[int, dict[tuple, float]] = {}
+    for (i, new), n in zip(drafts, draft_nll):
+        swapped = sum(a != b for a, b in zip(prompts[i], new))
+        by_review.setdefault(i, {})[tuple(new)] = (n - base[i]) / swapped
+    head, tail = TEMPLATE.split("{text}")
+    cands = []
+    for i, scored in by_review.items():
+        for new in sorted(scored, key=scored.get)[:args.copies]:
+            text = tok.decode(list(new), skip_special_tokens=True)
+            if not (text.startswith(head) and text.endswith(tail)):
+                why_none["template broken"] += 1
+                continue
+            cands.append({"text": text[len(head):len(text) - len(tail)].strip(), "source": train[i]["text"],
+                          "domain": train[i]["domain"], "nll_per_swap": round(scored[new], 3)})
+
+    def outside_vocab(text: str, _w) -> str | None:
+        ids = tok(TEMPLATE.format(text=text))["input_ids"]
+        return "a token outside the student's vocabulary" if not set(ids) <= kept_vocab else None
+
+    train_keys = {" ".join(words(r["text"])) for r in train}
+    def reject(text: str, w) -> str | None:
+        return "copy of a review" if " ".join(words(text)) in train_keys else outside_vocab(text, w)
+
+    evaluated = {name: [r["text"] for r in splits[name]] for name in ("dev", "test")}
+    kept_idx, dropped = keep_novel([c["text"] for c in cands], evaluated, (4, 60), "review", reject)
+    kept = [cands[i] for i in kept_idx]
+    dropped.update(why_none)
+
+    rows, summary = label_reviews(gguf, kept, args.work, args.min_confidence, args.threads)
+    out_rows = [{"text": r["text"], "source": r["source"], "label": r["completion"].strip(), "domain": r["domain"],
+                 "confidence": round(r["confidence"], 4)} for r in rows]
+    after = vocab_of([r["text"] for r in train] + [r["text"] for r in out_rows])
+    out = args.work / "swapped.jsonl"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
+    source_label = {r["text"]: r["label"] for r in train}
+    record = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "copies": args.copies,
+        "min_confidence": args.min_confidence,
+        "rate": args.rate, "top": args.top, "whole_word_tokens": len(allowed), "drafts": len(drafts),
+        "made": len(cands),
+        "dropped": dict(dropped), "labeled": summary, "kept": len(out_rows),
+        "labels": dict(Counter(r["label"] for r in out_rows)),
+        "label_differs_from_source": sum(r["label"] != source_label[r["source"]] for r in out_rows),
+        "student_vocabulary": {"training reviews": len(kept_vocab), "with the kept copies": len(after)},
+        "examples": [{"source": r["source"], "copy": r["text"], "label": r["label"]} for r in out_rows[:8]],
+        "guess_seconds": round(guess_s, 1), "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
