@@ -41,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_writing import keep_novel, label_reviews, words  # noqa: E402
+from teacher_writing import keep_edited, label_reviews  # noqa: E402
 
 MIN_CONFIDENCE = 0.75
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -90,16 +90,6 @@ def recombine(train: list[dict], count: int, seed: int) -> list[dict]:
     return out
 
 
-def keep_new(cands: list[dict], splits: dict[str, list[dict]]) -> tuple[list[dict], Counter]:
-    """Drops short, long and repeated texts, copies of any review and near copies of a dev
-    or test review; counts why."""
-    train = {" ".join(words(r["text"])) for r in splits["train"]}
-    kept, why = keep_novel([c["text"] for c in cands],
-                           {name: [r["text"] for r in splits[name]] for name in ("dev", "test")}, (4, 60), "review",
-                           lambda text, w: "copy of a review" if " ".join(words(text)) in train else None)
-    return [cands[i] for i in kept], why
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=4000, help="candidates to make before filtering")
@@ -114,7 +104,7 @@ def main() -> int:
     started = time.perf_counter()
     splits = split_rows(reviews())
     cands = recombine(splits["train"], args.count, args.seed)
-    kept, dropped = keep_new(cands, splits)
+    kept, dropped = keep_edited(cands, splits)
 
     rows, summary = label_reviews(demo_teacher(), kept, args.work, MIN_CONFIDENCE, args.threads)
     out_rows = [{"text": r["text"], "label": r["completion"].strip(), "op": r["op"], "domain": r["domain"],

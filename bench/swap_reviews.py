@@ -48,7 +48,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_writing import keep_novel, label_reviews, words  # noqa: E402
+from teacher_writing import keep_edited, label_reviews  # noqa: E402
 
 MIN_CONFIDENCE = 0.75
 WORD_START = "\u2581"  # SentencePiece's space, as Gemma's BPE pieces write it
@@ -223,17 +223,11 @@ def main() -> int:
             cands.append({"text": text[len(head):len(text) - len(tail)].strip(), "source": train[i]["text"],
                           "domain": train[i]["domain"], "nll_per_swap": round(scored[new], 3)})
 
-    def outside_vocab(text: str, _w) -> str | None:
+    def outside_vocab(text: str, _words) -> str | None:
         ids = tok(TEMPLATE.format(text=text))["input_ids"]
         return "a token outside the student's vocabulary" if not set(ids) <= kept_vocab else None
 
-    train_keys = {" ".join(words(r["text"])) for r in train}
-    def reject(text: str, w) -> str | None:
-        return "copy of a review" if " ".join(words(text)) in train_keys else outside_vocab(text, w)
-
-    evaluated = {name: [r["text"] for r in splits[name]] for name in ("dev", "test")}
-    kept_idx, dropped = keep_novel([c["text"] for c in cands], evaluated, (4, 60), "review", reject)
-    kept = [cands[i] for i in kept_idx]
+    kept, dropped = keep_edited(cands, splits, outside_vocab)
     dropped.update(why_none)
 
     rows, summary = label_reviews(gguf, kept, args.work, args.min_confidence, args.threads)
@@ -245,10 +239,9 @@ def main() -> int:
     source_label = {r["text"]: r["label"] for r in train}
     record = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "copies": args.copies,
-        "min_confidence": args.min_confidence,
-        "rate": args.rate, "top": args.top, "whole_word_tokens": len(allowed), "drafts": len(drafts),
-        "made": len(cands),
-        "dropped": dict(dropped), "labeled": summary, "kept": len(out_rows),
+        "min_confidence": args.min_confidence, "rate": args.rate, "top": args.top,
+        "whole_word_tokens": len(allowed), "drafts": len(drafts), "made": len(cands), "dropped": dict(dropped),
+        "labeled": summary, "kept": len(out_rows),
         "labels": dict(Counter(r["label"] for r in out_rows)),
         "label_differs_from_source": sum(r["label"] != source_label[r["source"]] for r in out_rows),
         "student_vocabulary": {"training reviews": len(kept_vocab), "with the kept copies": len(after)},

@@ -1,7 +1,7 @@
-"""What bench/teacher_reviews.py, bench/teacher_messages.py and bench/augment_reviews.py
-share: the teacher as served (its GGUF in llama.cpp) continues prompts, texts that are
-short, long, repeated, or a copy or near copy of a demo example are dropped and counted,
-and new reviews are labeled with the sentiment demo's prompt."""
+"""What bench/teacher_reviews.py, bench/teacher_messages.py, bench/augment_reviews.py and
+bench/swap_reviews.py share: the teacher as served (its GGUF in llama.cpp) continues
+prompts, texts that are short, long, repeated, or a copy or near copy of a demo example
+are dropped and counted, and new reviews are labeled with the sentiment demo's prompt."""
 
 from __future__ import annotations
 
@@ -78,6 +78,21 @@ def keep_novel(texts: list[str], splits: dict[str, list[str]], lengths: tuple[in
             kept.append(i)
     return kept, why
 
+
+def keep_edited(cands: list[dict], splits: dict[str, list[dict]],
+                reject: Callable[[str, set[str]], str | None] = lambda text, w: None) -> tuple[list[dict], Counter]:
+    """keep_novel for review texts edited from the training reviews (recombined, words
+    swapped): short, long and repeated texts, copies of any review and near copies of a dev
+    or test review are dropped, and counted; being near a training review is the point, so
+    that is not filtered. `reject(text, word set)` may name another reason to drop."""
+    train = {" ".join(words(r["text"])) for r in splits["train"]}
+
+    def why(text: str, w: set[str]) -> str | None:
+        return "copy of a review" if " ".join(words(text)) in train else reject(text, w)
+
+    held_out = {name: [r["text"] for r in splits[name]] for name in ("dev", "test")}
+    kept, counts = keep_novel([c["text"] for c in cands], held_out, (4, 60), "review", why)
+    return [cands[i] for i in kept], counts
 
 def label_reviews(teacher: Path, kept: list[dict], work: Path, min_confidence: float,
                   threads: int | None) -> tuple[list[dict], dict]:

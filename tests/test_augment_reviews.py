@@ -38,8 +38,8 @@ def test_recombined_reviews_use_training_words_only_and_are_reproducible():
                              for r in train) for c in drops)
 
 
-def test_keep_new_drops_copies_of_any_review_and_near_copies_of_held_out_ones():
-    ar = load("augment_reviews")
+def test_keep_edited_drops_copies_of_any_review_and_near_copies_of_held_out_ones():
+    tw = load("teacher_writing")
     splits = {"train": [{"text": "The kettle boils fast and looks lovely on the counter."}],
               "dev": [{"text": "Battery died after a week and support never wrote back."}],
               "test": [{"text": "The soup was cold and the waiter ignored us all night."}]}
@@ -51,7 +51,7 @@ def test_keep_new_drops_copies_of_any_review_and_near_copies_of_held_out_ones():
         "The soup was cold and the waiter ignored us all evening.",           # near copy of a test review
         "Battery died after one week, support never wrote back to me.",       # near copy of a dev review
     )]
-    kept, why = ar.keep_new(cands, splits)
+    kept, why = tw.keep_edited(cands, splits)
     assert [c["text"] for c in kept] == [cands[1]["text"]]
     assert why == {"length": 1, "repeat": 1, "copy of a review": 1, "near copy of a review": 2}
 
