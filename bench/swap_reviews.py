@@ -14,7 +14,7 @@ recombined reviews of bench/augment_reviews.py moved whole sentences only).
 
 1. Guesses. The teacher (the demo's, in transformers, bfloat16: twice float32's speed on
    this CPU, and only a ranking is asked of it) reads each training prompt
-   once; at each whole-word token of the review (a word start of 3+ letters that the next
+   once, which also gives the prompt's own log-likelihood (step 2); at each whole-word token of the review (a word start of 3+ letters that the next
    token does not continue) its `--top` most likely next tokens given the words before,
    among the whole-word tokens of the training reviews, are that word's candidates (the
    word itself left out), with the teacher's probabilities renormalized over them.
@@ -104,30 +104,40 @@ def padded(seqs: list[list[int]], pad_id: int):
     return x, mask
 
 
-def teacher_guesses(model, batch_ids: list[list[int]], positions: list[list[int]], allowed, top: int,
-                    pad_id: int) -> list[dict[int, tuple[list[int], list[float]]]]:
-    """For each sequence, position -> the teacher's `top` most likely tokens there among
-    `allowed` (a LongTensor of ids) given the tokens before it, the token itself left out,
-    with probabilities renormalized over the candidates."""
+def teacher_reads(model, batch_ids: list[list[int]], positions: list[list[int]], allowed, top: int,
+                  pad_id: int) -> tuple[list[dict[int, tuple[list[int], list[float]]]], list[float]]:
+    """One read of a batch by the teacher gives both what the swaps need: for each
+    sequence, position -> the teacher's `top` most likely tokens there among `allowed` (a
+    LongTensor of ids) given the tokens before it, the token itself left out, with
+    probabilities renormalized over the candidates; and the sequence's negative
+    log-likelihood (as sequence_nll gives it), which each draft's is measured against."""
     import torch
 
     x, mask = padded(batch_ids, pad_id)
     with torch.no_grad():
-        hidden = model.model(input_ids=x, attention_mask=mask).last_hidden_state  # after the final norm
-        rows = model.lm_head.weight[allowed]
+        logits = model(input_ids=x, attention_mask=mask).logits
         out = []
         for i, pos in enumerate(positions):
             guesses = {}
             if pos:
-                logits = (hidden[i, [p - 1 for p in pos]] @ rows.T).float()
+                chosen = logits[i, [p - 1 for p in pos]][:, allowed].float()
                 for j, p in enumerate(pos):
-                    lj = logits[j].clone()
+                    lj = chosen[j].clone()
                     lj[allowed == batch_ids[i][p]] = float("-inf")
                     best = torch.topk(lj, top)
                     probs = torch.softmax(best.values, dim=0)
                     guesses[p] = (allowed[best.indices].tolist(), probs.tolist())
             out.append(guesses)
-    return out
+        nll = _nll(logits, x, mask)
+    return out, nll
+
+
+def _nll(logits, x, mask) -> list[float]:
+    """Each row's negative log-likelihood of its own tokens after the first (pads left out)."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return (-(logp.gather(-1, x[:, 1:, None])[..., 0] * mask[:, 1:]).sum(1)).tolist()
 
 
 def sequence_nll(model, seqs: list[list[int]], pad_id: int, batch: int = 16, what: str = "") -> list[float]:
@@ -135,15 +145,16 @@ def sequence_nll(model, seqs: list[list[int]], pad_id: int, batch: int = 16, wha
     the first)."""
     import torch
 
+    from shrink.console import progress
+
     out = []
-    for b in range(0, len(seqs), batch):
-        x, mask = padded(seqs[b:b + batch], pad_id)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=x, attention_mask=mask).logits[:, :-1].float(), dim=-1)
-            tok = logp.gather(-1, x[:, 1:, None])[..., 0] * mask[:, 1:]
-        out += (-tok.sum(1)).tolist()
-        print(f"\rteacher reads {what}: {min(b + batch, len(seqs))}/{len(seqs)}", end="", flush=True)
-    print(flush=True)
+    with progress("texts") as bar:
+        task = bar.add_task(f"teacher reads {what}", total=len(seqs))
+        for b in range(0, len(seqs), batch):
+            x, mask = padded(seqs[b:b + batch], pad_id)
+            with torch.no_grad():
+                out += _nll(model(input_ids=x, attention_mask=mask).logits, x, mask)
+            bar.advance(task, len(seqs[b:b + batch]))
     return out
 
 
@@ -162,6 +173,7 @@ def main() -> int:
 
     import torch
 
+    from shrink.console import progress
     from shrink.demo.pipeline import demo_teacher
     from shrink.demo.task import CHOICES, TEMPLATE, reviews, split_rows
     from shrink.distill.prune_vocab import plan_pruning
@@ -190,11 +202,14 @@ def main() -> int:
     print(f"{len(train)} training reviews, {sum(map(len, positions))} whole words, {len(allowed)} distinct "
           f"whole-word tokens; student vocabulary {len(kept_vocab)}", flush=True)
 
-    guesses = []
-    for b in range(0, len(prompts), 16):
-        guesses += teacher_guesses(model, prompts[b:b + 16], positions[b:b + 16], allowed, args.top, tok.pad_token_id)
-        print(f"\rteacher guesses: {min(b + 16, len(prompts))}/{len(prompts)}", end="", flush=True)
-    print(flush=True)
+    guesses, base = [], []  # base: each training review's own log-likelihood, from the same read
+    with progress("reviews") as bar:
+        task = bar.add_task("teacher guesses", total=len(prompts))
+        for b in range(0, len(prompts), 16):
+            g, nll = teacher_reads(model, prompts[b:b + 16], positions[b:b + 16], allowed, args.top, tok.pad_token_id)
+            guesses += g
+            base += nll
+            bar.advance(task, len(g))
     guess_s = time.perf_counter() - started
 
     rng = random.Random(args.seed)
@@ -206,7 +221,6 @@ def main() -> int:
                 why_none["no whole word to swap"] += 1
             else:
                 drafts.append((i, new))
-    base = sequence_nll(model, prompts, tok.pad_token_id, what="the training reviews")
     draft_nll = sequence_nll(model, [d for _, d in drafts], tok.pad_token_id, what="the drafts")
     by_review: dict[int, dict[tuple, float]] = {}
     for (i, new), n in zip(drafts, draft_nll):

@@ -52,7 +52,7 @@ def test_the_teachers_guesses_and_likelihoods_are_the_models_own(tmp_path):
     assert min(map(len, seqs)) >= 8 and len({len(s) for s in seqs}) > 1  # padded batches below
     positions = [[3, 5, len(seqs[0]) - 1], [], [2, 7]]
     allowed = torch.arange(5, 120)
-    got = sr.teacher_guesses(model, seqs, positions, allowed, top=4, pad_id=tok.pad_token_id)
+    got, read_nll = sr.teacher_reads(model, seqs, positions, allowed, top=4, pad_id=tok.pad_token_id)
     assert got[1] == {}
     for s, pos, guesses in zip(seqs, positions, got):
         with torch.no_grad():
@@ -66,8 +66,10 @@ def test_the_teachers_guesses_and_likelihoods_are_the_models_own(tmp_path):
             assert abs(sum(probs) - 1) < 1e-5 and probs == sorted(probs, reverse=True)
 
     nll = sr.sequence_nll(model, seqs, tok.pad_token_id, batch=2)  # padded batches read as each sequence alone
-    for s, n in zip(seqs, nll):
+    assert len(nll) == len(read_nll) == len(seqs)
+    for s, n, r in zip(seqs, nll, read_nll):  # the guessing read's likelihood is the same one
         with torch.no_grad():
             x = torch.tensor([s])
             want = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum").item()
         assert abs(n - want) < 1e-3 * max(1.0, abs(want))
+        assert abs(r - want) < 1e-3 * max(1.0, abs(want))
