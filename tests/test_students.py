@@ -470,3 +470,35 @@ def test_hidden_targets_pair_student_layers_with_the_teacher_layers_asked(teache
                                                       "--out", tmp_path / "bad", "--layers", "2", "--device", "cpu", *args)])
         assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("Error: " + message), r.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_heads_the_familys_config_refuses_fail_before_any_work(teacher, task_files, tmp_path, monkeypatch):
+    """Gemma 3's config wants the hidden size (128 here, 640 in Gemma 3 270M) a multiple of
+    the query heads although its head_dim is explicit: 3 of 4 heads used to train to the end
+    and fail when the student was saved. It is refused before the width scores' pass."""
+    import shrink.distill.student as student_module
+    import shrink.export.gguf_convert as gguf_convert
+
+    monkeypatch.setattr(gguf_convert, "check_convertible", lambda *a: None)  # the fixture's tokenizer is not Gemma's
+    tok = load_tokenizer(teacher)
+    gemma = tmp_path / "gemma"
+    tiny.build_gemma3(gemma, tok, layers=2, hidden=128).save_pretrained(gemma)
+    tok.save_pretrained(gemma)
+    scored = []
+    real = student_module.width_scores
+    monkeypatch.setattr(student_module, "width_scores", lambda *a, **k: scored.append(1) or real(*a, **k))
+    r = CliRunner().invoke(cli, [str(a) for a in ("distill", "--teacher", gemma, "--data", task_files["train"],
+                                                  "--out", tmp_path / "bad", "--layers", "2", "--device", "cpu",
+                                                  "--heads-ratio", "0.75")])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: --heads-ratio 0.75: 3 of 4 query heads, which Gemma3TextConfig refuses ("), last
+    assert "not a multiple of the number of attention heads (3)" in last
+    assert last.endswith("ratios it accepts: 0.25, 0.5, 1"), last
+    assert not scored and not (tmp_path / "bad").exists()
+    scored.clear()
+    # the ratios it names are the ones that work: 2 of 4 heads prunes and saves
+    m = distill(DistillConfig(teacher=gemma, data=task_files["train"], out=tmp_path / "ok", layers=1, steps=1,
+                              batch_size=8, heads_ratio=0.5, device="cpu"))
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["num_attention_heads"] == 2
+    assert m.settings["widths"]["attention_heads"] == [4, 2]

@@ -63,7 +63,7 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     from shrink.distill.hidden_width import channel_scores, hidden_size_of, prune_hidden, target_hidden
     from shrink.distill.importance import important_layers, layer_distances, task_batches
     from shrink.distill.size_budget import budget_of, choose_size
-    from shrink.distill.width import prune_width, target_widths, widths_of
+    from shrink.distill.width import check_widths, prune_width, widths_of
     from shrink.hf import load_causal_lm
 
     info: dict = {}
@@ -91,7 +91,7 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
 
     if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
         now = widths_of(student)
-        target = target_widths(now, cfg.ffn_ratio, cfg.heads_ratio)
+        target = check_widths(student, cfg.ffn_ratio, cfg.heads_ratio)  # before the scores' pass, not at save
         student = student.to(device).eval()
         scores = width_scores(student, teacher, keep, tokenizer, examples, device, cfg.max_length, cfg.width_scores,
                               cfg.ffn_refit)

@@ -188,13 +188,58 @@ def prune_width(model, target: Widths, scores: list[dict]):
             else:
                 state[key] = tensor.index_select(dim, kept).clone()
 
+    return model_from_state(pruned_config(model, target), state, "width-pruned student")
+
+
+def pruned_config(model, target: Widths):
+    """`model`'s config with the `target` widths, checked by the family's own config
+    validation (the one saving and loading the student run), so a width it refuses fails
+    before any work: Gemma 3's, for one, wants the hidden size a multiple of the query
+    heads even though its head_dim is explicit."""
+    now = widths_of(model)
     config = model.config.__class__.from_dict(model.config.to_dict())
     text = config.get_text_config()
     text.intermediate_size = target.intermediate
     text.num_attention_heads = target.heads
     text.num_key_value_heads = target.kv_heads
     text.head_dim = now.head_dim  # explicit: hidden_size / heads would now be wrong
-    return model_from_state(config, state, "width-pruned student")
+    validate = getattr(config, "validate", None)  # transformers 5's strict configs
+    if validate is not None:
+        validate()
+    return config
+
+
+def check_widths(model, ffn_ratio: float, heads_ratio: float) -> Widths:
+    """The widths `ffn_ratio` and `heads_ratio` keep of `model`, or ModelError naming
+    --heads-ratio and the ratios the family's config accepts when it refuses them."""
+    now = widths_of(model)
+    target = target_widths(now, ffn_ratio, heads_ratio)
+    try:
+        pruned_config(model, target)
+    except _config_errors() as e:
+        fine = [f"{k / now.heads:g}" for k in range(1, now.heads + 1) if _accepted(model, now, k / now.heads)]
+        why = str(e).strip().splitlines()[-1].strip()
+        raise ModelError(f"--heads-ratio {heads_ratio:g}: {target.heads} of {now.heads} query heads, which "
+                         f"{type(model.config).__name__} refuses ({why}); ratios it accepts: {', '.join(fine)}") from e
+    return target
+
+
+def _accepted(model, now: Widths, ratio: float) -> bool:
+    try:
+        pruned_config(model, target_widths(now, 1.0, ratio))
+    except _config_errors():
+        return False
+    return True
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What a config's validation raises: huggingface_hub's strict-dataclass error (not a
+    ValueError) in transformers 5, ValueError where a family checks in its own code."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, StrictDataclassError)
 
 
 
