@@ -32,6 +32,13 @@ recombined reviews of bench/augment_reviews.py moved whole sentences only).
    `--min-confidence` (0.75) are left out. The human labels of the source reviews are not used: a
    swap can turn "great" into "awful", and the teacher says what the copy means.
 
+`--vocab-top N` widens the candidates to the whole words among the teacher's first N token
+ids (its most frequent pieces, as `shrink distill --vocab-top N` keeps them in the
+student's vocabulary), so copies carry words the training reviews lack, in context and
+labeled by the teacher; the student must then be distilled with the same `--vocab-top`.
+A piece among them that usually begins a longer word (the teacher, reading "It was" and
+the piece, puts more than half its probability on a continuation) is left out.
+
 No dev or test review is read except by the near-copy filter. Every count goes into
 WORK/swapped.json beside the rows.
 """
@@ -73,6 +80,33 @@ def word_positions(pieces: list[str]) -> list[int]:
         continued = nxt[:1].isalpha() or nxt[:1] in ("'", "\u2019")
         if WHOLE.fullmatch(p) and p[1:].lower() not in FUNCTION_WORDS and not continued:
             out.append(i)
+    return out
+
+
+def continuation_mask(tokenizer):
+    """A boolean tensor over the vocabulary: the pieces that continue a word (they start
+    with a letter, not with a word start)."""
+    import torch
+
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([bool(p) and p[0].isalpha() for p in pieces])
+
+
+def continuation_probability(model, prefix: list[int], candidates: list[int], continues, batch: int = 256) -> list[float]:
+    """For each candidate token: the teacher's probability, after `prefix` and the
+    candidate, that the next piece continues the candidate's word (`continues`: a mask as
+    continuation_mask gives it)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(candidates), batch):
+            x = torch.tensor([prefix + [c] for c in candidates[b:b + batch]])  # equal lengths, no padding
+            probs = torch.softmax(model(input_ids=x).logits[:, -1].float(), dim=-1)
+            mask = torch.zeros(probs.shape[-1], dtype=torch.bool)  # the model's rows may outnumber the pieces
+            n = min(len(continues), len(mask))
+            mask[:n] = continues[:n]
+            out += probs[:, mask].sum(-1).tolist()
     return out
 
 
@@ -167,6 +201,9 @@ def main() -> int:
     ap.add_argument("--min-confidence", type=float, default=MIN_CONFIDENCE,
                     help="leave out rows the teacher labels with less probability (0: keep all; a student distilled on "
                          "them learns the teacher's doubt from its soft labels)")
+    ap.add_argument("--vocab-top", type=int, default=0,
+                    help="also swap in the whole words among the teacher's first N token ids (distill the student "
+                         "with --vocab-top N); 0: only the training reviews' own words")
     ap.add_argument("--work", type=Path, default=Path("bench/swap-run"))
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads for labeling (default: all cores)")
     args = ap.parse_args()
@@ -191,16 +228,27 @@ def main() -> int:
 
     def vocab_of(texts: list[str]) -> set[int]:
         plan = plan_pruning(tok, [t for text in texts for t in row_texts(TEMPLATE.format(text=text), None, CHOICES)],
-                            tok.eos_token_id)
+                            tok.eos_token_id, top=args.vocab_top)
         return set(plan.kept)
 
     kept_vocab = vocab_of([r["text"] for r in train])
     prompts = [tok(TEMPLATE.format(text=r["text"]))["input_ids"] for r in train]
     pieces = [tok.convert_ids_to_tokens(ids) for ids in prompts]
     positions = [word_positions(p) for p in pieces]
-    allowed = torch.tensor(sorted({ids[p] for ids, pos in zip(prompts, positions) for p in pos}))
-    print(f"{len(train)} training reviews, {sum(map(len, positions))} whole words, {len(allowed)} distinct "
-          f"whole-word tokens; student vocabulary {len(kept_vocab)}", flush=True)
+    own = {ids[p] for ids, pos in zip(prompts, positions) for p in pos}
+    added, fragments = set(), 0
+    if args.vocab_top:
+        top_pieces = tok.convert_ids_to_tokens(list(range(args.vocab_top)))
+        words = [i for i, p in enumerate(top_pieces) if i not in own and p and WHOLE.fullmatch(p)
+                 and p[1:].lower() not in FUNCTION_WORDS]
+        cont = continuation_probability(model, tok("It was", add_special_tokens=True)["input_ids"], words,
+                                        continuation_mask(tok))
+        added = {w for w, c in zip(words, cont) if c <= 0.5}
+        fragments = len(words) - len(added)
+    allowed = torch.tensor(sorted(own | added))
+    print(f"{len(train)} training reviews, {sum(map(len, positions))} whole words, {len(own)} distinct "
+          f"whole-word tokens, {len(added)} more from the teacher's first {args.vocab_top} ids ({fragments} "
+          f"word beginnings left out); student vocabulary {len(kept_vocab)}", flush=True)
 
     guesses, base = [], []  # base: each training review's own log-likelihood, from the same read
     with progress("reviews") as bar:
@@ -254,7 +302,8 @@ def main() -> int:
     record = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "copies": args.copies,
         "min_confidence": args.min_confidence, "rate": args.rate, "top": args.top,
-        "whole_word_tokens": len(allowed), "drafts": len(drafts), "made": len(cands), "dropped": dict(dropped),
+        "whole_word_tokens": len(own), "vocab_top": args.vocab_top, "added_whole_words": len(added),
+        "added_word_beginnings_left_out": fragments, "drafts": len(drafts), "made": len(cands), "dropped": dict(dropped),
         "labeled": summary, "kept": len(out_rows),
         "labels": dict(Counter(r["label"] for r in out_rows)),
         "label_differs_from_source": sum(r["label"] != source_label[r["source"]] for r in out_rows),

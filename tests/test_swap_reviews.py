@@ -73,3 +73,24 @@ def test_the_teachers_guesses_and_likelihoods_are_the_models_own(tmp_path):
             want = torch.nn.functional.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="sum").item()
         assert abs(n - want) < 1e-3 * max(1.0, abs(want))
         assert abs(r - want) < 1e-3 * max(1.0, abs(want))
+
+
+def test_a_word_beginning_is_told_by_the_teachers_probability_of_a_continuation(tmp_path):
+    sr = load("swap_reviews")
+    examples = tiny.toy_examples(40, seed=1)
+    tok = tiny.build_tokenizer(tmp_path, [r["prompt"] for r in examples], vocab_size=300)
+    model = tiny.build_gemma3(tmp_path, tok, layers=2, hidden=128).eval()
+    continues = sr.continuation_mask(tok)
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert continues.any() and not continues.all()
+    for piece, c in zip(pieces, continues.tolist()):  # a letter first: a continuation; a word start or <...>: not
+        assert c == (piece[0].isalpha() and not piece.startswith(sr.WORD_START))
+    prefix = tok("It was")["input_ids"]
+    candidates = [i for i, p in enumerate(pieces) if p.startswith(sr.WORD_START) and len(p) > 2][:5]
+    got = sr.continuation_probability(model, prefix, candidates, continues, batch=2)
+    assert len(got) == len(candidates) == 5
+    for c, g in zip(candidates, got):
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([prefix + [c]])).logits[0, -1].float(), dim=-1)
+        want = probs[: len(continues)][continues].sum().item()
+        assert 0.0 < g < 1.0 and abs(g - want) < 1e-5
