@@ -98,14 +98,15 @@ def continuation_probability(model, prefix: list[int], candidates: list[int], co
     continuation_mask gives it)."""
     import torch
 
+    rows = model.get_output_embeddings().weight.shape[0]  # the model's rows may outnumber the pieces
+    mask = torch.zeros(rows, dtype=torch.bool)
+    n = min(len(continues), rows)
+    mask[:n] = continues[:n]
     out = []
     with torch.no_grad():
         for b in range(0, len(candidates), batch):
             x = torch.tensor([prefix + [c] for c in candidates[b:b + batch]])  # equal lengths, no padding
             probs = torch.softmax(model(input_ids=x).logits[:, -1].float(), dim=-1)
-            mask = torch.zeros(probs.shape[-1], dtype=torch.bool)  # the model's rows may outnumber the pieces
-            n = min(len(continues), len(mask))
-            mask[:n] = continues[:n]
             out += probs[:, mask].sum(-1).tolist()
     return out
 
@@ -127,15 +128,12 @@ def swap(ids: list[int], cands: dict[int, tuple[list[int], list[float]]], rng: r
 
 
 def padded(seqs: list[list[int]], pad_id: int):
-    """Right-padded ids and their attention mask, as LongTensors."""
-    import torch
+    """Right-padded ids and their attention mask, as distillation pads its batches
+    (shrink.distill.batches.collate)."""
+    from shrink.distill.batches import Sequence, collate
 
-    x = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return x, mask
+    ids, attn, _ = collate([Sequence(s, start=len(s)) for s in seqs], pad_id, "cpu")
+    return ids, attn
 
 
 def teacher_reads(model, batch_ids: list[list[int]], positions: list[list[int]], allowed, top: int,

@@ -94,6 +94,7 @@ def keep_edited(cands: list[dict], splits: dict[str, list[dict]],
     kept, counts = keep_novel([c["text"] for c in cands], held_out, (4, 60), "review", why)
     return [cands[i] for i in kept], counts
 
+
 def label_reviews(teacher: Path, kept: list[dict], work: Path, min_confidence: float,
                   threads: int | None) -> tuple[list[dict], dict]:
     """`shrink label` with the sentiment demo's teacher prefix on the reviews `kept` (each a
