@@ -39,10 +39,10 @@ def test_options_are_the_fields():
     assert [p.opts[0] for p in command.params if p.name not in ("config_file", "as_json")] == [
         "--teacher", "--data", "--eval", "--out", "--layers",
         "--max-size-mb", "--quant", "--embedding-type", "--for-target", "--targets",  # issue 15: size-budgeted students
-        "--layer-selection", "--ffn-ratio", "--ffn-refit", "--width-scores", "--heads-ratio",
+        "--layer-selection", "--ffn-ratio", "--prune-gradually", "--ffn-refit", "--width-scores", "--heads-ratio",
         "--hidden-size", "--hidden-ratio",  # issue 15: hidden-size pruning
         "--student", "--steps", "--epochs", "--batch-size", "--lr", "--temperature", "--alpha", "--loss", "--beta",
-        "--loss-on", "--trainable",  # issue 15
+        "--loss-on", "--trainable", "--qat",  # issue 15
         "--hidden-weight", "--hidden-targets", "--on-policy", "--split-words", "--max-length", "--save-every", "--device", "--seed", "--teacher-prefix",
         "--metric", "--chat-template", "--prune-vocab", "--vocab-top",  # issue 14
         "--vocab-data", "--teacher-cache", "--fsdp", "--resume", "--force"]
@@ -60,7 +60,7 @@ def test_settings_keep_their_keys(tmp_path):
         "metric", "chat_template", "vocab_top",  # issue 14
         "on_policy", "loss_on", "split_words",  # issue 15
         "max_size_mb", "quant", "embedding_type", "for_target", "targets_file", "hidden_size", "hidden_ratio",  # issue 15
-        "trainable", "ffn_refit", "width_scores", "hidden_targets"}  # issue 15
+        "trainable", "ffn_refit", "width_scores", "hidden_targets", "prune_gradually", "qat"}  # issue 15
     assert cfg.settings()["vocab_data"] == [str(tmp_path / "v.txt")]
     assert set(cfg.to_dict()) - set(cfg.settings()) == {"out", "device", "fsdp", "resume", "force", "teacher_memory_mb"}
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg  # back from JSON

@@ -51,10 +51,11 @@ class DistillConfig:
         None, "Choose the layers and hidden size so that the student's GGUF at --quant fits this many MB (10^6 bytes), "
         "from each tensor's byte cost; instead of --layers.")
     quant: str | None = option(  # the GGUF types the size budget models
-        None, "With --max-size-mb: the GGUF type the student is sized for.  [default: Q4_K_M]", choices=tuple(SIZED))
+        None, "With --max-size-mb or --qat: the GGUF type the student is sized for, or trained to be rounded to.  "
+        "[default: Q4_K_M]", choices=tuple(SIZED))
     embedding_type: str | None = option(  # shrink.quantize.gguf_types.EMBEDDING_TYPES
-        None, "With --max-size-mb: the token embedding's type in that GGUF (as `shrink export --embedding-type` will "
-        "write it), instead of llama.cpp's choice.")
+        None, "With --max-size-mb or --qat: the token embedding's type in that GGUF (as `shrink export "
+        "--embedding-type` will write it), instead of llama.cpp's choice.")
     for_target: str | None = option(
         None, "Size the student for a device target (targets.toml): its max_size_mb at its ladder's first GGUF type; "
         "instead of --layers.")
@@ -66,6 +67,10 @@ class DistillConfig:
         "up to layer N, unbroken).", choices=("even", "importance", "first"))
     ffn_ratio: float = option(  # Minitron's width pruning
         1.0, "Fraction of MLP channels kept, by activation on the task (width pruning; 1 = all).")
+    prune_gradually: bool = option(  # shrink.distill.gradual
+        False, "With --ffn-ratio: reach the kept MLP width during training instead of before it: from 10% to 60% of "
+        "the steps the channels shrink on a cubic schedule, the least used masked at each of 10 updates (gradual "
+        "pruning), and the student is cut to that width when it is saved.")
     ffn_refit: bool = option(  # shrink.distill.width.refit_down
         False, "With --ffn-ratio: re-fit each layer's down projection by least squares on the task's tokens, so the "
         "kept MLP channels stand in for the dropped ones (OBS-style compensation) instead of losing their part.")
@@ -100,6 +105,10 @@ class DistillConfig:
         "all", "Which weights train: all, or only those the GGUF export keeps at high precision (the norms, float32 "
         "in llama.cpp; and the token embedding, 6-8 bits), so a gentle run's changes survive Q4_K_M rounding.",
         choices=TRAINABLE)
+    qat: bool = option(  # shrink.quantize.fake_quant
+        False, "Train through the rounding of the GGUF the student will ship as (--quant, default Q4_K_M, and "
+        "--embedding-type; with --max-size-mb/--for-target, the budget's): every step sees the weights as "
+        "llama.cpp's quantizer will round them, and the full-precision ones take the gradient (straight-through).")
     hidden_weight: float = option(
         0.0, "Weight of aligning each student layer's hidden state with its teacher layer's (cosine; 0 = off).")
     hidden_targets: str | None = option(  # shrink.distill.hidden.parse_targets

@@ -42,17 +42,33 @@ class Budget:
     embedding: str | None = None  # the token embedding's own type (--embedding-type), else llama.cpp's choice
 
 
+def shipped_gguf(cfg) -> tuple[str, str | None]:
+    """(GGUF file type, token embedding type or None) of the file the student is made
+    for: the size budget's, else --quant (default Q4_K_M) and --embedding-type."""
+    budget = budget_of(cfg)
+    if budget is not None:
+        return budget.quant, budget.embedding
+    quant = cfg.quant or DEFAULT_QUANT
+    if cfg.embedding_type is None:
+        return quant, None
+    from shrink.quantize.gguf_types import embedding_type
+
+    return quant, embedding_type(cfg.embedding_type, quant)
+
+
 def budget_of(cfg) -> Budget | None:
     """The budget the options ask for, checked (None without --max-size-mb/--for-target)."""
     from shrink.quantize.gguf_size import SIZED, UNQUANTIZED
 
     if cfg.max_size_mb is None and cfg.for_target is None:
-        if cfg.quant is not None:
-            raise ShrinkError("--quant: only with --max-size-mb (the GGUF type the size budget is for)")
+        if cfg.quant is not None and not cfg.qat:
+            raise ShrinkError("--quant: only with --max-size-mb or --qat (the GGUF type the student is sized or "
+                              "trained for)")
         if cfg.targets_file is not None:
             raise ShrinkError("--targets: only with --for-target")
-        if cfg.embedding_type is not None:
-            raise ShrinkError("--embedding-type: only with --max-size-mb (the GGUF file the size budget is for)")
+        if cfg.embedding_type is not None and not cfg.qat:
+            raise ShrinkError("--embedding-type: only with --max-size-mb or --qat (the GGUF file the student is "
+                              "sized or trained for)")
         return None
     if cfg.max_size_mb is not None and cfg.for_target is not None:
         raise ShrinkError("--max-size-mb and --for-target cannot be used together")

@@ -6,6 +6,8 @@ token ids (--student)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from shrink.distill.layers import LAYER_KEY, check_keep, model_from_state
 from shrink.errors import ModelError
 
@@ -92,15 +94,20 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
         now = widths_of(student)
         target = check_widths(student, cfg.ffn_ratio, cfg.heads_ratio)  # before the scores' pass, not at save
-        student = student.to(device).eval()
-        scores = width_scores(student, teacher, keep, tokenizer, examples, device, cfg.max_length, cfg.width_scores,
-                              cfg.ffn_refit)
-        student = prune_width(student, target, scores)
+        # --prune-gradually: the MLP channels go during training (shrink.distill.gradual), the heads now
+        cut_to = replace(target, intermediate=now.intermediate) if cfg.prune_gradually else target
+        if cut_to != now:
+            student = student.to(device).eval()
+            scores = width_scores(student, teacher, keep, tokenizer, examples, device, cfg.max_length,
+                                  cfg.width_scores, cfg.ffn_refit)
+            student = prune_width(student, cut_to, scores)
         info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
                           "attention_heads": [now.heads, target.heads],
                           "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
-        console.print(f"width pruned ({cfg.width_scores} scores): MLP {now.intermediate} -> {target.intermediate} channels"
-                      + (" (down projection re-fitted)" if cfg.ffn_refit else "") + ", "
+        mlp = (f"MLP {now.intermediate} -> {target.intermediate} channels during training (--prune-gradually)"
+               if cfg.prune_gradually else f"MLP {now.intermediate} -> {target.intermediate} channels"
+               + (" (down projection re-fitted)" if cfg.ffn_refit else ""))
+        console.print(f"width pruned ({cfg.width_scores} scores): {mlp}, "
                       f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
     width = hidden_size_of(student)
     hidden = hidden or target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)

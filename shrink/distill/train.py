@@ -44,8 +44,10 @@ from shrink.distill.batches import (LOSS_ON, batch_order, check_aligned, collate
                                     loss_positions)
 from shrink.distill import distributed, input_hashes, on_policy, teacher_cache
 from shrink.distill.checkpoint import read_state
+from shrink.distill.gradual import GradualWidth
 from shrink.distill.config import DistillConfig
 from shrink.distill.loss import IGNORE, distill_loss
+from shrink.distill.size_budget import shipped_gguf
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.split_words import WordSplitter, teacher_rows
 from shrink.distill.trainable import TRAINABLE, mark_trainable
@@ -57,6 +59,7 @@ from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
 from shrink.logits import selected_logits
 from shrink.prefix import PrefixCache, usable_prefix
+from shrink.quantize.fake_quant import RoundedWeights, export_types
 from shrink.manifest import Manifest
 from shrink.tasks import load_task, with_prefix
 
@@ -137,9 +140,26 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
     for flag, ratio in (("--ffn-ratio", cfg.ffn_ratio), ("--heads-ratio", cfg.heads_ratio)):
         if not 0.0 < ratio <= 1.0:
             raise ShrinkError(f"{flag} must be above 0 and at most 1 (1 keeps every one), got {ratio}")
+    if cfg.prune_gradually and cfg.ffn_ratio >= 1.0:
+        raise ShrinkError("--prune-gradually: only with --ffn-ratio below 1 (it is how the MLPs reach that width)")
+    if cfg.prune_gradually and cfg.ffn_refit:
+        raise ShrinkError("--prune-gradually: not with --ffn-refit (the re-fit is for channels cut before training)")
+    for flag, on in (("--prune-gradually", cfg.prune_gradually), ("--qat", cfg.qat)):
+        if on and cfg.fsdp:
+            raise ShrinkError(f"{flag}: not with --fsdp (it works on each weight whole; DDP, the default under "
+                              "torchrun, keeps them whole)")
     from shrink.distill.size_budget import budget_of
 
     budget = budget_of(cfg)  # --max-size-mb/--for-target, checked
+    if cfg.qat:
+        from shrink.quantize.fake_quant import FILE_TYPES, MODELED
+
+        quant, embedding = shipped_gguf(cfg)
+        if quant not in FILE_TYPES:
+            raise ShrinkError(f"--qat: no rounding model for {quant} files; types with one: {', '.join(FILE_TYPES)}")
+        if embedding is not None and embedding not in MODELED:
+            raise ShrinkError(f"--qat: no rounding model for a {embedding} token embedding; types with one: "
+                              f"{', '.join(MODELED)}")
     if cfg.student is None and cfg.layers is None and budget is None:
         raise ShrinkError("--layers is required (or --max-size-mb/--for-target to fit a size, or --student DIR, "
                           "to start from an existing smaller model)")
@@ -287,6 +307,16 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     count = mark_trainable(student, cfg.trainable)  # before DDP, which syncs the gradients of what trains
     if cfg.trainable != "all":
         console.print(f"training only the {cfg.trainable.replace('-', ' and ')}: {count:,} weights")
+    gradual = None  # --prune-gradually: the MLP channels shrink during training (shrink.distill.gradual)
+    if cfg.prune_gradually:
+        gradual = GradualWidth(student, student_info["widths"]["intermediate_size"][1], total_steps)
+    rounder = None  # --qat: each step sees the weights as the export will round them (shrink.quantize.fake_quant)
+    if cfg.qat:
+        quant, embedding = shipped_gguf(cfg)
+        types = export_types(student, teacher_dir, quant, embedding)
+        rounder = RoundedWeights(student, types)
+        console.print(f"training through the rounding of {quant}" + (f" (embedding {embedding})" if embedding else "")
+                      + f": {len(types)} weights, as {', '.join(sorted(set(types.values())))}")
     trainee = distributed.StudentStep(student, ranks, cfg.fsdp, device)  # DDP or FSDP under torchrun
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
 
@@ -294,6 +324,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     if cfg.resume:
         state = trainee.load_checkpoint(ckpt, optimizer)
         step, history = state["step"], state["history"]
+        if gradual is not None:
+            gradual.load(state["gradual"])
         console.print(f"resuming from {ckpt} at step {step}/{total_steps}")
 
     # The teacher is frozen, so its outputs are the same every epoch: when training reads
@@ -323,6 +355,10 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     with progress("step", "loss", "tok_s") as bar:
         task = bar.add_task("distilling", total=total_steps, completed=step, loss="", tok_s="")
         while step < total_steps:
+            if gradual is not None and (kept := gradual.at(step)) is not None:
+                bar.console.print(f"step {step}: MLP channels kept {kept:,} of {gradual.width:,}")
+            if rounder is not None:
+                rounder.round()
             epoch, index = divmod(step, per_epoch)
             rows = batch_order(len(seqs), cfg.batch_size, cfg.seed, epoch)[index]
             on_policy_step = rollout is not None and rollout.chosen(step)
@@ -363,6 +399,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
                 group["lr"] = lr_at(step, total_steps, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
             (loss * part.weight).backward()  # under torchrun, DDP/FSDP average the weighted gradients
+            if rounder is not None:
+                rounder.restore()  # the optimizer updates the full-precision weights
             torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
             optimizer.step()
 
@@ -376,11 +414,16 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
             bar.update(task, advance=1, loss=f"loss {loss.item():.4f}", tok_s=f"{rate:,.0f} tok/s")
             if step % cfg.save_every == 0 or step == total_steps:
                 state = {"step": step, "history": history, "settings": cfg.settings(), "inputs": checked.inputs}
+                if gradual is not None:
+                    state["gradual"] = gradual.state()
                 trainee.save_checkpoint(ckpt, optimizer, state)
     elapsed = time.perf_counter() - started
     student = trainee.final_model()  # with its full weights (FSDP gathers them), on rank 0
     if not ranks.is_main:
         return None  # rank 0 evaluates and writes the student
+    if gradual is not None:
+        student = gradual.cut(student).to(device)  # the masked channels removed: the same outputs
+        student_info["prune_gradually"] = gradual.log
 
     metrics: dict[str, Any] = {
         "final_loss": history[-1]["loss"] if history else None,
