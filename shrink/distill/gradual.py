@@ -24,7 +24,9 @@ class GradualWidth:
         import torch
 
         from shrink.distill.layers import decoder_layers
+        from shrink.distill.width import check_layout
 
+        check_layout(model)  # separate gate/up/down projections, else a ModelError naming what is missing
         self.final, self.total = final, total_steps
         self.downs = [layer.get_submodule("mlp.down_proj") for layer in decoder_layers(model)]
         width = self.downs[0].weight.shape[1]
