@@ -20,7 +20,8 @@ import tiny
 import tiny_families
 from shrink.export.gguf_convert import convert_hf_to_gguf
 from shrink.gguf_owner import import_gguf
-from shrink.quantize.fake_quant import RoundedWeights, export_types, fake
+from shrink.distill.size_budget import export_types
+from shrink.quantize.fake_quant import RoundedWeights, fake
 from shrink.quantize.gguf_types import quant_type
 from shrink.quantize.llama_quantize import quantize_gguf
 

@@ -47,7 +47,7 @@ from shrink.distill.checkpoint import read_state
 from shrink.distill.gradual import GradualWidth
 from shrink.distill.config import DistillConfig
 from shrink.distill.loss import IGNORE, distill_loss
-from shrink.distill.size_budget import shipped_gguf
+from shrink.distill.size_budget import export_types, shipped_gguf
 from shrink.distill.prune_vocab import plan_pruning, prune_model, save_pruned_tokenizer
 from shrink.distill.split_words import WordSplitter, teacher_rows
 from shrink.distill.trainable import TRAINABLE, mark_trainable
@@ -59,7 +59,7 @@ from shrink.errors import ShrinkError
 from shrink.hf import check_model_dir, load_causal_lm, load_tokenizer, resolve_device
 from shrink.logits import selected_logits
 from shrink.prefix import PrefixCache, usable_prefix
-from shrink.quantize.fake_quant import RoundedWeights, export_types
+from shrink.quantize.fake_quant import RoundedWeights
 from shrink.manifest import Manifest
 from shrink.tasks import load_task, with_prefix
 

@@ -12,12 +12,11 @@ scale or the 6-/8-bit coding of the scales themselves.
 Courbariaux et al. 2015): before a forward pass each quantized weight is swapped for its
 rounded values, and after the backward pass the full-precision weights come back for the
 optimizer to update with the gradient taken at the rounded ones. Which type each weight
-gets is what shrink.quantize.gguf_size predicts for the export.
+gets is what shrink.quantize.gguf_size predicts for the export
+(shrink.distill.size_budget.export_types).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 EXACT = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 APPROXIMATE = ("Q4_K", "Q5_K", "Q6_K")
@@ -89,25 +88,6 @@ def _half(d):
 
 # GGUF file types whose every tensor type (with llama.cpp's fallbacks) has a rounding model above.
 FILE_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0")
-
-
-def export_types(model, arch_dir: Path, ftype: str, embedding: str | None = None) -> dict[str, str]:
-    """{parameter name: the ggml type its tensor gets in a `ftype` GGUF of `model`} for
-    every 2-D weight llama.cpp quantizes (a tied output head is its embedding's)."""
-    from shrink.export.gguf_layout import tensor_shapes
-    from shrink.quantize.gguf_size import tensor_type
-
-    text = model.config.get_text_config()
-    gqa = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    shapes = tensor_shapes(model, arch_dir)
-    tied = not any(name == "output.weight" for name, _ in shapes)
-    keys = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
-    types = {}
-    for key, (name, shape) in zip(keys, shapes):
-        t = tensor_type(name, shape, ftype, text.num_hidden_layers, gqa, tied, False, embedding)
-        if len(shape) == 2 and t not in ("F32",):
-            types[key] = t
-    return types
 
 
 class RoundedWeights:
