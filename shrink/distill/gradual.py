@@ -27,24 +27,19 @@ class GradualWidth:
         from shrink.distill.width import check_layout
 
         check_layout(model)  # separate gate/up/down projections, else a ModelError naming what is missing
-        self.final, self.total = final, total_steps
+        self.final = final
         self.downs = [layer.get_submodule("mlp.down_proj") for layer in decoder_layers(model)]
-        width = self.downs[0].weight.shape[1]
-        self.width = width
+        self.width = width = self.downs[0].weight.shape[1]
         self.masks = [torch.ones(width, dtype=d.weight.dtype, device=d.weight.device) for d in self.downs]
         self.sums = [torch.zeros(width, dtype=torch.float64, device=d.weight.device) for d in self.downs]
         self.counts = [0] * len(self.downs)
         self.log: list[dict] = []  # {"step", "kept"} per update, for the manifest
         self.handles = [d.register_forward_pre_hook(self._hook(i)) for i, d in enumerate(self.downs)]
+        # update step -> channels kept then, on the cubic schedule from START to END
         start, end = int(total_steps * START), int(total_steps * END)
-        self.schedule = {start + round(k * (end - start) / UPDATES): self.kept_at(start + round(k * (end - start) / UPDATES))
-                         for k in range(1, UPDATES + 1)}
-
-    def kept_at(self, step: int) -> int:
-        """The channels the cubic schedule keeps at `step`."""
-        start, end = int(self.total * START), int(self.total * END)
-        t = min(1.0, max(0.0, (step - start) / max(1, end - start)))
-        return int(round(self.final + (self.width - self.final) * (1 - t) ** 3))
+        steps = [start + round(k * (end - start) / UPDATES) for k in range(1, UPDATES + 1)]
+        self.schedule = {s: int(round(final + (width - final) * (1 - min(1.0, (s - start) / max(1, end - start))) ** 3))
+                         for s in steps}
 
     def _hook(self, i):
         def pre(module, args):

@@ -60,19 +60,14 @@ def export_types(model, arch_dir: Path, ftype: str, embedding: str | None = None
     """{parameter name: the ggml type its tensor gets in a `ftype` GGUF of `model`} for
     every 2-D weight llama.cpp quantizes (a tied output head is its embedding's)."""
     from shrink.export.gguf_layout import tensor_shapes
-    from shrink.quantize.gguf_size import tensor_type
+    from shrink.quantize.gguf_size import tensor_costs
 
     text = model.config.get_text_config()
     gqa = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    shapes = tensor_shapes(model, arch_dir)
-    tied = not any(name == "output.weight" for name, _ in shapes)
-    keys = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]
-    types = {}
-    for key, (name, shape) in zip(keys, shapes):
-        t = tensor_type(name, shape, ftype, text.num_hidden_layers, gqa, tied, False, embedding)
-        if len(shape) == 2 and t not in ("F32",):
-            types[key] = t
-    return types
+    costs = tensor_costs(tensor_shapes(model, arch_dir), ftype, text.num_hidden_layers, gqa, embedding=embedding)
+    tied = not any(c.name == "output.weight" for c in costs)
+    keys = [k for k in model.state_dict() if not (tied and k == "lm_head.weight")]  # tensor_shapes' order
+    return {key: c.type for key, c in zip(keys, costs) if c.type != "F32"}
 
 
 def budget_of(cfg) -> Budget | None:
