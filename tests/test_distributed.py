@@ -200,3 +200,23 @@ def test_ddp_trains_only_the_norms_as_one_process_does(teacher, task_files, tmp_
     for x, y in zip(losses(one), losses(two)):
         assert y == pytest.approx(x, rel=LOSS_RTOL)
     assert max_weight_diff(one, two) < DDP_ATOL
+
+
+def test_gradual_pruning_under_two_processes_stopped_and_resumed(teacher, task_files, tmp_path):
+    """--prune-gradually under DDP: each cut shrinks the weights DDP wrapped, so it wraps
+    them again; a run stopped after its step-5 checkpoint (cut at steps 1-4, the scores
+    gathered since the last cut in the checkpoint) and resumed by two processes cuts the
+    same channels and ends with one process's weights."""
+    one, two, writes = tmp_path / "one", tmp_path / "two", tmp_path / "writes"
+    pruned = {"ffn_ratio": 0.5, "prune_gradually": True}
+    distill(config(teacher, task_files["train"], one, **pruned))
+    writes.mkdir()
+    spawn(config(teacher, task_files["train"], two, **pruned), writes, crash_at=8)
+    state = json.loads((checkpoint_dir(two) / "state.json").read_text())
+    assert state["step"] == 5 and [e["step"] for e in state["gradual"]["log"]] == [1, 2, 3, 4]
+    spawn(config(teacher, task_files["train"], two, resume=True, **pruned), writes)
+    for x, y in zip(losses(one), losses(two)):
+        assert y == pytest.approx(x, rel=LOSS_RTOL)
+    assert max_weight_diff(one, two) < DDP_ATOL
+    settings = [json.loads((d / "manifest.json").read_text())["settings"]["prune_gradually"] for d in (one, two)]
+    assert settings[0] == settings[1] and settings[0][-1] == {"step": 6, "kept": 256}

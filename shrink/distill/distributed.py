@@ -233,6 +233,23 @@ class StudentStep:
     def __call__(self, fn, *args):
         return self.module(fn, *args)
 
+    def reshaped(self) -> None:
+        """After weights of the student changed shape (--prune-gradually's cuts): DDP
+        sizes its gradient buckets when it wraps the model, so it wraps it again (every
+        process made the same cut). FSDP is refused with those cuts; alone, nothing to do."""
+        if not self.ranks.enabled or self.fsdp:
+            return
+        import gc
+
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = self.module.module
+        self.module = None
+        gc.collect()  # the old wrapper's reducer, and its hooks on the weights, go with it
+        ids = [torch.cuda.current_device()] if next(module.parameters()).is_cuda else None
+        self.module = DistributedDataParallel(module, device_ids=ids)
+
     def parameters(self):
         return self.student.parameters()
 

@@ -310,6 +310,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     gradual = None  # --prune-gradually: the MLP channels shrink during training (shrink.distill.gradual)
     if cfg.prune_gradually:
         gradual = GradualWidth(student, student_info["widths"]["intermediate_size"][1], total_steps)
+        if cfg.resume:  # cut to the checkpoint's channels before its weights load
+            gradual.load(read_state(ckpt)["gradual"])
     rounder = None  # --qat: each step sees the weights as the export will round them (shrink.quantize.fake_quant)
     if cfg.qat:
         quant, embedding = shipped_gguf(cfg)
@@ -324,8 +326,6 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     if cfg.resume:
         state = trainee.load_checkpoint(ckpt, optimizer)
         step, history = state["step"], state["history"]
-        if gradual is not None:
-            gradual.load(state["gradual"])
         console.print(f"resuming from {ckpt} at step {step}/{total_steps}")
 
     # The teacher is frozen, so its outputs are the same every epoch: when training reads
@@ -355,7 +355,8 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     with progress("step", "loss", "tok_s") as bar:
         task = bar.add_task("distilling", total=total_steps, completed=step, loss="", tok_s="")
         while step < total_steps:
-            if gradual is not None and (kept := gradual.at(step)) is not None:
+            if gradual is not None and (kept := gradual.at(step, optimizer)) is not None:
+                trainee.reshaped()  # DDP's gradient buckets follow the cut weights
                 bar.console.print(f"step {step}: MLP channels kept {kept:,} of {gradual.width:,}")
             if rounder is not None:
                 rounder.round()
@@ -422,7 +423,7 @@ def _distill(cfg: DistillConfig, ranks: distributed.Ranks) -> Manifest | None:
     if not ranks.is_main:
         return None  # rank 0 evaluates and writes the student
     if gradual is not None:
-        student = gradual.cut(student).to(device)  # the masked channels removed: the same outputs
+        student = gradual.finish(student)  # already cut to the final width during training
         student_info["prune_gradually"] = gradual.log
 
     metrics: dict[str, Any] = {

@@ -95,8 +95,8 @@ class RoundedWeights:
     `round()` before the forward pass, `restore()` after the backward pass."""
 
     def __init__(self, model, types: dict[str, str]):
-        params = dict(model.named_parameters(remove_duplicate=False))
-        self.weights = [(params[k], t) for k, t in types.items() if k in params]
+        self.model, self.types = model, types
+        self.weights: list = []
         self.saved = None
 
     def round(self) -> None:
@@ -104,6 +104,9 @@ class RoundedWeights:
 
         if self.saved is not None:
             return
+        # Looked up by name each time: --prune-gradually replaces the MLP weights it cuts.
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.weights = [(params[k], t) for k, t in self.types.items() if k in params]
         with torch.no_grad():
             self.saved = [p.detach().clone() for p, _ in self.weights]
             for p, t in self.weights:
