@@ -98,3 +98,14 @@ def test_prune_gradually_needs_a_width_to_reach(teacher, task_files, tmp_path):
                                                       "--out", tmp_path / "bad", "--layers", "2", *args)])
         assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("Error: " + message), r.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_cut_before_any_pass_keeps_the_largest_columns(teacher):
+    """A run this short cuts at step 0, before the hooks saw a token: the down_proj
+    columns of most weight stay."""
+    model = load_causal_lm(teacher)
+    g = GradualWidth(model, 256, total_steps=3)
+    assert 0 in g.schedule and g.schedule[max(g.schedule)] == 256
+    norms = model.model.layers[0].mlp.down_proj.weight.detach().norm(dim=0)
+    keep = g.at(0)
+    assert g.kept[0].tolist() == torch.topk(norms, keep).indices.sort().values.tolist()

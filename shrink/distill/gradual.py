@@ -78,7 +78,8 @@ class GradualWidth:
         for i, mlp in enumerate(self.mlps):
             sums = _all_reduced(self.sums[i])
             count = _all_reduced(torch.tensor([float(self.counts[i])], device=sums.device)).item()
-            score = sums / max(1.0, count) * mlp.down_proj.weight.detach().double().norm(dim=0).to(sums.device)
+            norms = mlp.down_proj.weight.detach().double().norm(dim=0).to(sums.device)
+            score = sums / count * norms if count else norms  # no pass read yet (a cut at step 0): the weights alone
             chosen = torch.topk(score, keep).indices.sort().values  # the same on every process: the scores were summed
             self._cut(i, chosen, optimizer)
         self.log.append({"step": step, "kept": keep})
