@@ -203,11 +203,36 @@ def test_score_continuations_match_full_logits_and_torch(rt, hf):
         assert got == pytest.approx(rt.score_continuations(p_ids, conts), abs=1e-9)  # cache reuse is stable
         for cont, score in zip(conts, got, strict=True):
             seq = p_ids + cont
-            rt._llm.reset()  # forget the KV cache: the reference is one batch over the whole sequence
+            rt.reset()  # forget the KV cache: the reference is one batch over the whole sequence
             assert score == pytest.approx(sum_logprobs(rt.logits(seq), len(p_ids), cont), abs=1e-3)
             reference = sum_logprobs(torch_logits(model, seq), len(p_ids), cont)
             assert score == pytest.approx(reference, abs=SCORE_TOL_TORCH)
     assert rt.score_continuations(p_ids, [[]]) == [0.0]
+
+
+def test_scoring_decodes_only_what_it_reads(rt, monkeypatch):
+    """One-token choices are read from the prompt's last logits: after the prompt, scoring
+    them decodes nothing; a longer continuation decodes all but its last token. Positions
+    decoded without their logits are decoded again when asked for."""
+    decoded = []
+    real = rt._decode
+    monkeypatch.setattr(rt, "_decode", lambda ids, start, first: (decoded.append(len(ids) - start), real(ids, start, first)))
+    p_ids = rt.encode(PROMPTS[1])
+    rt.reset()
+    one = rt.score_continuations(p_ids, [[7], [9], [11]])
+    assert decoded == [len(p_ids)]
+    two = rt.score_continuations(p_ids, [[7, 9, 11]])
+    assert decoded == [len(p_ids), 2]
+    rt.reset()
+    whole = rt.logits(p_ids + [7, 9])
+    for cont, score in zip([[7], [9], [11]], one, strict=True):
+        assert score == pytest.approx(sum_logprobs(whole, len(p_ids), cont), abs=1e-3)
+    assert two[0] == pytest.approx(sum_logprobs(whole, len(p_ids), [7, 9, 11]), abs=1e-3)
+    rt.reset()
+    rt.score_continuations(p_ids, [[7]])  # only the prompt's last position has its logits now
+    before = len(decoded)
+    assert rt.logits(p_ids) == pytest.approx(whole[: len(p_ids)], abs=1e-3)
+    assert decoded[before:] == [len(p_ids)]  # decoded again from the first token, for the logits it lacked
 
 
 # -- quantization -------------------------------------------------------------------------

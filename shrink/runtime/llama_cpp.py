@@ -4,10 +4,13 @@ Token ids are llama.cpp's own (its tokenizer reads the vocabulary stored in the 
 since that is what a deployed model sees.
 
 All evaluation goes through `_eval`, which keeps llama.cpp's KV cache for the longest
-prefix shared with the previous call and decodes only the new tokens. So scoring N
-continuations evaluates the prompt once, and greedy generation decodes one token a step.
-`Llama.eval` drops the cache beyond `n_tokens` before decoding (`kv_cache_seq_rm`), which
-is what makes rewinding `n_tokens` a cache truncation.
+prefix shared with the previous call and decodes only the new tokens, and asks llama.cpp
+for the logits of the positions the caller reads only (`llama_batch.logits`). So scoring N
+continuations evaluates the prompt once, scoring one-token choices decodes nothing past
+the prompt, and greedy generation decodes one token a step. What a model costs to serve
+is then what a server that reads only the logits it needs pays: with every position's
+logits, a 262,144-token output layer (Gemma's) over a 100-token prompt costs more than
+the layers under it.
 
 On a CPU with Intel AMX (Xeon Sapphire Rapids and later) the model is loaded with
 llama.cpp's plain CPU weight buffers (`plain_weight_buffers`): its AMX weight buffers crash
@@ -130,6 +133,12 @@ class LlamaCppRuntime(Runtime):
         self.n_vocab = self._llm.n_vocab()
         self.n_ctx = self.context_length = self._llm.n_ctx()
         self._stop_ids: frozenset[int] | None = None
+        # The sequence in llama.cpp's KV cache, and which of its positions have their
+        # logits in llm.scores (logits_all) or, without logits_all, in llama.cpp's buffer.
+        self._ids = np.zeros(self.n_ctx, dtype=np.int64)
+        self._n = 0
+        self._has = np.zeros(self.n_ctx, dtype=bool)
+        self._batch = llama_cpp.llama_batch_init(self._llm.n_batch, 0, 1)
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -170,31 +179,71 @@ class LlamaCppRuntime(Runtime):
 
     # -- evaluation --------------------------------------------------------------------
 
-    def _eval(self, ids: list[int]) -> np.ndarray:
-        """Logits after each prefix of `ids`: a (len(ids), vocab) view of llm.scores,
-        valid until the next call; without logits_all, a (1, vocab) view of the last
-        one's. Reuses the KV cache for the prefix shared with the sequence evaluated last."""
-        llm = self._llm
+    def _eval(self, ids: list[int], rows: int | None = None) -> np.ndarray:
+        """The logits after each of the last `rows` prefixes of `ids` (all of them when
+        None): a (rows, vocab) view, valid until the next call. Without logits_all only the
+        last position's (rows must be 1). Reuses the KV cache for the prefix shared with
+        the sequence evaluated last, and the logits it already has for it."""
         if len(ids) > self.n_ctx:
             raise ShrinkError(f"sequence of {len(ids)} tokens is longer than the context ({self.n_ctx})")
-        bad = [i for i in ids if not 0 <= i < self.n_vocab]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
-        cached = llm.input_ids[: llm.n_tokens]
-        same = 0
-        limit = min(len(cached), len(ids))
-        if limit:
-            diff = np.flatnonzero(cached[:limit] != np.asarray(ids[:limit], dtype=cached.dtype))
-            same = int(diff[0]) if diff.size else limit
+        if not ids:
+            raise ShrinkError(EMPTY_PROMPT)
+        rows = len(ids) if rows is None else rows
+        if not 1 <= rows <= len(ids):
+            raise ValueError(f"rows={rows} for a sequence of {len(ids)} tokens")
+        if not self.logits_all and rows != 1:
+            raise ValueError("without logits_all only the last position's logits are kept")
+        arr = np.asarray(ids, dtype=np.int64)
+        bad = arr[(arr < 0) | (arr >= self.n_vocab)]
+        if bad.size:
+            raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5].tolist()}")
+        first = len(ids) - rows  # the first position whose logits are read
+        limit = min(self._n, len(ids))
+        diff = np.flatnonzero(self._ids[:limit] != arr[:limit])
+        same = int(diff[0]) if diff.size else limit
         if not self.logits_all:
-            same = min(same, len(ids) - 1)  # llama.cpp holds the logits of the last token decoded only
-        llm.n_tokens = same  # rewind: eval() removes the cache from here on
+            same = min(same, len(ids) - 1)  # llama.cpp holds the logits of the last batch only
+        missing = np.flatnonzero(~self._has[first:same])
+        if missing.size:
+            same = first + int(missing[0])  # decode again from the first position lacking its logits
         if same < len(ids):
-            llm.eval(ids[same:])
+            self._decode(arr, same, first)
         if not self.logits_all:
-            last = self._lib.llama_get_logits_ith(llm.ctx, -1)
+            last = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
             return np.ctypeslib.as_array(last, shape=(1, self.n_vocab))
-        return llm.scores[: len(ids)]
+        return self._llm.scores[first : len(ids)]
+
+    def _decode(self, ids: np.ndarray, start: int, first: int) -> None:
+        """Decode ids[start:] after the cache's first `start` tokens (the rest of the cache
+        is dropped), with logits for the positions from `first` on."""
+        lib, llm, batch = self._lib, self._llm, self._batch
+        lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), -1, start, -1)
+        self._n = start
+        self._has[start:] = False
+        for lo in range(start, len(ids), llm.n_batch):
+            hi = min(len(ids), lo + llm.n_batch)
+            batch.n_tokens = hi - lo
+            for j, pos in enumerate(range(lo, hi)):
+                batch.token[j] = int(ids[pos])
+                batch.pos[j] = pos
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = pos >= first
+            rc = lib.llama_decode(llm.ctx, batch)
+            if rc != 0:
+                raise ShrinkError(f"{self.path}: llama.cpp could not decode ({rc})")
+            self._ids[lo:hi] = ids[lo:hi]
+            self._n = hi
+            if self.logits_all:
+                for pos in range(max(lo, first), hi):
+                    row = lib.llama_get_logits_ith(llm.ctx, pos - lo)
+                    llm.scores[pos] = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+            self._has[max(lo, first):hi] = True
+
+    def reset(self) -> None:
+        """Forget the cached sequence: the next call decodes from its first token."""
+        self._n = 0
+        self._has[:] = False
 
     def _need_all_logits(self, what: str) -> None:
         if not self.logits_all:
@@ -212,9 +261,9 @@ class LlamaCppRuntime(Runtime):
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise ShrinkError(EMPTY_PROMPT)
-        p = len(prompt)
-        # Row t predicts token t+1: rows p-1 .. p+len(cont)-2 predict the continuation.
-        return continuation_scores(conts, lambda cont: self._eval(prompt + cont)[p - 1 : p - 1 + len(cont)])
+        # The logits after the prompt and after each continuation token but the last predict
+        # the continuation: its last token is never decoded.
+        return continuation_scores(conts, lambda cont: self._eval(prompt + cont[:-1], rows=len(cont)))
 
     def generate(self, prompt: str | list[int], max_tokens: int, stop: tuple[str, ...] = (),
                  stop_ids: frozenset[int] = frozenset(), sampler=None) -> str:
@@ -227,7 +276,7 @@ class LlamaCppRuntime(Runtime):
         for _ in range(max_tokens):
             if len(seq) >= self.n_ctx:
                 break
-            last = self._eval(seq)[-1]
+            last = self._eval(seq, rows=1)[-1]
             nxt = int(np.argmax(last)) if sampler is None else sampler(last)
             if self._lib.llama_vocab_is_eog(self._vocab, nxt) or nxt in stop_ids:
                 break
@@ -238,6 +287,9 @@ class LlamaCppRuntime(Runtime):
         return text
 
     def close(self) -> None:
+        batch, self._batch = getattr(self, "_batch", None), None
+        if batch is not None:
+            self._lib.llama_batch_free(batch)
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             llm.close()
