@@ -118,8 +118,8 @@ class LlamaCppRuntime(Runtime):
         threads = threads or os.cpu_count() or 1
         with quiet.llama_errors() as errors, plain_weight_buffers():
             try:
-                # logits_all: Llama.eval copies every position's logits into llm.scores,
-                # an (n_ctx, vocab) float32 buffer; rows are touched (paid for) only when used.
+                # logits_all: llm.scores is an (n_ctx, vocab) float32 buffer, into which _decode
+                # copies the logits of the positions read; rows are touched (paid for) only when used.
                 self._llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                     logits_all=logits_all, verbose=quiet.debug_enabled(),
