@@ -40,6 +40,7 @@ def test_options_are_the_fields():
         "--teacher", "--data", "--eval", "--out", "--layers",
         "--max-size-mb", "--quant", "--embedding-type", "--for-target", "--targets",  # issue 15: size-budgeted students
         "--layer-selection", "--ffn-ratio", "--prune-gradually", "--ffn-refit", "--width-scores", "--heads-ratio",
+        "--head-dim",  # issue 15: narrower heads
         "--hidden-size", "--hidden-ratio",  # issue 15: hidden-size pruning
         "--student", "--steps", "--epochs", "--batch-size", "--lr", "--temperature", "--alpha", "--loss", "--beta",
         "--loss-on", "--trainable", "--qat",  # issue 15
@@ -60,7 +61,8 @@ def test_settings_keep_their_keys(tmp_path):
         "metric", "chat_template", "vocab_top",  # issue 14
         "on_policy", "loss_on", "split_words",  # issue 15
         "max_size_mb", "quant", "embedding_type", "for_target", "targets_file", "hidden_size", "hidden_ratio",  # issue 15
-        "trainable", "ffn_refit", "width_scores", "hidden_targets", "prune_gradually", "qat"}  # issue 15
+        "trainable", "ffn_refit", "width_scores", "hidden_targets", "prune_gradually", "qat",  # issue 15
+        "head_dim"}  # issue 15
     assert cfg.settings()["vocab_data"] == [str(tmp_path / "v.txt")]
     assert set(cfg.to_dict()) - set(cfg.settings()) == {"out", "device", "fsdp", "resume", "force", "teacher_memory_mb"}
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg  # back from JSON

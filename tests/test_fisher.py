@@ -109,5 +109,6 @@ def test_distill_with_fisher_scores_records_the_choice(teacher, task_files, tmp_
     assert r.exit_code == 0, r.output
     settings = json.loads((tmp_path / "s" / "manifest.json").read_text())["settings"]
     assert settings["width_scores"] == "fisher"
-    assert settings["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1]}
+    assert settings["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1],
+                                  "head_dim": [64, 64]}
     assert "width pruned (fisher scores)" in r.stderr

@@ -137,6 +137,15 @@ def test_the_choice_follows_the_rule(wide_teacher):
         assert record["predicted_bytes"] == size[fits[0]] <= limit
     fixed = Candidates(budget, config(folder, hidden_size=256), teacher, folder)
     assert fixed.hiddens == [256]  # --hidden-size leaves the budget the layers to choose
+    # --head-dim: the candidates' heads are as narrow as the student's will be
+    from shrink.distill.width import widths_of
+
+    w = widths_of(teacher)
+    narrow_bytes, costs = Candidates(budget, config(folder, head_dim=w.head_dim // 2), teacher, folder).size(2, 512)
+    shapes = {c.name: c.shape for c in costs}
+    assert shapes["blk.0.attn_k.weight"] == (w.kv_heads * w.head_dim // 2, 512)
+    assert shapes["blk.1.attn_output.weight"] == (512, w.heads * w.head_dim // 2)
+    assert narrow_bytes < size[(2, 512)]
 
 
 def test_a_budgeted_student_exports_to_the_size_predicted(wide_teacher, task_files, tmp_path):

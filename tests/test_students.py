@@ -17,8 +17,8 @@ from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.importance import important_layers, layer_distances, task_batches
 from shrink.distill.student import cut_student, even_layers, first_layers
 from shrink.distill.train import DistillConfig, distill, with_prefix
-from shrink.distill.width import (Widths, activation_scores, ffn_width, prune_width, refit_down, target_widths,
-                                  widths_of)
+from shrink.distill.width import (Widths, activation_scores, ffn_width, prune_width, refit_down, rotary_dims,
+                                  target_widths, widths_of)
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer
 from shrink.logits import selected_logits
@@ -222,6 +222,94 @@ def test_width_pruning_other_families(family, teacher, task_files, tmp_path):
     assert got == (Widths(256, 2, 1, 64) if family == "qwen2" else Widths(256, 4, 1, 32))
 
 
+def silence_head_dims(model, kept: int, seed: int = 0) -> None:
+    """In place: zero the query and key rows (and biases) of the dimensions --head-dim
+    `kept` drops, and in each key/value group the value rows of a random half of its
+    dimensions, so that the value scores rank exactly those last."""
+    w = widths_of(model)
+    drop_qk = torch.tensor([d for d in range(w.head_dim) if d not in set(rotary_dims(w.head_dim, kept).tolist())])
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj, units in ((attn.q_proj, w.heads), (attn.k_proj, w.kv_heads)):
+                rows = (torch.arange(units)[:, None] * w.head_dim + drop_qk).flatten()
+                proj.weight[rows] = 0
+                if proj.bias is not None:
+                    proj.bias[rows] = 0
+            for g in range(w.kv_heads):
+                rows = g * w.head_dim + torch.randperm(w.head_dim, generator=rng)[: w.head_dim - kept]
+                attn.v_proj.weight[rows] = 0
+                if attn.v_proj.bias is not None:
+                    attn.v_proj.bias[rows] = 0
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_narrower_heads_compute_what_their_kept_dimensions_did(family, teacher, task_files, tmp_path):
+    """--head-dim 16 of 32: with the dimensions it drops silent, the narrower heads compute
+    what the whole ones did, after a save too. That needs the kept query/key dimensions to
+    turn at the teacher's rotary frequencies (Gemma 3 has two bases, one per layer type),
+    q/k/v/o and the per-head norms sliced alike, value dimensions chosen per key/value group
+    (Qwen 2 has two), and the attention scale followed (query_pre_attn_scalar). Gemma 3's
+    q_norm renormalizes the kept dimensions, so the queries' rescaling by 2^1/2 restores
+    the scores exactly; Qwen 2 has no q_norm, so its queries come out 2^1/2 larger while the
+    scale grows by 2^1/2 too: the model with its queries doubled."""
+    tok = load_tokenizer(teacher)
+    build = {"qwen2": tiny.build_qwen2, "gemma3": tiny.build_gemma3}[family]
+    model = build(tmp_path, tok, layers=2, hidden=128).eval()
+    w = widths_of(model)
+    assert w.head_dim == 32
+    silence_head_dims(model, 16)
+    scores = activation_scores(model, task_batches(tok, load_task(task_files["train"]), "cpu", n=16))
+    pruned = prune_width(model, target_widths(w, 1.0, 1.0, 16), scores).eval()
+    assert widths_of(pruned) == Widths(w.intermediate, w.heads, w.kv_heads, 16)
+    if family == "gemma3":
+        assert pruned.config.query_pre_attn_scalar == 16
+        assert {n for n, _ in pruned.named_buffers() if n.endswith("_inv_freq")} >= {
+            "model.rotary_emb.sliding_attention_inv_freq", "model.rotary_emb.full_attention_inv_freq"}
+        reference = model
+    else:
+        reference = build(tmp_path, tok, layers=2, hidden=128).eval()
+        reference.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for layer in reference.model.layers:
+                layer.self_attn.q_proj.weight.mul_(2)
+                layer.self_attn.q_proj.bias.mul_(2)
+    pruned.save_pretrained(tmp_path / "p")
+    loaded = load_causal_lm(tmp_path / "p")
+    ids = torch.tensor([tok("Review: the coffee was awful and the service slow, never again\nSentiment: negative").input_ids])
+    assert ids.shape[1] > 16  # past the tiny Gemma's sliding window
+    with torch.no_grad():
+        want = reference(ids).logits
+        torch.testing.assert_close(pruned(ids).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
+        if family == "gemma3":  # not a vacuous check: the whole model's other dimensions do matter
+            assert (build(tmp_path, tok, layers=2, hidden=128).eval()(ids).logits - want).abs().max() > 1e-2
+
+
+def test_head_dim_keeps_every_kth_rotary_pair_and_refuses_what_it_cannot_keep(teacher, tmp_path):
+    from shrink.distill.width import check_head_dim
+
+    assert rotary_dims(8, 4).tolist() == [0, 2, 4, 6]  # pairs (0, 4) and (2, 6): frequencies 0 and 2 of 0..3
+    assert rotary_dims(256, 128).tolist()[:3] == [0, 2, 4] and rotary_dims(256, 128).tolist()[64:67] == [128, 130, 132]
+    assert rotary_dims(256, 64).tolist()[:2] == [0, 4]
+    assert check_head_dim(256, 256) == 256 and check_head_dim(256, 128) == 128
+    with pytest.raises(ShrinkError, match=r"--head-dim 96: the heads have 256 dimensions; it must divide them and be "
+                                          r"smaller \(e\.g\. 128, 64, 32"):
+        check_head_dim(256, 96)
+    with pytest.raises(ShrinkError, match="--head-dim 512: the heads have 256 dimensions"):
+        check_head_dim(256, 512)
+    # frequencies the narrower config does not compute (per-frequency factors, as LongRoPE's): refused
+    tok = load_tokenizer(teacher)
+    model = tiny.build_qwen2(tmp_path, tok, layers=1, hidden=128).eval()
+    scores = [{"ffn": torch.ones(256), "heads": torch.ones(4), "v_dims": torch.rand(4, 32)}]
+    assert widths_of(prune_width(model, target_widths(widths_of(model), 1.0, 1.0, 16), scores)).head_dim == 16
+    model.model.rotary_emb.inv_freq[2] *= 0.5
+    with pytest.raises(ShrinkError, match=r"--head-dim: narrowing Qwen2ForCausalLM's heads would change how they rotate "
+                                          r"\(model\.rotary_emb\.inv_freq: "):
+        prune_width(model, target_widths(widths_of(model), 1.0, 1.0, 16), scores)
+
+
 def test_mlp_importance_beats_a_random_slice(teacher, task_files):
     model, tok = load_causal_lm(teacher), load_tokenizer(teacher)
     held_out = load_task(task_files["eval"])[:40]
@@ -278,7 +366,7 @@ def test_refit_refuses_gram_matrices_over_its_memory(teacher, task_files, monkey
 def narrow_student(tmp_path_factory, teacher, task_files):
     d = tmp_path_factory.mktemp("narrow")
     manifest = distill(DistillConfig(teacher=teacher, data=task_files["train"], out=d / "s", layers=3, steps=3,
-                                     batch_size=16, ffn_ratio=0.5, heads_ratio=0.5, device="cpu"))
+                                     batch_size=16, ffn_ratio=0.5, heads_ratio=0.5, head_dim=32, device="cpu"))
     return d, manifest
 
 
@@ -286,11 +374,13 @@ def test_width_pruned_student_loads_with_its_widths(narrow_student):
     d, manifest = narrow_student
     config = json.loads((d / "s" / "config.json").read_text())
     assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (256, 2, 1)
-    assert config["head_dim"] == 64 and config["num_hidden_layers"] == 3
-    assert manifest.settings["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1]}
+    assert config["head_dim"] == 32 and config["num_hidden_layers"] == 3
+    assert manifest.settings["widths"] == {"intermediate_size": [512, 256], "attention_heads": [4, 2], "kv_heads": [2, 1],
+                                           "head_dim": [64, 32]}
     assert (manifest.settings["ffn_ratio"], manifest.settings["heads_ratio"]) == (0.5, 0.5)
     model = load_causal_lm(d / "s")
-    assert model.model.layers[0].self_attn.o_proj.weight.shape == (256, 128)
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (256, 64)  # 2 heads of 32 dimensions
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (32, 256)
     assert model.model.layers[0].mlp.down_proj.weight.shape == (256, 256)
 
 
@@ -418,6 +508,9 @@ def test_student_folder_with_another_tokenizer_is_refused(teacher, task_files, t
      "--hidden-weight: not with --student (its layers were not copied from the teacher's)"),
     (["--layers", "2", "--ffn-ratio", "0"], "--ffn-ratio must be above 0 and at most 1 (1 keeps every one), got 0.0"),
     (["--layers", "2", "--heads-ratio", "1.5"], "--heads-ratio must be above 0 and at most 1 (1 keeps every one), got 1.5"),
+    (["--layers", "2", "--head-dim", "0"], "--head-dim must be a positive number of dimensions, got 0"),
+    (["--student", "{teacher}", "--head-dim", "32"],
+     "--head-dim: not with --student (it narrows the heads of the layers cut from the teacher)"),
     (["--layers", "2", "--hidden-weight", "-1"], "--hidden-weight must be 0 (off) or positive, got -1.0"),
     (["--layers", "2", "--ffn-refit"], "--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)"),
     (["--layers", "2", "--trainable", "norms", "--fsdp"], "--trainable norms: not with --fsdp (FSDP shards the weights "
@@ -436,6 +529,15 @@ def test_student_options_refused_on_the_command_line(args, message, teacher, tas
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().splitlines() == ["Error: " + message], r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_head_dim_that_does_not_divide_the_heads_is_refused_before_training(teacher, task_files, tmp_path):
+    r = CliRunner().invoke(cli, [str(a) for a in ("distill", "--teacher", teacher, "--data", task_files["train"],
+                                                  "--out", tmp_path / "s", "--layers", "2", "--head-dim", "24")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines()[-1] == ("Error: --head-dim 24: the heads have 64 dimensions; it must divide "
+                                                 "them and be smaller (e.g. 32, 16, 8, 4, 2)"), r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "s").exists()
 
 
 def test_hidden_targets_pair_student_layers_with_the_teacher_layers_asked(teacher, task_files, tmp_path):

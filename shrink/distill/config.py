@@ -81,6 +81,10 @@ class DistillConfig:
     heads_ratio: float = option(
         1.0, "Fraction of attention heads kept, by activation on the task: whole key/value groups, and query heads "
         "within each kept group (1 = all).")
+    head_dim: int | None = option(  # shrink.distill.width (rotary_dims)
+        None, "Dimensions each attention head keeps (queries, keys and values; it must divide the teacher's): keys "
+        "and queries keep every k-th rotary frequency, so they turn as the teacher's did, values their most active "
+        "dimensions.")
     hidden_size: int | None = option(  # shrink.distill.hidden_width
         None, "Hidden (embedding) channels the student keeps, by activation on the task: a multiple of 256 below the "
         "teacher's.")

@@ -199,7 +199,7 @@ def choose_size(budget: Budget, cfg, teacher, teacher_dir: Path, teacher_layers:
 def _shapes(teacher, teacher_dir: Path, cfg, hidden: int, rows: int):
     """(tensors outside the layers, one layer's tensors named without their blk.N.
     prefix, query heads per key/value head) of a student `hidden` wide with `rows`
-    vocabulary rows, widths narrowed as --ffn-ratio/--heads-ratio narrow them: read from
+    vocabulary rows, widths narrowed as --ffn-ratio/--heads-ratio/--head-dim narrow them: read from
     a one-layer model of that config on the meta device (names and shapes, no weights)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -207,7 +207,7 @@ def _shapes(teacher, teacher_dir: Path, cfg, hidden: int, rows: int):
     from shrink.distill.width import target_widths, widths_of
     from shrink.export.gguf_layout import tensor_shapes
 
-    widths = target_widths(widths_of(teacher), cfg.ffn_ratio, cfg.heads_ratio)
+    widths = target_widths(widths_of(teacher), cfg.ffn_ratio, cfg.heads_ratio, cfg.head_dim)
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     text = config.get_text_config()
     text.num_hidden_layers = 1

@@ -58,7 +58,7 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     `cfg.student`, or the teacher cut to `cfg.layers` layers (`cfg.layer_selection`; with
     --max-size-mb/--for-target, the layers and hidden size shrink.distill.size_budget
     chooses for the vocabulary `plan` keeps), then narrowed when `cfg.ffn_ratio` or
-    `cfg.heads_ratio` is below 1 and to the hidden size asked for
+    `cfg.heads_ratio` is below 1 or `cfg.head_dim` is set and to the hidden size asked for
     (shrink.distill.hidden_width). Returns (student, the teacher layer each student layer
     was copied from (None for --student), settings to record in the manifest)."""
     from shrink.console import console
@@ -91,24 +91,26 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
     if cfg.student is None:
         student = cut_student(teacher, keep)
 
-    if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0:
+    if cfg.ffn_ratio < 1.0 or cfg.heads_ratio < 1.0 or cfg.head_dim is not None:
         now = widths_of(student)
-        target = check_widths(student, cfg.ffn_ratio, cfg.heads_ratio)  # before the scores' pass, not at save
+        target = check_widths(student, cfg.ffn_ratio, cfg.heads_ratio, cfg.head_dim)  # before the scores' pass, not at save
         # --prune-gradually: the MLP channels go during training (shrink.distill.gradual), the heads now
         cut_to = replace(target, intermediate=now.intermediate) if cfg.prune_gradually else target
         if cut_to != now:
             student = student.to(device).eval()
             scores = width_scores(student, teacher, keep, tokenizer, examples, device, cfg.max_length,
-                                  cfg.width_scores, cfg.ffn_refit)
+                                  cfg.width_scores, cfg.ffn_refit, target.head_dim != now.head_dim)
             student = prune_width(student, cut_to, scores)
         info["widths"] = {"intermediate_size": [now.intermediate, target.intermediate],
                           "attention_heads": [now.heads, target.heads],
-                          "kv_heads": [now.kv_heads, target.kv_heads]}  # [before, after]
+                          "kv_heads": [now.kv_heads, target.kv_heads],
+                          "head_dim": [now.head_dim, target.head_dim]}  # [before, after]
         mlp = (f"MLP {now.intermediate} -> {target.intermediate} channels during training (--prune-gradually)"
                if cfg.prune_gradually else f"MLP {now.intermediate} -> {target.intermediate} channels"
                + (" (down projection re-fitted)" if cfg.ffn_refit else ""))
         console.print(f"width pruned ({cfg.width_scores} scores): {mlp}, "
-                      f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})")
+                      f"attention heads {now.heads} -> {target.heads} (key/value {now.kv_heads} -> {target.kv_heads})"
+                      + (f", {now.head_dim} -> {target.head_dim} dimensions each" if target.head_dim != now.head_dim else ""))
     width = hidden_size_of(student)
     hidden = hidden or target_hidden(width, cfg.hidden_size, cfg.hidden_ratio)
     if hidden < width:
@@ -123,18 +125,19 @@ def build_student(cfg, teacher, tokenizer, examples, teacher_layers: int, device
 
 
 def width_scores(student, teacher, keep, tokenizer, examples, device: str, max_length: int, method: str,
-                 refit: bool) -> list[dict]:
+                 refit: bool, head_dims: bool = False) -> list[dict]:
     """What prune_width ranks the cut `student`'s channels and heads by (`method`, --width-scores):
     its own mean activations (shrink.distill.width), or the Fisher scores of the teacher
     layers `keep` it was cut from (shrink.distill.fisher); with `refit`, the student's Gram
-    matrices for --ffn-refit too. The student's activation pass runs only when one of them
-    needs it."""
+    matrices for --ffn-refit too, and with `head_dims` (--head-dim) its value dimensions'
+    activations, which rank them under either method. The student's activation pass runs
+    only when one of them needs it."""
     from shrink.distill.fisher import fisher_scores
     from shrink.distill.importance import task_batches
     from shrink.distill.width import activation_scores
 
     own = None
-    if method == "activation" or refit:
+    if method == "activation" or refit or head_dims:
         own = activation_scores(student, task_batches(tokenizer, examples, device, max_length), gram=refit)
     if method == "activation":
         return own

@@ -131,6 +131,10 @@ def validate(cfg: DistillConfig, hash_inputs: bool = True) -> Checked:
         raise ShrinkError(f"--layer-selection must be even, importance or first, got {cfg.layer_selection!r}")
     if cfg.ffn_refit and cfg.ffn_ratio >= 1.0:
         raise ShrinkError("--ffn-refit: only with --ffn-ratio below 1 (it re-fits what width pruning keeps)")
+    if cfg.head_dim is not None and cfg.student is not None:
+        raise ShrinkError("--head-dim: not with --student (it narrows the heads of the layers cut from the teacher)")
+    if cfg.head_dim is not None and cfg.head_dim <= 0:
+        raise ShrinkError(f"--head-dim must be a positive number of dimensions, got {cfg.head_dim}")
     if cfg.width_scores != "activation" and cfg.ffn_ratio >= 1.0 and cfg.heads_ratio >= 1.0:
         raise ShrinkError(f"--width-scores {cfg.width_scores}: only with --ffn-ratio or --heads-ratio below 1 "
                           "(it ranks what width pruning keeps)")

@@ -1,4 +1,5 @@
-"""Width pruning: fewer MLP channels and attention heads (`--ffn-ratio`, `--heads-ratio`).
+"""Width pruning: fewer MLP channels and attention heads (`--ffn-ratio`, `--heads-ratio`),
+and narrower heads (`--head-dim`).
 
 The Minitron recipe (Muralidharan et al., 2024): after the layer cut, run the student
 over a sample of the task's texts, score every MLP intermediate channel and every
@@ -26,6 +27,24 @@ a config holds one width. Widths are rounded for llama.cpp's quantizers:
   Gemma 3: 256).
 head_dim is written into the config, so it is not recomputed as hidden_size / heads.
 Per-head norms (Gemma 3's and Qwen 3's q_norm/k_norm) act on head_dim and are unchanged.
+
+`--head-dim N` narrows every head from head_dim to N dimensions (N divides head_dim), in
+every kept query, key and value head (one head_dim in the config, as the attention code
+and llama.cpp want: keys and values alike):
+- queries and keys keep the dimensions that rotate at every (head_dim / N)-th of the
+  rotary frequencies (in the rotate-half layout, the pairs i and i + head_dim/2 for i a
+  multiple of head_dim / N). A head of N dimensions computes its frequencies as
+  base^(-2i'/N), and for i = i' * head_dim / N that is the teacher's base^(-2i/head_dim):
+  the kept dimensions rotate exactly as they did (checked against the models' own
+  inv_freq buffers, so a rotary scheme where that fails is refused). The per-head norms
+  keep the same dimensions. The attention scores, summed over N dimensions instead of
+  head_dim and scaled by N^-1/2 (query_pre_attn_scalar follows head_dim where it equalled
+  it; llama.cpp's Gemma 3 scales by head_dim^-1/2 whatever the config says), would shrink
+  by (N / head_dim)^1/2, so the queries are scaled up by the inverse: through the
+  q_norm's gain where there is one, else q_proj's rows.
+- values keep, per key/value group, the N dimensions whose attention output (summed over
+  the group's query heads) has the highest mean |activation|; o_proj keeps the matching
+  columns of each of the group's query heads.
 """
 
 from __future__ import annotations
@@ -37,20 +56,24 @@ from shrink.errors import ModelError
 
 # What width pruning slices, per decoder layer, in the llama.cpp-style layout that
 # llama, mistral, qwen2/3 and gemma 1-3 share: state-dict key -> (which index, dim).
-# "q": kept query heads' rows, "kv": kept key/value heads' rows, "ffn": kept channels.
+# "q"/"k"/"v": the kept rows of the kept heads (the kept dimensions of each), "o": the
+# columns of the kept query heads' kept value dimensions, "ffn": the kept channels,
+# "qk_dims": the kept query/key dimensions of one head.
 SLICES = {
     "self_attn.q_proj.weight": ("q", 0),
     "self_attn.q_proj.bias": ("q", 0),
-    "self_attn.k_proj.weight": ("kv", 0),
-    "self_attn.k_proj.bias": ("kv", 0),
-    "self_attn.v_proj.weight": ("kv", 0),
-    "self_attn.v_proj.bias": ("kv", 0),
-    "self_attn.o_proj.weight": ("q", 1),  # o_proj's bias is per hidden unit: unchanged
+    "self_attn.k_proj.weight": ("k", 0),
+    "self_attn.k_proj.bias": ("k", 0),
+    "self_attn.v_proj.weight": ("v", 0),
+    "self_attn.v_proj.bias": ("v", 0),
+    "self_attn.o_proj.weight": ("o", 1),  # o_proj's bias is per hidden unit: unchanged
     "mlp.gate_proj.weight": ("ffn", 0),
     "mlp.gate_proj.bias": ("ffn", 0),
     "mlp.up_proj.weight": ("ffn", 0),
     "mlp.up_proj.bias": ("ffn", 0),
     "mlp.down_proj.weight": ("ffn", 1),  # down_proj's bias is per hidden unit: unchanged
+    "self_attn.q_norm.weight": ("qk_dims", 0),  # per-head norms: only when --head-dim narrows the heads
+    "self_attn.k_norm.weight": ("qk_dims", 0),
 }
 GRAM_BYTES = 8 * 2**30  # --ffn-refit's float64 Gram matrices, all layers together (Gemma 3 270M: 32 MiB a layer)
 DAMP = 0.01  # of the Gram matrix's mean diagonal, added to its diagonal (GPTQ's damping)
@@ -83,21 +106,49 @@ def ffn_width(size: int, ratio: float) -> int:
     return min(size, max(step, math.floor(ratio * size / step + 0.5) * step))  # nearest, halves up
 
 
-def target_widths(now: Widths, ffn_ratio: float, heads_ratio: float) -> Widths:
+def target_widths(now: Widths, ffn_ratio: float, heads_ratio: float, head_dim: int | None = None) -> Widths:
     """The widths `ffn_ratio` and `heads_ratio` keep: round(ratio * kv_heads) key/value
     groups (at least one), each with round(ratio * heads / groups) of its query heads (at
-    least one): a model with one group (Gemma 3 270M) keeps it and drops query heads."""
+    least one): a model with one group (Gemma 3 270M) keeps it and drops query heads.
+    `head_dim`: each head's dimensions (--head-dim; None keeps them), checked by
+    check_head_dim."""
     ffn = ffn_width(now.intermediate, ffn_ratio)
+    dims = now.head_dim if head_dim is None else check_head_dim(now.head_dim, head_dim)
     if heads_ratio >= 1.0:
-        return Widths(ffn, now.heads, now.kv_heads, now.head_dim)
+        return Widths(ffn, now.heads, now.kv_heads, dims)
     kv = max(1, round(heads_ratio * now.kv_heads))
     per_group = min(now.heads // now.kv_heads, max(1, round(heads_ratio * now.heads / kv)))
-    return Widths(ffn, kv * per_group, kv, now.head_dim)
+    return Widths(ffn, kv * per_group, kv, dims)
+
+
+def check_head_dim(now: int, wanted: int) -> int:
+    """`wanted` (--head-dim) when it narrows heads of `now` dimensions, else ModelError."""
+    if wanted == now:
+        return now
+    if not 0 < wanted < now or now % wanted or (now // wanted) > now // 2:
+        fine = [str(now // k) for k in range(2, now // 2 + 1) if now % k == 0 and (now // k) % 2 == 0][:6]
+        raise ModelError(f"--head-dim {wanted}: the heads have {now} dimensions; it must divide them and be smaller"
+                         f" (e.g. {', '.join(fine)})")
+    if wanted % 2:
+        raise ModelError(f"--head-dim {wanted}: must be even (rotary embeddings turn dimensions in pairs)")
+    return wanted
+
+
+def rotary_dims(head_dim: int, kept: int):
+    """The query/key dimensions of a head that --head-dim `kept` keeps, in their new order:
+    in the rotate-half layout dimension i pairs with i + head_dim/2 at frequency index i,
+    so every (head_dim / kept)-th pair stays, first halves then second halves."""
+    import torch
+
+    step = head_dim // kept
+    first = torch.arange(0, head_dim // 2, step)
+    return torch.cat([first, first + head_dim // 2])
 
 
 def activation_scores(model, batches, gram: bool = False) -> list[dict]:
     """Per decoder layer: {"ffn": (intermediate,) mean |input of down_proj|, "heads":
-    (heads,) mean L2 norm of each query head's attention output}, over the non-pad tokens
+    (heads,) mean L2 norm of each query head's attention output, "v_dims": (heads,
+    head_dim) mean |attention output| of each head's dimension}, over the non-pad tokens
     of `batches` ((ids, attention mask) pairs). With `gram`, also "gram":
     the (intermediate, intermediate) mean of a a^T over the tokens, a being down_proj's
     input, which refit_down needs."""
@@ -109,7 +160,8 @@ def activation_scores(model, batches, gram: bool = False) -> list[dict]:
     layers = decoder_layers(model)
     check_layout(model)
     sums = [{"ffn": torch.zeros(w.intermediate, dtype=torch.float64),
-             "heads": torch.zeros(w.heads, dtype=torch.float64)} for _ in layers]
+             "heads": torch.zeros(w.heads, dtype=torch.float64),
+             "v_dims": torch.zeros(w.heads, w.head_dim, dtype=torch.float64)} for _ in layers]
     if gram:
         need = len(layers) * w.intermediate ** 2 * 8
         if need > GRAM_BYTES:
@@ -131,8 +183,9 @@ def activation_scores(model, batches, gram: bool = False) -> list[dict]:
 
     def on_heads(index):
         def record(module, args):
-            a = args[0][current["valid"]]  # (tokens, heads * head_dim)
-            sums[index]["heads"] += a.view(a.shape[0], w.heads, w.head_dim).double().norm(dim=-1).sum(0).cpu()
+            a = args[0][current["valid"]].view(-1, w.heads, w.head_dim).double()  # (tokens, heads, head_dim)
+            sums[index]["heads"] += a.norm(dim=-1).sum(0).cpu()
+            sums[index]["v_dims"] += a.abs().sum(0).cpu()
         return record
 
     handles = []
@@ -140,8 +193,7 @@ def activation_scores(model, batches, gram: bool = False) -> list[dict]:
         handles.append(layer.get_submodule("mlp.down_proj").register_forward_pre_hook(on_ffn(i)))
         handles.append(layer.get_submodule("self_attn.o_proj").register_forward_pre_hook(on_heads(i)))
     count = run_hooked(model, batches, handles, current)
-    return [{"ffn": s["ffn"] / max(count, 1), "heads": s["heads"] / max(count, 1),
-             **({"gram": s["gram"] / max(count, 1)} if gram else {})} for s in sums]
+    return [{k: v / max(count, 1) for k, v in s.items()} for s in sums]
 
 
 def check_layout(model) -> None:
@@ -157,21 +209,35 @@ def check_layout(model) -> None:
 
 def prune_width(model, target: Widths, scores: list[dict]):
     """A new model with `target` widths, keeping in each layer the channels and KV groups
-    with the highest scores (in their original order), weights copied."""
+    with the highest scores (in their original order), weights copied. A narrower
+    target.head_dim keeps the rotary dimensions of queries and keys (rotary_dims) and the
+    value dimensions with the highest "v_dims" scores, and scales the queries up to keep
+    the attention scores' size (the module docstring)."""
     import torch
 
     from shrink.distill.layers import LAYER_KEY, model_from_state
 
     now = widths_of(model)
     per_group = now.heads // now.kv_heads
+    narrower = target.head_dim < now.head_dim
+    qk_dims = rotary_dims(now.head_dim, target.head_dim) if narrower else torch.arange(now.head_dim)
     index = []
     for s in scores:
         ffn = torch.topk(s["ffn"], target.intermediate).indices.sort().values
         heads = s["heads"].view(now.kv_heads, per_group)
         groups = torch.topk(heads.sum(-1), target.kv_heads).indices.sort().values  # a group scores its heads' sum
         keep_per_group = target.heads // target.kv_heads  # within a kept group, its highest-scoring query heads
-        q_heads = torch.cat([g * per_group + torch.topk(heads[g], keep_per_group).indices.sort().values for g in groups])
-        index.append({"ffn": ffn, "kv": _rows(groups, now.head_dim), "q": _rows(q_heads, now.head_dim)})
+        q_heads = [g * per_group + torch.topk(heads[g], keep_per_group).indices.sort().values for g in groups]
+        if narrower:  # per group, the value dimensions its query heads' outputs use most
+            v_dims = [torch.topk(s["v_dims"].view(now.kv_heads, per_group, now.head_dim)[g].sum(0),
+                                 target.head_dim).indices.sort().values for g in groups]
+        else:
+            v_dims = [torch.arange(now.head_dim) for _ in groups]
+        index.append({"ffn": ffn, "qk_dims": qk_dims,
+                      "q": torch.cat([_rows(h, now.head_dim, qk_dims) for h in q_heads]),
+                      "k": _rows(groups, now.head_dim, qk_dims),
+                      "v": torch.cat([_rows(g[None], now.head_dim, d) for g, d in zip(groups, v_dims)]),
+                      "o": torch.cat([_rows(h, now.head_dim, d) for h, d in zip(q_heads, v_dims)])})
 
     state = {}
     for key, tensor in model.state_dict().items():
@@ -188,7 +254,60 @@ def prune_width(model, target: Widths, scores: list[dict]):
             else:
                 state[key] = tensor.index_select(dim, kept).clone()
 
-    return model_from_state(pruned_config(model, target), state, "width-pruned student")
+    pruned = model_from_state(pruned_config(model, target), state, "width-pruned student")
+    if narrower:
+        check_rotary(model, pruned, now.head_dim, target.head_dim)
+        scale_queries(pruned, (now.head_dim / target.head_dim) ** 0.5)
+    return pruned
+
+
+def check_rotary(model, pruned, head_dim: int, kept: int) -> None:
+    """rotary_dims's assumptions hold: `model`'s rotary frequencies (its `*inv_freq`
+    buffers) turn all `head_dim` dimensions of a head, and the `pruned` model's are every
+    (head_dim / kept)-th of them; ModelError when the family's rotary scheme (partial
+    rotary, per-frequency factors) breaks that."""
+    import torch
+
+    theirs = {n: b for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    ours = dict(pruned.named_buffers())
+    if not theirs:
+        raise ModelError(f"--head-dim: {type(model).__name__} has no rotary frequencies (inv_freq) to keep")
+    step = head_dim // kept
+    for name, freqs in theirs.items():
+        mine = ours.get(name)
+        if (freqs.shape[-1] * 2 != head_dim or mine is None or mine.shape[-1] * step != freqs.shape[-1]
+                or not torch.allclose(mine.double(), freqs[..., ::step].double(), rtol=1e-5, atol=0)):
+            raise ModelError(f"--head-dim: narrowing {type(model).__name__}'s heads would change how they rotate "
+                             f"({name}: not every dimension turns, or not at the teacher's frequencies); leave "
+                             "--head-dim out for this family")
+
+
+def scale_queries(model, factor: float) -> None:
+    """Queries times `factor`, in place: the q_norm's gain where the layer has one (its
+    output is the gain times the normalized input, the gain affine in the weight, as in
+    Gemma's 1 + w and Qwen 3's w), else q_proj's rows and bias."""
+    import torch
+
+    from shrink.distill.layers import decoder_layers
+
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            attn = layer.self_attn
+            norm = getattr(attn, "q_norm", None)
+            if norm is None:
+                attn.q_proj.weight.mul_(factor)
+                if attn.q_proj.bias is not None:
+                    attn.q_proj.bias.mul_(factor)
+                continue
+            ones = torch.ones(1, norm.weight.shape[0], dtype=torch.float32, device=norm.weight.device)
+            w = norm.weight.detach().clone()
+
+            def gain(weight):
+                norm.weight.copy_(weight)
+                return norm(ones.to(norm.weight.dtype)).float()[0]
+
+            at_w, at_0, at_1 = gain(w), gain(torch.zeros_like(w)), gain(torch.ones_like(w))
+            norm.weight.copy_(((factor * at_w - at_0) / (at_1 - at_0)).to(w.dtype))
 
 
 def pruned_config(model, target: Widths):
@@ -202,18 +321,21 @@ def pruned_config(model, target: Widths):
     text.intermediate_size = target.intermediate
     text.num_attention_heads = target.heads
     text.num_key_value_heads = target.kv_heads
-    text.head_dim = now.head_dim  # explicit: hidden_size / heads would now be wrong
+    text.head_dim = target.head_dim  # explicit: hidden_size / heads would now be wrong
+    if target.head_dim != now.head_dim and getattr(text, "query_pre_attn_scalar", None) == now.head_dim:
+        text.query_pre_attn_scalar = target.head_dim  # Gemma: the scores' scale follows head_dim, as llama.cpp's does
     validate = getattr(config, "validate", None)  # transformers 5's strict configs
     if validate is not None:
         validate()
     return config
 
 
-def check_widths(model, ffn_ratio: float, heads_ratio: float) -> Widths:
-    """The widths `ffn_ratio` and `heads_ratio` keep of `model`, or ModelError naming
-    --heads-ratio and the ratios the family's config accepts when it refuses them."""
+def check_widths(model, ffn_ratio: float, heads_ratio: float, head_dim: int | None = None) -> Widths:
+    """The widths `ffn_ratio`, `heads_ratio` and `head_dim` keep of `model`, or ModelError
+    naming --head-dim when it does not divide the heads, or --heads-ratio and the ratios
+    the family's config accepts when it refuses them."""
     now = widths_of(model)
-    target = target_widths(now, ffn_ratio, heads_ratio)
+    target = target_widths(now, ffn_ratio, heads_ratio, head_dim)
     try:
         pruned_config(model, target)
     except _config_errors() as e:
@@ -262,11 +384,12 @@ def refit_down(weight, kept, gram):
     return fitted.to(weight.dtype).to(weight.device)
 
 
-def _rows(units, size: int):
-    """Row indices of whole units (heads) of `size` rows each."""
+def _rows(units, size: int, dims=None):
+    """Row indices of units (heads) of `size` rows each: all their rows, or their `dims`."""
     import torch
 
-    return (units[:, None] * size + torch.arange(size)).flatten()
+    dims = torch.arange(size) if dims is None else dims
+    return (units[:, None] * size + dims).flatten()
 
 
 def run_hooked(model, batches, handles, current: dict) -> int:
