@@ -5,7 +5,7 @@
 Every variant is a JSON object of DistillConfig fields put over the task's recipe
 (shrink.demo.pipeline.TASKS[task].recipe). Each one distills the teacher (Gemma 3 270M)
 into a student on the training split, then measures it on the **dev** split: in torch,
-and as its Q4_K_M GGUF through llama.cpp (its size too, since the recipe has to fit the
+and as its Q4_K_M GGUF (`--quant`: another type) through llama.cpp (its size too, since the recipe has to fit the
 size goal). The test split is never read here: `shrink demo` reports it with the recipe
 this picks. Writes bench/results/demo-tune-<task>-<time>.json, one record per variant
 as it finishes (a long sweep that stops keeps what it measured).
@@ -34,7 +34,10 @@ def main() -> int:
     ap.add_argument("--no-gguf", action="store_true", help="measure in torch only")
     ap.add_argument("--embedding-type", default=None,
                     help="also measure the Q4_K_M with the token embedding in this type (shrink export --embedding-type)")
-    ap.add_argument("--keep", action="store_true", help="keep each variant's student and Q4_K_M (OUT/v<i>)")
+    ap.add_argument("--quant", default="Q4_K_M",
+                    help="the GGUF type measured (and shipped with --embedding-type); the record's dev_q4_k_m* "
+                         "fields hold this type's figures, and its `quant` field names it")
+    ap.add_argument("--keep", action="store_true", help="keep each variant's student and GGUF (OUT/v<i>)")
     ap.add_argument("--labels", type=Path, default=None,
                     help="inputs-only tasks: the teacher's labels of the training split from an earlier run "
                          "(DIR/data/train-labeled.jsonl of shrink demo or of this script), instead of labeling again")
@@ -94,7 +97,7 @@ def main() -> int:
     name = args.out.name.removeprefix("tune-")  # two sweeps started in the same second keep both records
     record_path = Path("bench/results") / f"demo-tune-{args.task}-{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "split": "dev",
-              "task": args.task, "recipe": task.recipe, "train_examples": len(train.read_text(encoding="utf-8").splitlines()),
+              "task": args.task, "quant": args.quant, "recipe": task.recipe, "train_examples": len(train.read_text(encoding="utf-8").splitlines()),
               "train_sha256": hashlib.sha256(train.read_bytes()).hexdigest(), **extra, "runs": []}
     for i, variant in enumerate(args.variant or [{}]):
         fields = {**task.recipe, **variant}
@@ -111,17 +114,17 @@ def main() -> int:
                "final_loss": m.metrics["final_loss"], "train_tokens_per_s": m.metrics["train_tokens_per_s"]}
         if not args.no_gguf:
             try:
-                q = export(folder / "student", folder / "Q4_K_M",
-                           ExportOptions("gguf", quant="Q4_K_M", metric=task.metric, threads=args.threads),
+                q = export(folder / "student", folder / args.quant,
+                           ExportOptions("gguf", quant=args.quant, metric=task.metric, threads=args.threads),
                            eval_data=files["dev"])
                 run.update(dev_q4_k_m=round(q.metrics["accuracy"], 4), q4_k_m_bytes=q.metrics["size_bytes"])
             except ParityError as e:  # the file is written and marked not valid: still measured, and said so
-                gguf = next((folder / "Q4_K_M").glob("*.gguf"))
-                res = evaluate(open_runtime(gguf, threads=args.threads), dev, "Q4_K_M on dev (llama.cpp)", metric=task.metric)
+                gguf = next((folder / args.quant).glob("*.gguf"))
+                res = evaluate(open_runtime(gguf, threads=args.threads), dev, f"{args.quant} on dev (llama.cpp)", metric=task.metric)
                 run.update(dev_q4_k_m=round(res.accuracy, 4), q4_k_m_bytes=gguf.stat().st_size, parity_failed=str(e))
             if args.embedding_type:
-                e = export(folder / "student", folder / "Q4_K_M-embedding",
-                           ExportOptions("gguf", quant="Q4_K_M", metric=task.metric, threads=args.threads,
+                e = export(folder / "student", folder / f"{args.quant}-embedding",
+                           ExportOptions("gguf", quant=args.quant, metric=task.metric, threads=args.threads,
                                          embedding_type=args.embedding_type), eval_data=files["dev"], min_top1=0, max_kl=1e9)
                 run.update(embedding_type=e.settings["embedding_type"], dev_q4_k_m_embedding=round(e.metrics["accuracy"], 4),
                            q4_k_m_embedding_bytes=e.metrics["size_bytes"],

@@ -17,8 +17,8 @@ from shrink.distill.hidden import HiddenAlignment
 from shrink.distill.importance import important_layers, layer_distances, task_batches
 from shrink.distill.student import cut_student, even_layers, first_layers
 from shrink.distill.train import DistillConfig, distill, with_prefix
-from shrink.distill.width import (Widths, activation_scores, ffn_width, prune_width, refit_down, rotary_dims,
-                                  target_widths, widths_of)
+from shrink.distill.width import (Widths, activation_scores, check_widths, ffn_width, prune_width, refit_down,
+                                  rotary_dims, target_widths, widths_of)
 from shrink.errors import ShrinkError
 from shrink.hf import load_causal_lm, load_tokenizer
 from shrink.logits import selected_logits
@@ -259,6 +259,7 @@ def test_narrower_heads_compute_what_their_kept_dimensions_did(family, teacher, 
     model = build(tmp_path, tok, layers=2, hidden=128).eval()
     w = widths_of(model)
     assert w.head_dim == 32
+    assert check_widths(model, 1.0, 1.0, 16).head_dim == 16  # both of Gemma 3's rotary bases rebuilt from the config
     silence_head_dims(model, 16)
     scores = activation_scores(model, task_batches(tok, load_task(task_files["train"]), "cpu", n=16))
     pruned = prune_width(model, target_widths(w, 1.0, 1.0, 16), scores).eval()
@@ -285,6 +286,11 @@ def test_narrower_heads_compute_what_their_kept_dimensions_did(family, teacher, 
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
         if family == "gemma3":  # not a vacuous check: the whole model's other dimensions do matter
             assert (build(tmp_path, tok, layers=2, hidden=128).eval()(ids).logits - want).abs().max() > 1e-2
+    if family == "gemma3":  # the global layers' frequencies are checked too, not only the sliding ones'
+        edited = build(tmp_path, tok, layers=2, hidden=128)
+        edited.model.rotary_emb.full_attention_inv_freq[2] *= 0.5  # a kept frequency (every other one is)
+        with pytest.raises(ShrinkError, match=r"rotary_emb\.full_attention_inv_freq: not every dimension turns"):
+            check_widths(edited, 1.0, 1.0, 16)
 
 
 def test_head_dim_keeps_every_kth_rotary_pair_and_refuses_what_it_cannot_keep(teacher, tmp_path):
@@ -304,10 +310,11 @@ def test_head_dim_keeps_every_kth_rotary_pair_and_refuses_what_it_cannot_keep(te
     model = tiny.build_qwen2(tmp_path, tok, layers=1, hidden=128).eval()
     scores = [{"ffn": torch.ones(256), "heads": torch.ones(4), "v_dims": torch.rand(4, 32)}]
     assert widths_of(prune_width(model, target_widths(widths_of(model), 1.0, 1.0, 16), scores)).head_dim == 16
+    assert check_widths(model, 1.0, 1.0, 16).head_dim == 16  # checked from the config, before any scores' pass
     model.model.rotary_emb.inv_freq[2] *= 0.5
     with pytest.raises(ShrinkError, match=r"--head-dim: narrowing Qwen2ForCausalLM's heads would change how they rotate "
                                           r"\(model\.rotary_emb\.inv_freq: "):
-        prune_width(model, target_widths(widths_of(model), 1.0, 1.0, 16), scores)
+        check_widths(model, 1.0, 1.0, 16)
 
 
 def test_mlp_importance_beats_a_random_slice(teacher, task_files):

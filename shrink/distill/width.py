@@ -255,28 +255,40 @@ def prune_width(model, target: Widths, scores: list[dict]):
                 state[key] = tensor.index_select(dim, kept).clone()
 
     pruned = model_from_state(pruned_config(model, target), state, "width-pruned student")
-    if narrower:
-        check_rotary(model, pruned, now.head_dim, target.head_dim)
+    if narrower:  # check_widths checked the rotary frequencies
         scale_queries(pruned, (now.head_dim / target.head_dim) ** 0.5)
     return pruned
 
 
-def check_rotary(model, pruned, head_dim: int, kept: int) -> None:
+def check_rotary(model, config, head_dim: int, kept: int) -> None:
     """rotary_dims's assumptions hold: `model`'s rotary frequencies (its `*inv_freq`
-    buffers) turn all `head_dim` dimensions of a head, and the `pruned` model's are every
-    (head_dim / kept)-th of them; ModelError when the family's rotary scheme (partial
-    rotary, per-frequency factors) breaks that."""
+    buffers) turn all `head_dim` dimensions of a head, and a model of the narrowed `config`
+    computes every (head_dim / kept)-th of them (its rotary modules are rebuilt from it,
+    which costs no weights, so this runs before the scores' pass); ModelError when the
+    family's rotary scheme (partial rotary, per-frequency factors) breaks that."""
     import torch
 
-    theirs = {n: b for n, b in model.named_buffers() if n.endswith("inv_freq")}
-    ours = dict(pruned.named_buffers())
+    theirs, ours = {}, {}
+    for where, module in model.named_modules():
+        own = {n: b for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq")}
+        if not own:
+            continue
+        try:
+            with torch.device("cpu"):
+                rebuilt = dict(type(module)(config=config.get_text_config()).named_buffers(recurse=False))
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ModelError(f"--head-dim: {type(model).__name__}'s rotary embedding ({type(module).__name__}) cannot "
+                             f"be rebuilt for narrower heads ({e}); leave --head-dim out for this family") from None
+        for n, b in own.items():
+            name = f"{where}.{n}" if where else n
+            theirs[name], ours[name] = b, rebuilt.get(n)
     if not theirs:
         raise ModelError(f"--head-dim: {type(model).__name__} has no rotary frequencies (inv_freq) to keep")
     step = head_dim // kept
     for name, freqs in theirs.items():
-        mine = ours.get(name)
+        mine = ours[name]
         if (freqs.shape[-1] * 2 != head_dim or mine is None or mine.shape[-1] * step != freqs.shape[-1]
-                or not torch.allclose(mine.double(), freqs[..., ::step].double(), rtol=1e-5, atol=0)):
+                or not torch.allclose(mine.double().cpu(), freqs[..., ::step].double().cpu(), rtol=1e-5, atol=0)):
             raise ModelError(f"--head-dim: narrowing {type(model).__name__}'s heads would change how they rotate "
                              f"({name}: not every dimension turns, or not at the teacher's frequencies); leave "
                              "--head-dim out for this family")
@@ -337,12 +349,14 @@ def check_widths(model, ffn_ratio: float, heads_ratio: float, head_dim: int | No
     now = widths_of(model)
     target = target_widths(now, ffn_ratio, heads_ratio, head_dim)
     try:
-        pruned_config(model, target)
+        config = pruned_config(model, target)
     except _config_errors() as e:
         fine = [f"{k / now.heads:g}" for k in range(1, now.heads + 1) if _accepted(model, now, k / now.heads)]
         why = str(e).strip().splitlines()[-1].strip()
         raise ModelError(f"--heads-ratio {heads_ratio:g}: {target.heads} of {now.heads} query heads, which "
                          f"{type(model.config).__name__} refuses ({why}); ratios it accepts: {', '.join(fine)}") from e
+    if target.head_dim != now.head_dim:
+        check_rotary(model, config, now.head_dim, target.head_dim)
     return target
 
 
