@@ -1,11 +1,12 @@
 """Per-example choice scores of GGUF models on a two-choice task, and what a bias would do (issue 15).
 
-    python bench/choice_margins.py teacher.gguf --prefix teacher_prefix.txt student.gguf [...] \
+    python bench/choice_margins.py teacher.gguf student.gguf [...] --prefix teacher.gguf=teacher_prefix.txt \
         --data dev.jsonl [--threads 1]
 
 Each model (a GGUF file, in llama.cpp, the way `shrink eval` scores choices: each choice's
-log-probability after the prompt; `--prefix` before every prompt of the model named just
-before it, as the teacher is served) scores every example. Printed per model: its
+log-probability after the prompt, shrink.evaluate.choose; `--prefix NAME=FILE` puts FILE
+before every prompt of the model whose file is named NAME, as the teacher is served)
+scores every example. Printed per model: its
 accuracy, its false positives and negatives (the first choice taken as positive), and the
 best accuracy one constant added to the first choice's score would give on this data (a
 calibration a student could ship only if it were chosen on dev and held on test); then
@@ -35,9 +36,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from shrink.evaluate import split_ids
+    from shrink.evaluate import choose
     from shrink.runtime import open_runtime
-    from shrink.tasks import load_task
+    from shrink.tasks import load_task, with_prefix
 
     prefixes = dict(p.split("=", 1) for p in args.prefix)
     examples = load_task(args.data)
@@ -50,9 +51,8 @@ def main() -> int:
         prefix = Path(prefixes[path.name]).read_text(encoding="utf-8") if path.name in prefixes else ""
         rt = open_runtime(path, threads=args.threads)
         margins, gold = [], []
-        for ex in examples:
-            context, conts = split_ids(rt, prefix + ex.prompt, list(ex.choices), ex.chat)
-            first, second = rt.score_continuations(context, conts)
+        for ex in with_prefix(examples, prefix):
+            first, second = choose(rt, ex)[1]
             margins.append(first - second)
             gold.append(ex.completion == ex.choices[0])
         ok = [(m > 0) == g for m, g in zip(margins, gold)]
