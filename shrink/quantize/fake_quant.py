@@ -3,22 +3,27 @@
 `fake(w, ggml_type)` rounds each row of `w` in the type's blocks and gives the values
 back as floats. Q8_0, Q5_0, Q4_0, Q5_1 and Q4_1 follow ggml's reference quantizers
 exactly (quantize_row_*_ref: the scale from the block's extreme or range, stored as
-float16; tests/test_fake_quant.py checks them against llama.cpp's files); the
-k-quants are approximated by their block shape and bits (Q4_K/Q5_K: an offset and a scale
-per 32 values; Q6_K: a signed scale per 16), without llama.cpp's search for the best
-scale or the 6-/8-bit coding of the scales themselves.
+float16; tests/test_fake_quant.py checks them against llama.cpp's files), and so do the
+non-linear IQ4_NL and IQ4_XS (quantize_row_iq4_nl_impl without an importance matrix: each
+block of 32 tries 16 scales for its 16 levels and keeps the one of least x^2-weighted
+error; IQ4_XS then codes the 8 block scales of 256 values as 6-bit multiples of one
+float16); the k-quants are approximated by their block shape and bits (Q4_K/Q5_K: an offset
+and a scale per 32 values; Q6_K: a signed scale per 16), without llama.cpp's search for the
+best scale or the 6-/8-bit coding of the scales themselves.
 
 `RoundedWeights` trains through that rounding the straight-through way (BinaryConnect,
 Courbariaux et al. 2015): before a forward pass each quantized weight is swapped for its
 rounded values, and after the backward pass the full-precision weights come back for the
-optimizer to update with the gradient taken at the rounded ones. Which type each weight
-gets is what shrink.quantize.gguf_size predicts for the export
-(shrink.distill.size_budget.export_types).
+optimizer to update with the gradient taken at the rounded ones (an IQ4 weight is rounded
+with the scales its last search chose, searched again every SEARCH_EVERY steps: the
+search costs 16 roundings, and a step at a gentle learning rate moves a block's best scale
+by little). Which type each weight gets is what shrink.quantize.gguf_size predicts for the
+export (shrink.distill.size_budget.export_types).
 """
 
 from __future__ import annotations
 
-EXACT = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
+EXACT = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS")
 APPROXIMATE = ("Q4_K", "Q5_K", "Q6_K")
 MODELED = ("F32", "F16", "BF16") + EXACT + APPROXIMATE  # every type fake() takes
 
@@ -33,13 +38,15 @@ def fake(w, ggml_type: str):
         return w.half().to(w.dtype)
     if ggml_type == "BF16":
         return w.bfloat16().to(w.dtype)
-    size = {"Q6_K": 16}.get(ggml_type, 32)
+    size = {"Q6_K": 16, "IQ4_XS": 256}.get(ggml_type, 32)
     if ggml_type not in MODELED:
         raise ValueError(f"no rounding model for ggml type {ggml_type}")
     if w.shape[-1] % size:
         raise ValueError(f"rows of {w.shape[-1]} do not fit {ggml_type}'s blocks of {size}")
     x = w.detach().float().reshape(-1, size)
-    if ggml_type == "Q8_0":
+    if ggml_type in SEARCHED:
+        out = iq4_round(x, iq4_scales(x, ggml_type))
+    elif ggml_type == "Q8_0":
         d = x.abs().amax(1, keepdim=True) / 127
         q = _roundf(x * _inverse(d))
         out = q * _half(d)
@@ -69,6 +76,94 @@ def fake(w, ggml_type: str):
     return out.reshape(w.shape).to(w.dtype)
 
 
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+IQ4_TRIES = 7  # ntry: the scales tried are (itry - 127) / max for itry in -7..7, after max / 127
+SEARCHED = ("IQ4_NL", "IQ4_XS")  # types whose scales come from a search (iq4_scales), not a formula
+SEARCH_EVERY = 16  # training steps between two searches of a weight's IQ4 scales (RoundedWeights)
+
+
+def iq4_scales(w, ggml_type: str):
+    """quantize_row_iq4_nl_impl's scales for `w` (rows of 32 or 256 values), one pair per block
+    of 32: (the scale whose inverse picks each value's level, the float16-coded one the file
+    multiplies the level by). The search is 16 passes over the weights: RoundedWeights keeps
+    the scales for a few steps (SEARCH_EVERY) and only rounds with them in between."""
+    import torch
+
+    x = w.detach().float().reshape(-1, 32)
+    chunk = 1 << 14  # blocks at a time: the 16 tried scales make 16 copies of each
+    d = torch.cat([_searched_scale(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    if ggml_type == "IQ4_NL":
+        return d, _half(d)
+    scales = d.reshape(-1, 8)  # IQ4_XS: the 8 block scales of 256 values as 6-bit multiples of one float16
+    big = scales.gather(1, scales.abs().argmax(1, keepdim=True))  # the largest in magnitude, signed
+    dh = -big / 32
+    ls = torch.clamp(torch.round(scales * _inverse(dh)), -32, 31)  # nearest_int: halves to even
+    return (dh * ls).reshape(-1), (_half(dh) * ls).reshape(-1)
+
+
+def iq4_round(w, scales):
+    """`w` rounded to the IQ4 levels with the blocks' scales from iq4_scales."""
+    import torch
+
+    pick, stored = scales
+    x = w.detach().float().reshape(-1, 32)
+    levels = _iq4_levels()
+    out = torch.take(levels, _nearest_level(x * _inverse(pick[:, None]))) * stored[:, None]
+    return out.reshape(w.shape).to(w.dtype)
+
+
+def _searched_scale(b):
+    """Each block's scale: the best of ggml's 16 tries (x^2-weighted error), refitted."""
+    import torch
+
+    levels = _iq4_levels()
+    amax, at = b.abs().max(1, keepdim=True)  # the first value of largest magnitude, as ggml's strict `>`
+    top = b.gather(1, at)
+    empty = amax < 1e-15  # GROUP_MAX_EPS: no scale
+    safe = torch.where(empty, torch.ones_like(top), top)
+    first = 1 / (-safe / levels[0])
+    tries = (torch.arange(-IQ4_TRIES, IQ4_TRIES + 1, dtype=torch.float32) + levels[0]) / safe
+    ids = torch.cat([first, tries], 1)  # (blocks, 16), in the order ggml tries them
+    bt = b.t().contiguous()  # (32, blocks): the sums below add one contiguous slice per term
+    q = torch.take(levels, _nearest_level(bt[:, :, None] * ids[None]))  # (32, blocks, 16)
+    wq = (bt * bt)[:, :, None] * q
+    sumqx, sumq2 = _in_order(wq * bt[:, :, None]), _in_order(wq * q)
+    d = sumqx[:, 0] / sumq2[:, 0]
+    best = d * sumqx[:, 0]
+    for k in range(1, ids.shape[1]):  # a later try replaces the scale only when strictly better
+        better = (sumq2[:, k] > 0) & (sumqx[:, k] * sumqx[:, k] > best * sumq2[:, k])
+        d = torch.where(better, sumqx[:, k] / sumq2[:, k], d)
+        best = torch.where(better, d * sumqx[:, k], best)
+    return torch.where(empty[:, 0], torch.zeros_like(d), d)
+
+
+def _iq4_levels():
+    import torch
+
+    return torch.tensor(IQ4_LEVELS, dtype=torch.float32)
+
+
+def _nearest_level(a):
+    """best_index_int8: the nearest level, a tie going to the upper one. Counting the midpoints
+    at or below `a` is the same choice: near a midpoint ggml's two differences are exact in
+    float32 (each at most 12 from a value at least 4.5 in magnitude)."""
+    import torch
+
+    levels = _iq4_levels()
+    return torch.bucketize(a, (levels[1:] + levels[:-1]) / 2, right=True)
+
+
+def _in_order(a):
+    """The sum over the first axis one term at a time, in float32, as ggml's loop adds them:
+    a sum in another order moves the last bits, and a near tie between two scales with them."""
+    import torch
+
+    total = torch.zeros(a.shape[1:], dtype=a.dtype)
+    for term in a:
+        total += term
+    return total
+
+
 def _roundf(x):
     """C's roundf: halves away from zero (torch.round takes them to the even neighbour)."""
     import torch
@@ -87,7 +182,7 @@ def _half(d):
 
 
 # GGUF file types whose every tensor type (with llama.cpp's fallbacks) has a rounding model above.
-FILE_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0")
+FILE_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_XS", "IQ4_NL")
 
 
 class RoundedWeights:
@@ -98,6 +193,8 @@ class RoundedWeights:
         self.model, self.types = model, types
         self.weights: list = []
         self.saved = None
+        self.rounds = 0
+        self.scales: dict = {}  # searched types (IQ4_*): name -> (shape, iq4_scales), redone every SEARCH_EVERY rounds
 
     def round(self) -> None:
         import torch
@@ -109,8 +206,19 @@ class RoundedWeights:
         self.weights = [(params[k], t) for k, t in self.types.items() if k in params]
         with torch.no_grad():
             self.saved = [p.detach().clone() for p, _ in self.weights]
-            for p, t in self.weights:
-                p.copy_(fake(p, t))
+            for (p, t), name in zip(self.weights, (k for k in self.types if k in params)):
+                # The export quantizes the converter's F16 file (shrink.export.gguf_artifact), so the
+                # rounding starts from the F16 values: from float32 ones an IQ4 search picks other
+                # scales for about an eighth of the values.
+                w = fake(p, "F16")
+                if t in SEARCHED:
+                    kept = self.scales.get(name)
+                    if kept is None or kept[0] != tuple(p.shape) or self.rounds % SEARCH_EVERY == 0:
+                        kept = self.scales[name] = (tuple(p.shape), iq4_scales(w, t))  # a cut weight: searched again
+                    p.copy_(iq4_round(w, kept[1]))
+                else:
+                    p.copy_(fake(w, t))
+        self.rounds += 1
 
     def restore(self) -> None:
         import torch
