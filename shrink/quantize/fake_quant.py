@@ -203,10 +203,10 @@ class RoundedWeights:
             return
         # Looked up by name each time: --prune-gradually replaces the MLP weights it cuts.
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        self.weights = [(params[k], t) for k, t in self.types.items() if k in params]
+        self.weights = [(k, params[k], t) for k, t in self.types.items() if k in params]
         with torch.no_grad():
-            self.saved = [p.detach().clone() for p, _ in self.weights]
-            for (p, t), name in zip(self.weights, (k for k in self.types if k in params)):
+            self.saved = [p.detach().clone() for _, p, _ in self.weights]
+            for name, p, t in self.weights:
                 # The export quantizes the converter's F16 file (shrink.export.gguf_artifact), so the
                 # rounding starts from the F16 values: from float32 ones an IQ4 search picks other
                 # scales for about an eighth of the values.
@@ -226,6 +226,6 @@ class RoundedWeights:
         if self.saved is None:
             return
         with torch.no_grad():
-            for (p, _), w in zip(self.weights, self.saved):
+            for (_, p, _), w in zip(self.weights, self.saved):
                 p.copy_(w)
         self.saved = None
