@@ -1,31 +1,29 @@
 """Weights as llama.cpp's quantizer will round them, for training that expects it.
 
 `fake(w, ggml_type)` rounds each row of `w` in the type's blocks and gives the values
-back as floats. Q8_0, Q5_0, Q4_0, Q5_1 and Q4_1 follow ggml's reference quantizers
-exactly (quantize_row_*_ref: the scale from the block's extreme or range, stored as
-float16; tests/test_fake_quant.py checks them against llama.cpp's files), and so do the
-non-linear IQ4_NL and IQ4_XS (quantize_row_iq4_nl_impl without an importance matrix: each
-block of 32 tries 16 scales for its 16 levels and keeps the one of least x^2-weighted
-error; IQ4_XS then codes the 8 block scales of 256 values as 6-bit multiples of one
-float16); the k-quants are approximated by their block shape and bits (Q4_K/Q5_K: an offset
-and a scale per 32 values; Q6_K: a signed scale per 16), without llama.cpp's search for the
-best scale or the 6-/8-bit coding of the scales themselves.
+back as floats, value for value as llama.cpp's quantizer writes them without an importance
+matrix (tests/test_fake_quant.py checks every type against files llama.cpp wrote):
+Q8_0, Q5_0, Q4_0, Q5_1 and Q4_1 follow ggml's reference quantizers (quantize_row_*_ref:
+the scale from the block's extreme or range, stored as float16); the non-linear IQ4_NL and
+IQ4_XS follow quantize_row_iq4_nl_impl (each block of 32 tries 16 scales for its 16 levels
+and keeps the one of least x^2-weighted error; IQ4_XS then codes the 8 block scales of 256
+values as 6-bit multiples of one float16); the k-quants Q4_K, Q5_K and Q6_K follow their
+reference quantizers' scale searches and 6- or 8-bit scale coding (shrink.quantize.kquants).
 
 `RoundedWeights` trains through that rounding the straight-through way (BinaryConnect,
 Courbariaux et al. 2015): before a forward pass each quantized weight is swapped for its
 rounded values, and after the backward pass the full-precision weights come back for the
-optimizer to update with the gradient taken at the rounded ones (an IQ4 weight is rounded
-with the scales its last search chose, searched again every SEARCH_EVERY steps: the
-search costs 16 roundings, and a step at a gentle learning rate moves a block's best scale
-by little). Which type each weight gets is what shrink.quantize.gguf_size predicts for the
-export (shrink.distill.size_budget.export_types).
+optimizer to update with the gradient taken at the rounded ones. A weight whose type
+searches its scales (IQ4_*, the k-quants: SEARCHED) is rounded with the scales its last
+search chose, searched again every SEARCH_EVERY steps: a search costs 16 to 40 roundings,
+and a step at a gentle learning rate moves a block's best scale by little. Which type each
+weight gets is what shrink.quantize.gguf_size predicts for the export
+(shrink.distill.size_budget.export_types).
 """
 
 from __future__ import annotations
 
-EXACT = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS")
-APPROXIMATE = ("Q4_K", "Q5_K", "Q6_K")
-MODELED = ("F32", "F16", "BF16") + EXACT + APPROXIMATE  # every type fake() takes
+MODELED = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
 
 
 def fake(w, ggml_type: str):
@@ -45,8 +43,8 @@ def fake(w, ggml_type: str):
         raise ValueError(f"rows of {w.shape[-1]} do not fit {ggml_type}'s blocks of {size}")
     x = w.detach().float().reshape(-1, size)
     if ggml_type in SEARCHED:
-        out = iq4_round(x, iq4_scales(x, ggml_type))
-    elif ggml_type == "Q8_0":
+        return round_searched(w.detach().float(), ggml_type, search_scales(w.detach().float(), ggml_type)).to(w.dtype)
+    if ggml_type == "Q8_0":
         d = x.abs().amax(1, keepdim=True) / 127
         q = _roundf(x * _inverse(d))
         out = q * _half(d)
@@ -56,30 +54,37 @@ def fake(w, ggml_type: str):
         d = extreme / -levels
         q = torch.clamp(torch.floor(x * _inverse(d) + levels + 0.5), max=2 * levels - 1)
         out = (q - levels) * _half(d)
-    elif ggml_type in ("Q5_1", "Q4_1"):
+    else:  # Q5_1, Q4_1
         top = 31 if ggml_type == "Q5_1" else 15
         lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
         d = (hi - lo) / top
         q = torch.clamp(torch.floor((x - lo) * _inverse(d) + 0.5), max=top)
         out = q * _half(d) + _half(lo)
-    elif ggml_type in ("Q4_K", "Q5_K"):
-        top = 15 if ggml_type == "Q4_K" else 31
-        lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True)
-        d = (hi - lo) / top
-        q = torch.clamp(_roundf((x - lo) * _inverse(d)), 0, top)
-        out = q * d + lo
-    else:  # Q6_K
-        extreme = x.gather(1, x.abs().argmax(1, keepdim=True))
-        d = extreme / -32
-        q = torch.clamp(_roundf(x * _inverse(d)), -32, 31)
-        out = q * d
     return out.reshape(w.shape).to(w.dtype)
 
 
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 IQ4_TRIES = 7  # ntry: the scales tried are (itry - 127) / max for itry in -7..7, after max / 127
-SEARCHED = ("IQ4_NL", "IQ4_XS")  # types whose scales come from a search (iq4_scales), not a formula
-SEARCH_EVERY = 16  # training steps between two searches of a weight's IQ4 scales (RoundedWeights)
+SEARCHED = ("IQ4_NL", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")  # types whose scales come from a search, not a formula
+SEARCH_EVERY = 16  # training steps between two searches of a weight's scales (RoundedWeights)
+
+
+def search_scales(w, ggml_type: str):
+    """The scales llama.cpp's search picks for `w` (a SEARCHED type), for round_searched."""
+    if ggml_type in ("IQ4_NL", "IQ4_XS"):
+        return iq4_scales(w, ggml_type)
+    from shrink.quantize.kquants import kquant_scales
+
+    return kquant_scales(w, ggml_type)
+
+
+def round_searched(w, ggml_type: str, scales):
+    """`w` rounded with scales from search_scales (of `w` itself, or of its values a few steps ago)."""
+    if ggml_type in ("IQ4_NL", "IQ4_XS"):
+        return iq4_round(w, scales)
+    from shrink.quantize.kquants import kquant_round
+
+    return kquant_round(w, ggml_type, scales)
 
 
 def iq4_scales(w, ggml_type: str):
@@ -194,7 +199,7 @@ class RoundedWeights:
         self.weights: list = []
         self.saved = None
         self.rounds = 0
-        self.scales: dict = {}  # searched types (IQ4_*): name -> (shape, iq4_scales), redone every SEARCH_EVERY rounds
+        self.scales: dict = {}  # SEARCHED types: name -> (shape, search_scales), redone every SEARCH_EVERY rounds
 
     def round(self) -> None:
         import torch
@@ -214,8 +219,8 @@ class RoundedWeights:
                 if t in SEARCHED:
                     kept = self.scales.get(name)
                     if kept is None or kept[0] != tuple(p.shape) or self.rounds % SEARCH_EVERY == 0:
-                        kept = self.scales[name] = (tuple(p.shape), iq4_scales(w, t))  # a cut weight: searched again
-                    p.copy_(iq4_round(w, kept[1]))
+                        kept = self.scales[name] = (tuple(p.shape), search_scales(w, t))  # a cut weight: searched again
+                    p.copy_(round_searched(w, t, kept[1]))
                 else:
                     p.copy_(fake(w, t))
         self.rounds += 1
