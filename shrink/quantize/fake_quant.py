@@ -41,9 +41,10 @@ def fake(w, ggml_type: str):
         raise ValueError(f"no rounding model for ggml type {ggml_type}")
     if w.shape[-1] % size:
         raise ValueError(f"rows of {w.shape[-1]} do not fit {ggml_type}'s blocks of {size}")
-    x = w.detach().float().reshape(-1, size)
     if ggml_type in SEARCHED:
-        return round_searched(w.detach().float(), ggml_type, search_scales(w.detach().float(), ggml_type)).to(w.dtype)
+        x = w.detach().float()
+        return round_searched(x, ggml_type, search_scales(x, ggml_type)).to(w.dtype)
+    x = w.detach().float().reshape(-1, size)
     if ggml_type == "Q8_0":
         d = x.abs().amax(1, keepdim=True) / 127
         q = _roundf(x * _inverse(d))
