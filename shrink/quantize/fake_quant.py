@@ -23,6 +23,8 @@ weight gets is what shrink.quantize.gguf_size predicts for the export
 
 from __future__ import annotations
 
+from shrink.quantize.ggml_float import half, in_order
+
 MODELED = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -48,19 +50,19 @@ def fake(w, ggml_type: str):
     if ggml_type == "Q8_0":
         d = x.abs().amax(1, keepdim=True) / 127
         q = _roundf(x * _inverse(d))
-        out = q * _half(d)
+        out = q * half(d)
     elif ggml_type in ("Q5_0", "Q4_0"):
         levels = 16 if ggml_type == "Q5_0" else 8
         extreme = x.gather(1, x.abs().argmax(1, keepdim=True))  # the value of largest magnitude, signed
         d = extreme / -levels
         q = torch.clamp(torch.floor(x * _inverse(d) + levels + 0.5), max=2 * levels - 1)
-        out = (q - levels) * _half(d)
+        out = (q - levels) * half(d)
     else:  # Q5_1, Q4_1
         top = 31 if ggml_type == "Q5_1" else 15
         lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
         d = (hi - lo) / top
         q = torch.clamp(torch.floor((x - lo) * _inverse(d) + 0.5), max=top)
-        out = q * _half(d) + _half(lo)
+        out = q * half(d) + half(lo)
     return out.reshape(w.shape).to(w.dtype)
 
 
@@ -99,12 +101,12 @@ def iq4_scales(w, ggml_type: str):
     chunk = 1 << 14  # blocks at a time: the 16 tried scales make 16 copies of each
     d = torch.cat([_searched_scale(x[i:i + chunk]) for i in range(0, len(x), chunk)])
     if ggml_type == "IQ4_NL":
-        return d, _half(d)
+        return d, half(d)
     scales = d.reshape(-1, 8)  # IQ4_XS: the 8 block scales of 256 values as 6-bit multiples of one float16
     big = scales.gather(1, scales.abs().argmax(1, keepdim=True))  # the largest in magnitude, signed
     dh = -big / 32
     ls = torch.clamp(torch.round(scales * _inverse(dh)), -32, 31)  # nearest_int: halves to even
-    return (dh * ls).reshape(-1), (_half(dh) * ls).reshape(-1)
+    return (dh * ls).reshape(-1), (half(dh) * ls).reshape(-1)
 
 
 def iq4_round(w, scales):
@@ -133,7 +135,7 @@ def _searched_scale(b):
     bt = b.t().contiguous()  # (32, blocks): the sums below add one contiguous slice per term
     q = torch.take(levels, _nearest_level(bt[:, :, None] * ids[None]))  # (32, blocks, 16)
     wq = (bt * bt)[:, :, None] * q
-    sumqx, sumq2 = _in_order(wq * bt[:, :, None]), _in_order(wq * q)
+    sumqx, sumq2 = in_order(wq * bt[:, :, None]), in_order(wq * q)
     d = sumqx[:, 0] / sumq2[:, 0]
     best = d * sumqx[:, 0]
     for k in range(1, ids.shape[1]):  # a later try replaces the scale only when strictly better
@@ -159,16 +161,6 @@ def _nearest_level(a):
     return torch.bucketize(a, (levels[1:] + levels[:-1]) / 2, right=True)
 
 
-def _in_order(a):
-    """The sum over the first axis one term at a time, in float32, as ggml's loop adds them:
-    a sum in another order moves the last bits, and a near tie between two scales with them."""
-    import torch
-
-    total = torch.zeros(a.shape[1:], dtype=a.dtype)
-    for term in a:
-        total += term
-    return total
-
 
 def _roundf(x):
     """C's roundf: halves away from zero (torch.round takes them to the even neighbour)."""
@@ -183,8 +175,6 @@ def _inverse(d):
     return torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
-def _half(d):
-    return d.half().float()
 
 
 # GGUF file types whose every tensor type (with llama.cpp's fallbacks) has a rounding model above.

@@ -13,7 +13,7 @@ which llama.cpp's quantizer runs for these types when it has no importance matri
   one float16, and the values rounded again with them.
 
 Every sum runs one term at a time in float32, as ggml's loops add them (shrink.quantize.
-fake_quant._in_order): in another order a near tie between two trials goes the other way.
+ggml_float.in_order): in another order a near tie between two trials goes the other way.
 
 `kquant_scales` is the search (a few dozen passes over the weight); `kquant_round` rounds
 with the scales it found, so training can keep them for a few steps (fake_quant.
@@ -23,6 +23,8 @@ scale and no offset, so it changes nothing in the blocks beside it.
 """
 
 from __future__ import annotations
+
+from shrink.quantize.ggml_float import half, in_order, over
 
 QK_K = 256
 KQUANTS = {  # type: (values per block, largest level, make_qkx2_quants' rmin, rdelta, nstep)
@@ -44,18 +46,18 @@ def kquant_scales(w, ggml_type: str):
         first = scales.abs().argmax(1, keepdim=True)  # the first of largest magnitude, as ggml's strict `>`
         big = scales.gather(1, first)
         empty = big.abs() < 1e-15  # GROUP_MAX_EPS: the whole 256 are zeros
-        iscale = _over(-128.0, torch.where(empty, torch.ones_like(big), big))
+        iscale = over(-128.0, torch.where(empty, torch.ones_like(big), big))
         sc = torch.clamp(torch.round(iscale * scales), max=127)
-        d = _half(_over(1.0, iscale)) * sc
+        d = half(over(1.0, iscale)) * sc
         return torch.where(empty, torch.zeros_like(d), d).reshape(-1), None
     scale, the_min = _qkx2_scale(x, nmax, rmin, rdelta, nstep)
     scale, the_min = scale.reshape(-1, QK_K // size), the_min.reshape(-1, QK_K // size)
     coded = []
     for v in (scale, the_min):
         top = v.amax(1, keepdim=True).clamp(min=0)  # max_scale / max_min start at 0
-        inv = torch.where(top > 0, _over(63.0, torch.where(top > 0, top, torch.ones_like(top))), torch.zeros_like(top))
+        inv = torch.where(top > 0, over(63.0, torch.where(top > 0, top, torch.ones_like(top))), torch.zeros_like(top))
         level = torch.remainder(torch.round(inv * v), 256).clamp(max=63)  # uint8_t, then MIN(63, .)
-        coded.append(_half(top / 63.0) * level)
+        coded.append(half(top / 63.0) * level)
     return coded[0].reshape(-1), coded[1].reshape(-1)
 
 
@@ -84,28 +86,26 @@ def _qkx2_scale(x, nmax, rmin, rdelta, nstep):
     import numpy as np
     import torch
 
-    from shrink.quantize.fake_quant import _in_order
-
     xt = x.t().contiguous()  # (32, blocks): each term of a sum is one contiguous slice
     n = xt.shape[0]
-    av = torch.sqrt((_in_order(xt * xt) / float(n)).double()).float()  # sqrtf's correctly rounded root: torch's float32 sqrt can miss by a unit
+    av = torch.sqrt((in_order(xt * xt) / float(n)).double()).float()  # sqrtf's correctly rounded root: torch's float32 sqrt can miss by a unit
     w = av + xt.abs()
     lo = xt.amin(0).clamp(max=0)
     hi = xt.amax(0)
     flat = hi == lo
-    sum_w, sum_x = _in_order(w), _in_order(w * xt)
+    sum_w, sum_x = in_order(w), in_order(w * xt)
     span = torch.where(flat, torch.ones_like(hi), hi - lo)
-    iscale = _over(nmax, span)
-    scale = _over(1.0, iscale)
+    iscale = over(nmax, span)
+    scale = over(1.0, iscale)
     L = torch.clamp(torch.round(iscale * (xt - lo)), 0, nmax)
     diff = scale * L + lo - xt
-    best = _in_order(w * (diff * diff))
+    best = in_order(w * (diff * diff))
     for step in range(nstep + 1):
         top = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)  # float arithmetic, as C's
         span = torch.where(flat, torch.ones_like(hi), hi - lo)
-        l = torch.clamp(torch.round(_over(top, span) * (xt - lo)), 0, nmax)
+        l = torch.clamp(torch.round(over(top, span) * (xt - lo)), 0, nmax)
         wl = w * l
-        sum_l, sum_l2, sum_xl = _in_order(wl), _in_order(wl * l), _in_order(wl * xt)
+        sum_l, sum_l2, sum_xl = in_order(wl), in_order(wl * l), in_order(wl * xt)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -113,7 +113,7 @@ def _qkx2_scale(x, nmax, rmin, rdelta, nstep):
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         diff = this_scale * l + this_min - xt
-        err = _in_order(w * (diff * diff))
+        err = in_order(w * (diff * diff))
         better = (D > 0) & (err < best) & ~flat
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
@@ -127,8 +127,6 @@ def _qx_scale(x, nmax):
     import numpy as np
     import torch
 
-    from shrink.quantize.fake_quant import _in_order
-
     xt = x.t().contiguous()  # (16, blocks)
     first = xt.abs().argmax(0, keepdim=True)
     big = xt.gather(0, first)[0]  # the first value of largest magnitude, signed
@@ -139,16 +137,16 @@ def _qx_scale(x, nmax):
 
     def sums(iscale):
         l = torch.clamp(torch.round(iscale * xt), -nmax, nmax - 1)
-        return _in_order(wx * l), _in_order(w * l * l)
+        return in_order(wx * l), in_order(w * l * l)
 
-    sumlx, suml2 = sums(_over(-nmax, big))
+    sumlx, suml2 = sums(over(-nmax, big))
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         top = np.float32(nmax) + np.float32(0.1) * np.float32(step)
-        sumlx, suml2 = sums(_over(-top, big))
+        sumlx, suml2 = sums(over(-top, big))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
@@ -168,15 +166,4 @@ def _padded(w):
     return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
 
-def _over(c, t):
-    """c / t in float32, one division: `c / t` with a Python number c is t.reciprocal() * c in
-    torch, which rounds twice and can miss C's quotient by one unit in the last place."""
-    import torch
 
-    return torch.full_like(t, float(c)) / t
-
-
-def _half(d):
-    from shrink.quantize.fake_quant import _half as half
-
-    return half(d)
