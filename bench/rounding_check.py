@@ -23,7 +23,6 @@ from machine import machine  # noqa: E402
 
 
 def check(student: Path, gguf_file: Path) -> dict:
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 

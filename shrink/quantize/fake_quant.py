@@ -23,7 +23,7 @@ weight gets is what shrink.quantize.gguf_size predicts for the export
 
 from __future__ import annotations
 
-from shrink.quantize.ggml_float import half, in_order
+from shrink.quantize.ggml_float import GROUP_MAX_EPS, half, in_order
 
 MODELED = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K")
 
@@ -127,7 +127,7 @@ def _searched_scale(b):
     levels = _iq4_levels()
     amax, at = b.abs().max(1, keepdim=True)  # the first value of largest magnitude, as ggml's strict `>`
     top = b.gather(1, at)
-    empty = amax < 1e-15  # GROUP_MAX_EPS: no scale
+    empty = amax < GROUP_MAX_EPS  # no scale
     safe = torch.where(empty, torch.ones_like(top), top)
     first = 1 / (-safe / levels[0])
     tries = (torch.arange(-IQ4_TRIES, IQ4_TRIES + 1, dtype=torch.float32) + levels[0]) / safe
@@ -161,7 +161,6 @@ def _nearest_level(a):
     return torch.bucketize(a, (levels[1:] + levels[:-1]) / 2, right=True)
 
 
-
 def _roundf(x):
     """C's roundf: halves away from zero (torch.round takes them to the even neighbour)."""
     import torch
@@ -173,8 +172,6 @@ def _inverse(d):
     import torch
 
     return torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-
-
 
 
 # GGUF file types whose every tensor type (with llama.cpp's fallbacks) has a rounding model above.

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a block whose largest magnitude is under it has no scale
+
 
 def in_order(a):
     """The sum over the first axis one term at a time, in float32, as ggml's loop adds them:

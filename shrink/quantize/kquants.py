@@ -24,7 +24,7 @@ scale and no offset, so it changes nothing in the blocks beside it.
 
 from __future__ import annotations
 
-from shrink.quantize.ggml_float import half, in_order, over
+from shrink.quantize.ggml_float import GROUP_MAX_EPS, half, in_order, over
 
 QK_K = 256
 KQUANTS = {  # type: (values per block, largest level, make_qkx2_quants' rmin, rdelta, nstep)
@@ -45,7 +45,7 @@ def kquant_scales(w, ggml_type: str):
         scales = _qx_scale(x, nmax).reshape(-1, QK_K // size)
         first = scales.abs().argmax(1, keepdim=True)  # the first of largest magnitude, as ggml's strict `>`
         big = scales.gather(1, first)
-        empty = big.abs() < 1e-15  # GROUP_MAX_EPS: the whole 256 are zeros
+        empty = big.abs() < GROUP_MAX_EPS  # the whole 256 are zeros
         iscale = over(-128.0, torch.where(empty, torch.ones_like(big), big))
         sc = torch.clamp(torch.round(iscale * scales), max=127)
         d = half(over(1.0, iscale)) * sc
@@ -130,7 +130,7 @@ def _qx_scale(x, nmax):
     xt = x.t().contiguous()  # (16, blocks)
     first = xt.abs().argmax(0, keepdim=True)
     big = xt.gather(0, first)[0]  # the first value of largest magnitude, signed
-    empty = big.abs() < 1e-15
+    empty = big.abs() < GROUP_MAX_EPS
     big = torch.where(empty, torch.ones_like(big), big)
     w = xt * xt
     wx = w * xt
@@ -164,6 +164,3 @@ def _padded(w):
     x = w.detach().float().reshape(-1, w.shape[-1])
     extra = _padded_length(x.shape[1]) - x.shape[1]
     return torch.nn.functional.pad(x, (0, extra)) if extra else x
-
-
-
